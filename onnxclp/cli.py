@@ -1,12 +1,20 @@
 """Command-line interface: a thin Typer shell over the Python API.
 
-Parses options, calls :mod:`onnxclp.api`, prints, and maps :class:`~onnxclp.errors.OnnxclpError`
-to exit codes. Heavy modules (torch, onnxruntime) are only imported inside the commands that need them.
+Parses options, calls :mod:`onnxclp.api`, prints, and maps :class:`~onnxclp.errors.OnnxclpError` to exit
+codes (README, "Exit codes"). Heavy modules (torch, onnxruntime) are only imported inside the commands that
+need them, so ``onnxclp sanitize`` starts fast.
 """
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
 import typer
+
+from onnxclp.errors import EXIT_INTERNAL, EXIT_OUTLIERS, OnnxclpError
 
 app = typer.Typer(
     name="onnxclp",
@@ -14,7 +22,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+T = TypeVar("T")
 
 
 def main() -> None:
@@ -22,13 +33,189 @@ def main() -> None:
     app()
 
 
+def run_guarded(fn: Callable[[], T], debug: bool) -> T:
+    """Run ``fn``; turn errors into one line on stderr and an exit code (traceback only with --debug)."""
+    try:
+        return fn()
+    except OnnxclpError as exc:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except MemoryError:
+        typer.echo("error: out of memory", err=True)
+        raise typer.Exit(EXIT_INTERNAL) from None
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"internal error: {type(exc).__name__}: {exc} (a bug in onnxclp; rerun with --debug)", err=True)
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+Method = Annotated[
+    str, typer.Option("--method", "-m", help="clp (CLP, ECCV 2022) or lpp (Lipschitzness precise pruning).")
+]
+U = Annotated[float | None, typer.Option("--u", "-u", help="Upper threshold: mean + u*std per layer [clp: 3, lpp: 3].")]
+ULow = Annotated[float | None, typer.Option("--u-low", help="LPP lower threshold: prune below mean + u_low*std [-3].")]
+Bias = Annotated[
+    float | None,
+    typer.Option("--bias-rate", help="LPP: rescale channels in (mean+(u-b)*std, mean+u*std] [1.5]."),
+]
+TopK = Annotated[
+    int | None, typer.Option("--topk", help="LPP: classifier weights zeroed in the suspected target row [0].")
+]
+Score = Annotated[str | None, typer.Option("--score", help="spectral (CLP default), l2 (LPP default) or exact.")]
+IncludeFC = Annotated[
+    bool | None,
+    typer.Option("--include-fc/--no-include-fc", help="Score fully connected layers (CLP: off by default)."),
+]
+Exclude = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", help="Regex on layer or weight names to leave alone (repeatable)."),
+]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary line.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="List every layer, even on large models.")]
+
+
+def _print(report, quiet: bool, verbose: bool) -> None:
+    from rich.console import Console
+
+    from onnxclp.report import print_report
+
+    console = Console(highlight=False)
+    if quiet:
+        t = report.totals()
+        console.print(
+            f"{t['pruned_channels']} of {t['channels']} channels pruned in {t['scored_layers']} layers "
+            f"({t['skipped_layers']} skipped)"
+        )
+    else:
+        print_report(report, console, verbose)
+
+
+def _write_json(report, path: Path | None) -> None:
+    if path is None:
+        return
+    try:
+        path.write_text(report.to_json())
+    except OSError as exc:
+        raise OnnxclpError(f"{path}: cannot write the report ({exc.strerror or exc})") from exc
+
+
+@app.command()
+def sanitize(
+    input: Annotated[Path, typer.Argument(help="The ONNX model to sanitize (never modified).")],
+    output: Annotated[Path, typer.Argument(help="Where to write the sanitized model.")],
+    method: Method = "clp",
+    u: U = None,
+    u_low: ULow = None,
+    bias_rate: Bias = None,
+    topk: TopK = None,
+    score: Score = None,
+    include_fc: IncludeFC = None,
+    exclude: Exclude = None,
+    fuse_bn: Annotated[
+        bool, typer.Option("--fuse-bn", help="Fold paired BatchNormalizations into their layers.")
+    ] = False,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the report as JSON.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Allow OUTPUT to be INPUT.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    debug: Debug = False,
+) -> None:
+    """Prune (and, with lpp, rescale) backdoor channels; write OUTPUT and a report."""
+
+    def go():
+        from onnxclp.api import sanitize_file
+
+        rep = sanitize_file(
+            input,
+            output,
+            method,
+            u,
+            u_low=u_low,
+            bias_rate=bias_rate,
+            topk=topk,
+            score=score,
+            include_fc=include_fc,
+            exclude=exclude or (),
+            fuse_bn=fuse_bn,
+            force=force,
+        )
+        _write_json(rep, report)
+        _print(rep, quiet, verbose)
+        typer.echo(f"wrote {', '.join(rep.written)}", err=True)
+
+    run_guarded(go, debug)
+
+
+@app.command()
+def scan(
+    input: Annotated[Path, typer.Argument(help="The ONNX model to analyse.")],
+    method: Method = "clp",
+    u: U = None,
+    u_low: ULow = None,
+    bias_rate: Bias = None,
+    topk: TopK = None,
+    score: Score = None,
+    include_fc: IncludeFC = None,
+    exclude: Exclude = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
+    fail_on_outliers: Annotated[
+        bool, typer.Option("--fail-on-outliers", help="Exit 1 when any channel is flagged (a CI gate).")
+    ] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    debug: Debug = False,
+) -> None:
+    """Report per-layer channel scores and outliers, without writing a model."""
+
+    def go():
+        from onnxclp.api import scan as scan_api
+
+        rep = scan_api(
+            input,
+            method,
+            u,
+            u_low=u_low,
+            bias_rate=bias_rate,
+            topk=topk,
+            score=score,
+            include_fc=include_fc,
+            exclude=exclude or (),
+        )
+        _write_json(rep, json_path)
+        _print(rep, quiet, verbose)
+        return rep
+
+    rep = run_guarded(go, debug)
+    if fail_on_outliers and rep.pruned_channels:
+        typer.echo(f"{rep.pruned_channels} channels flagged in {rep.flagged_layers} layers", err=True)
+        raise typer.Exit(EXIT_OUTLIERS)
+
+
+@app.command()
+def version() -> None:
+    """Print the onnxclp version."""
+    from onnxclp import __version__
+
+    typer.echo(__version__)
+
+
 def _register_eval_commands() -> None:
-    # evaluate / compare live in onnxclp.eval; their module imports nothing heavy at top level.
+    # evaluate / compare live in onnxclp.eval; that module imports nothing heavy at top level.
     try:
         from onnxclp.eval.cli import register
-    except ImportError:  # pragma: no cover - eval package not present
+    except ImportError:  # the eval package is not present
         return
     register(app)
 
 
 _register_eval_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,133 @@
+"""Applying decisions to tensors: zero, rescale, top-k. Nothing here decides anything.
+
+Only the tensors that must change are touched, and each is written back in its own dtype. A constant that
+another node (or a subgraph, or a graph output) also reads is copied first into a new initializer that only
+the edited node reads, so the other users keep the original value (copy-on-write).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import NodeProto, TensorProto
+
+from onnxclp.graph import ConstSource, GraphIndex
+from onnxclp.io import TensorStore, write_array
+from onnxclp.layers import Layer, PerChannel
+
+
+class Editor:
+    """Edits the constants of one graph in place, copying shared ones first."""
+
+    def __init__(self, index: GraphIndex, store: TensorStore) -> None:
+        self.index = index
+        self.store = store
+        self.copies: list[str] = []  # names of initializers created by copy-on-write
+        self.touched: set[str] = set()
+        self._names: set[str] | None = None
+
+    def unique_name(self, base: str) -> str:
+        """A tensor name not yet used in the graph, derived from ``base``."""
+        if self._names is None:
+            g = self.index.graph
+            names = set(self.index.initializers) | set(self.index.producer) | self.index.graph_inputs
+            names |= {o.name for o in g.output}
+            self._names = names
+        name, i = f"{base}_onnxclp", 1
+        while name in self._names:
+            i += 1
+            name = f"{base}_onnxclp{i}"
+        self._names.add(name)
+        return name
+
+    def writable(self, src: ConstSource, node: NodeProto, input_index: int) -> TensorProto:
+        """The tensor to write for ``node.input[input_index]``: the original if only it reads it."""
+        if self.index.uses(src) == 1:
+            return src.tensor
+        old = node.input[input_index]
+        base = src.tensor.name or (src.node.output[0] if src.node is not None else old)
+        copy = onnx.numpy_helper.from_array(self.store.read(src.tensor), self.unique_name(base))
+        copy.data_type = src.tensor.data_type
+        copy.doc_string = src.tensor.doc_string
+        self.index.graph.initializer.append(copy)
+        new = self.index.graph.initializer[-1]
+        node.input[input_index] = new.name
+        # Keep the index true for later edits: this node now reads the copy.
+        self.index.initializers[new.name] = new
+        users = self.index.consumers.get(old, [])
+        for i, user in enumerate(users):
+            if user is node:
+                del users[i]
+                break
+        self.index.consumers[new.name].append(node)
+        self.copies.append(new.name)
+        return new
+
+    def _update(self, src: ConstSource, node: NodeProto, input_index: int, fn: Callable[[np.ndarray], None]):
+        value = self.store.read(src.tensor)
+        fn(value)
+        tensor = self.writable(src, node, input_index)
+        write_array(tensor, value)
+        self.touched.add(tensor.name or node.input[input_index])
+
+    def _per_channel(self, pc: PerChannel, channels: list[int], value: float) -> None:
+        def fn(v: np.ndarray) -> None:
+            v.reshape(-1)[channels] = value
+
+        self._update(pc.src, pc.node, pc.input_index, fn)
+
+    def _weight(self, layer: Layer, fn: Callable[[np.ndarray], None]) -> None:
+        """Apply ``fn`` to the canonical (K, C, ...) view of the layer's weight and write it back."""
+
+        def on_stored(v: np.ndarray) -> None:
+            c = layer.layout.to_channels(v).astype(np.float64)
+            fn(c)
+            v[...] = layer.layout.from_channels(c, v.shape).astype(v.dtype)
+
+        self._update(layer.weight, layer.node, layer.weight_index, on_stored)
+
+    def zero_channels(self, layer: Layer, channels: list[int]) -> None:
+        """Make each channel's output before the activation exactly 0 (ALGORITHMS.md section 4).
+
+        With a paired affine, its scale and shift are zeroed (BatchNormalization gamma and beta, or the Mul
+        and Add constants); otherwise the kernel slices and the bias of the layer.
+        """
+        if not channels:
+            return
+        aff = layer.affine
+        if aff is not None and aff.scale is not None:
+            self._per_channel(aff.scale, channels, 0.0)
+            if aff.shift is not None:
+                self._per_channel(aff.shift, channels, 0.0)
+            return
+
+        def fn(c: np.ndarray) -> None:
+            c[channels] = 0.0
+
+        self._weight(layer, fn)
+        if layer.bias is not None:
+            self._per_channel(layer.bias, channels, 0.0)
+
+    def rescale_channels(self, layer: Layer, factors: dict[int, float]) -> None:
+        """Multiply kernel slices ``W_k`` by ``factors[k]``; biases and affines are left alone (LPP)."""
+        if not factors:
+            return
+        idx = np.array(sorted(factors), dtype=np.int64)
+        mult = np.array([factors[i] for i in idx.tolist()], dtype=np.float64)
+
+        def fn(c: np.ndarray) -> None:
+            c[idx] *= mult.reshape((-1,) + (1,) * (c.ndim - 1))
+
+        self._weight(layer, fn)
+
+    def zero_weights(self, layer: Layer, row: int, columns: list[int]) -> None:
+        """Zero single weights ``W[row, columns]`` of an FC layer (LPP's classifier top-k step)."""
+        if not columns:
+            return
+
+        def fn(c: np.ndarray) -> None:
+            c[row, 0, columns] = 0.0
+
+        self._weight(layer, fn)

@@ -1,0 +1,177 @@
+"""An index of one ONNX graph: producers, consumers, and the constants behind node inputs.
+
+Constants are resolved through initializers, ``Constant`` nodes and ``Identity`` chains. An initializer
+that is also a graph input is not a constant (a caller can override it at run time). Uses are counted across
+the whole graph, subgraph bodies (which can read outer-scope names) and graph outputs, so that an edit can
+tell whether a tensor is shared and must be copied first.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import NodeProto, TensorProto
+
+from onnxclp.errors import OnnxclpError
+from onnxclp.io import iter_graphs
+
+
+@dataclass
+class ConstSource:
+    """Where a constant value lives: an initializer, or the ``value`` attribute of a Constant node."""
+
+    tensor: TensorProto
+    initializer: bool
+    node: NodeProto | None = None  # the Constant node, when not an initializer
+    via: list[NodeProto] = field(default_factory=list)  # Identity nodes between it and the reader
+
+
+def _subgraph_reads(node: NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope (implicit inputs)."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for sub in iter_graphs(g):
+                defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+                for n in sub.node:
+                    defined.update(n.output)
+                for n in sub.node:
+                    reads.update(x for x in n.input if x and x not in defined)
+                reads.update(o.name for o in sub.output if o.name not in defined)
+    return reads
+
+
+class GraphIndex:
+    """Producers, consumers and constants of a graph; validated on construction.
+
+    Raises :class:`OnnxclpError` when the graph reads a name nothing defines, defines a name twice, or has
+    a cycle (nodes cannot be ordered).
+    """
+
+    def __init__(self, graph: onnx.GraphProto, outer: set[str] | None = None) -> None:
+        self.graph = graph
+        self.initializers: dict[str, TensorProto] = {}
+        for t in graph.initializer:
+            if t.name in self.initializers:
+                raise OnnxclpError(f"initializer {t.name!r} is defined twice")
+            self.initializers[t.name] = t
+        self.graph_inputs = {i.name for i in graph.input}
+        self.graph_outputs = {o.name for o in graph.output}
+        self.producer: dict[str, NodeProto] = {}
+        self.consumers: dict[str, list[NodeProto]] = defaultdict(list)
+        self.subgraph_reads: dict[str, int] = defaultdict(int)
+        self.position: dict[int, int] = {}
+        defined = set(self.initializers) | self.graph_inputs | (outer or set())
+        pending: list[NodeProto] = []
+        for pos, node in enumerate(graph.node):
+            self.position[id(node)] = pos
+            for out in node.output:
+                if not out:
+                    continue
+                if out in self.producer or out in self.initializers or out in self.graph_inputs:
+                    raise OnnxclpError(
+                        f"tensor {out!r} is defined twice (by node {node.name!r} and another definition)"
+                    )
+                self.producer[out] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+            for name in _subgraph_reads(node):
+                self.subgraph_reads[name] += 1
+                self.consumers[name].append(node)
+            pending.append(node)
+        self._check_order(pending, defined)
+
+    def _check_order(self, nodes: list[NodeProto], defined: set[str]) -> None:
+        """Kahn's algorithm over data dependencies: finds reads of undefined names and cycles."""
+        all_defined = defined | set(self.producer)
+        for node in nodes:
+            for name in node.input:
+                if name and name not in all_defined:
+                    raise OnnxclpError(f"node {node.name or node.op_type!r} reads {name!r}, which nothing defines")
+        for out in self.graph_outputs:
+            if out not in all_defined:
+                raise OnnxclpError(f"graph output {out!r} is not produced by any node")
+        waiting = {id(n): sum(1 for x in set(n.input) if x and x in self.producer) for n in nodes}
+        ready = [n for n in nodes if waiting[id(n)] == 0]
+        done = 0
+        while ready:
+            node = ready.pop()
+            done += 1
+            for out in node.output:
+                for c in {id(c): c for c in self.consumers.get(out, []) if out in c.input}.values():
+                    waiting[id(c)] -= 1
+                    if waiting[id(c)] == 0:
+                        ready.append(c)
+        if done != len(nodes):
+            raise OnnxclpError("the graph has a cycle: its nodes cannot be put in order")
+
+    def node_key(self, node: NodeProto) -> str:
+        """A stable identifier for a node: its name, or op type and position when it has none."""
+        return node.name or f"{node.op_type}#{self.position[id(node)]}"
+
+    def only_consumer(self, name: str) -> NodeProto | None:
+        """The single node reading ``name``, if exactly one reads it once and it is not a graph output."""
+        users = self.consumers.get(name, [])
+        if len(users) != 1 or name in self.graph_outputs:
+            return None
+        node = users[0]
+        if list(node.input).count(name) != 1 or self.subgraph_reads.get(name):
+            return None
+        return node
+
+    def constant(self, name: str) -> ConstSource | None:
+        """The constant behind a tensor name, through Identity chains; None if it is not constant."""
+        via: list[NodeProto] = []
+        seen: set[str] = set()
+        while name not in seen:
+            seen.add(name)
+            if name in self.graph_inputs:
+                return None
+            if name in self.initializers:
+                return ConstSource(self.initializers[name], True, None, via)
+            node = self.producer.get(name)
+            if node is None:
+                return None
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                via.append(node)
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        return ConstSource(attr.t, False, node, via)
+            return None
+        return None
+
+    def is_graph_input_initializer(self, name: str) -> bool:
+        """Whether the name (through Identity chains) is an initializer that callers can override."""
+        seen: set[str] = set()
+        while name not in seen:
+            seen.add(name)
+            if name in self.graph_inputs:
+                return name in self.initializers
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Identity":
+                return False
+            name = node.input[0]
+        return False
+
+    def uses(self, src: ConstSource) -> int:
+        """How many node inputs, subgraph reads and graph outputs see this constant's value."""
+        root = src.tensor.name if src.initializer else src.node.output[0]
+        count = 0
+        stack = [root]
+        while stack:
+            name = stack.pop()
+            if name in self.graph_outputs:
+                count += 1
+            for user in self.consumers.get(name, []):
+                if user.op_type == "Identity" and user.domain in ("", "ai.onnx") and name in user.input:
+                    stack.append(user.output[0])
+                else:
+                    count += max(1, list(user.input).count(name))
+        return count

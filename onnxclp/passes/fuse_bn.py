@@ -1,0 +1,95 @@
+"""Fold each paired BatchNormalization into the Conv, ConvTranspose or Gemm before it.
+
+``s = gamma / sqrt(var + eps)``; ``W'_k = s_k W_k``; ``b'_k = s_k (b_k - mean_k) + beta_k``. The layer takes
+over the BatchNormalization's output name, so every reader and value_info of that name is unchanged; the
+BatchNormalization node is removed, and its constants too when nothing else reads them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxclp.edit import Editor
+from onnxclp.graph import GraphIndex
+from onnxclp.io import TensorStore, write_array
+from onnxclp.layers import Layer, attr, find_layers
+
+
+def _bn_scale(layer: Layer, store: TensorStore) -> tuple[np.ndarray, np.ndarray]:
+    aff = layer.affine
+    gamma = store.read(aff.scale.src.tensor).astype(np.float64).reshape(-1)
+    beta = store.read(aff.shift.src.tensor).astype(np.float64).reshape(-1)
+    mean = store.read(aff.mean.src.tensor).astype(np.float64).reshape(-1)
+    var = store.read(aff.var.src.tensor).astype(np.float64).reshape(-1)
+    s = gamma / np.sqrt(var + aff.epsilon)
+    return s, beta - s * mean
+
+
+def fuse_batchnorm(model: onnx.ModelProto, store: TensorStore) -> int:
+    """Fold every paired BatchNormalization of the main graph; returns how many were folded."""
+    index = GraphIndex(model.graph)
+    editor = Editor(index, store)
+    layers = [
+        layer
+        for layer in find_layers(index).layers
+        if layer.affine is not None and layer.affine.kind == "BatchNormalization" and layer.op != "MatMul"
+    ]
+    removed: list[onnx.NodeProto] = []
+    for layer in layers:
+        node = layer.node
+        beta_attr = float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+        if beta_attr == 0.0:
+            continue
+        s, shift = _bn_scale(layer, store)
+        editor.rescale_channels(layer, {k: float(v) for k, v in enumerate(s)})
+        if layer.bias is not None:
+            b = store.read(layer.bias.src.tensor).astype(np.float64).reshape(-1)
+            new_b = (s * beta_attr * b + shift) / beta_attr
+            tensor = editor.writable(layer.bias.src, layer.bias.node, layer.bias.input_index)
+            write_array(tensor, new_b.reshape(tuple(tensor.dims)))
+        else:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight.tensor.data_type)
+            name = editor.unique_name(f"{layer.key}.bias")
+            bias = onnx.numpy_helper.from_array((shift / beta_attr).astype(dtype), name)
+            model.graph.initializer.append(bias)
+            while len(node.input) < 2:
+                node.input.append("")
+            if len(node.input) == 2:
+                node.input.append(name)
+            else:
+                node.input[2] = name
+        bn = layer.affine.nodes[0]
+        old_out = node.output[0]
+        node.output[0] = bn.output[0]
+        removed.append(bn)
+        kept_vi = [vi for vi in model.graph.value_info if vi.name != old_out]
+        if len(kept_vi) != len(model.graph.value_info):
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(kept_vi)
+    if not removed:
+        return 0
+    gone = {id(n) for n in removed}
+    nodes = [n for n in model.graph.node if id(n) not in gone]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _drop_unused_initializers(model, {x for n in removed for x in n.input[1:]})
+    return len(removed)
+
+
+def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
+    """Remove initializers among ``candidates`` that nothing reads any more (never graph inputs)."""
+    index = GraphIndex(model.graph)
+    unused = {
+        name
+        for name in candidates
+        if name in index.initializers
+        and not index.consumers.get(name)
+        and name not in index.graph_outputs
+        and name not in index.graph_inputs
+    }
+    if not unused:
+        return
+    kept = [t for t in model.graph.initializer if t.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)

@@ -1,0 +1,23 @@
+"""Apply decisions to the model's constants (ALGORITHMS.md sections 4 and 5)."""
+
+from __future__ import annotations
+
+from onnxclp.edit import Editor
+from onnxclp.passes.decide import Decision
+
+
+def apply_decisions(editor: Editor, decisions: list[Decision]) -> int:
+    """Zero pruned channels, rescale banded ones, zero top-k classifier weights; returns the edit count."""
+    edits = 0
+    for d in decisions:
+        layer = d.scored.layer
+        if d.selection.prune:
+            editor.zero_channels(layer, d.selection.prune)
+            edits += len(d.selection.prune)
+        if d.selection.rescale:
+            editor.rescale_channels(layer, d.selection.rescale)
+            edits += len(d.selection.rescale)
+        if d.topk is not None and d.topk.columns:
+            editor.zero_weights(layer, d.topk.target, d.topk.columns)
+            edits += len(d.topk.columns)
+    return edits

@@ -1,0 +1,104 @@
+"""Score every channel of every scored layer (ALGORITHMS.md sections 2 and 3).
+
+The score of channel k is ``|scale_k| * norm(W_k)``, with ``scale_k`` the paired affine's per-channel scale
+(BatchNormalization ``gamma / sqrt(var + eps)``, or the Mul constant) and, for a Gemm, ``|alpha|``. Weights are
+read one layer at a time and dropped after scoring, so memory stays near one layer's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxclp import scores as S
+from onnxclp.errors import OnnxclpError
+from onnxclp.io import TensorStore
+from onnxclp.layers import Layer, Skip, attr
+
+
+@dataclass
+class ScoredLayer:
+    """A layer with one score per output channel."""
+
+    layer: Layer
+    scores: np.ndarray
+    kind: str
+    note: str | None = None
+
+
+def affine_scale(layer: Layer, store: TensorStore) -> np.ndarray | None:
+    """The paired affine's per-channel scale, or None when the layer has no affine."""
+    aff = layer.affine
+    if aff is None or aff.scale is None:
+        return None
+    scale = store.read(aff.scale.src.tensor).astype(np.float64).reshape(-1)
+    if aff.kind == "BatchNormalization":
+        var = store.read(aff.var.src.tensor).astype(np.float64).reshape(-1)
+        scale = scale / np.sqrt(var + aff.epsilon)
+    return scale
+
+
+def _input_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Spatial sizes of every tensor whose shape onnx's shape inference can determine."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # shape inference is best effort here: layers without a size are skipped
+        return {}
+    sizes: dict[str, tuple[int, ...]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) >= 3 and all(d.HasField("dim_value") for d in dims[2:]):
+            sizes[vi.name] = tuple(int(d.dim_value) for d in dims[2:])
+    return sizes
+
+
+def _exact(layer: Layer, w: np.ndarray, sizes: dict[str, tuple[int, ...]]) -> np.ndarray | str:
+    if layer.is_fc:
+        return S.spectral(w)  # an FC row's operator norm is its L2 norm: exact already
+    size = sizes.get(layer.input_name)
+    if size is None:
+        return "exact score needs the layer's input size, which shape inference could not determine"
+    nd = w.ndim - 2
+    strides = tuple(attr(layer.node, "strides", [1] * nd))
+    dilations = tuple(attr(layer.node, "dilations", [1] * nd))
+    if layer.op == "ConvTranspose" and any(s != 1 for s in strides):
+        return "exact score of a strided ConvTranspose is not implemented"
+    if any(n % s for n, s in zip(size, strides, strict=True)):
+        return f"exact score needs an input size {list(size)} divisible by the strides {list(strides)}"
+    return S.exact(w, size, strides, dilations)
+
+
+def score_layers(
+    model: onnx.ModelProto, layers: list[Layer], store: TensorStore, kind: str
+) -> tuple[list[ScoredLayer], list[Skip]]:
+    """Scores for each layer with the ``spectral``, ``l2`` or ``exact`` score."""
+    if kind not in ("spectral", "l2", "exact"):
+        raise OnnxclpError(f"unknown score {kind!r}: choose spectral, l2 or exact")
+    sizes = _input_sizes(model) if kind == "exact" else {}
+    scored: list[ScoredLayer] = []
+    skipped: list[Skip] = []
+    for layer in layers:
+        w = store.read(layer.weight.tensor)
+        if tuple(w.shape) != layer.weight_shape:
+            raise OnnxclpError(f"layer {layer.key!r}: weight shape {list(w.shape)} differs from its dims")
+        c = layer.layout.to_channels(w.astype(np.float64))
+        if not np.all(np.isfinite(c)):
+            raise OnnxclpError(f"layer {layer.key!r}: weight {layer.weight.tensor.name!r} contains NaN or Inf")
+        if kind == "exact":
+            s = _exact(layer, c, sizes)
+            if isinstance(s, str):
+                skipped.append(Skip(layer.key, layer.op, s, layer.weight.tensor.name))
+                continue
+        else:
+            s = S.SCORERS[kind](c)
+        scale = affine_scale(layer, store)
+        if scale is not None and not np.all(np.isfinite(scale)):
+            raise OnnxclpError(f"layer {layer.key!r}: its {layer.affine.kind} has NaN or Inf parameters")
+        s = S.apply_scale(s, scale)
+        if layer.op == "Gemm":
+            s = s * abs(float(attr(layer.node, "alpha", 1.0)))
+        scored.append(ScoredLayer(layer, s, kind))
+    return scored, skipped

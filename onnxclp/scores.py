@@ -1,0 +1,114 @@
+"""Channel Lipschitz scores: pure numpy, a weight array in, one score per output channel out.
+
+ALGORITHMS.md section 3. Every function takes the canonical weight ``w`` of shape ``(K, C, *kernel)``
+(output channel first; ``C`` the input channels of that channel's group; an FC layer is ``(K, 1, in)``)
+and returns a float64 vector of length ``K``, before the per-channel affine scale is applied
+(:func:`apply_scale`).
+
+- :func:`spectral` (CLP paper, section 3.3, eq. 8): largest singular value of ``W_k`` reshaped to
+  ``(C, prod(kernel))``, computed for all channels at once from the smaller Gram matrix.
+- :func:`l2` (LPP paper, section 3.2): Frobenius norm of ``W_k``.
+- :func:`exact` (Sedghi, Gupta & Long 2019): the operator norm of the circular convolution from the
+  layer's input to channel ``k`` at a given input size, strides and dilations included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Upper bound on elements of a temporary array built at once (float64: 8 bytes each).
+_CHUNK_ELEMS = 8_000_000
+
+
+def _matrices(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim < 2:
+        raise ValueError(f"a channel weight needs rank >= 2, got shape {w.shape}")
+    k, c = w.shape[0], w.shape[1]
+    return w.reshape(k, c, -1)
+
+
+def spectral(w: np.ndarray) -> np.ndarray:
+    """Largest singular value of each ``W_k`` as a ``(C, prod(kernel))`` matrix.
+
+    Uses the eigenvalues of the Gram matrix ``M M^T`` or ``M^T M``, whichever is smaller (for a 3x3
+    convolution a batch of 9x9 symmetric matrices), which is exact in float64 and avoids one SVD per
+    channel. A depthwise or FC channel (one row or one column) reduces to an L2 norm.
+    """
+    m = _matrices(w)
+    k, a, b = m.shape
+    if a == 1 or b == 1:
+        return np.sqrt(np.einsum("kab,kab->k", m, m))
+    out = np.empty(k, dtype=np.float64)
+    step = max(1, _CHUNK_ELEMS // max(1, a * b + min(a, b) ** 2))
+    for lo in range(0, k, step):
+        part = m[lo : lo + step]
+        gram = part @ part.transpose(0, 2, 1) if a <= b else part.transpose(0, 2, 1) @ part
+        top = np.linalg.eigvalsh(gram)[:, -1]
+        out[lo : lo + step] = np.sqrt(np.clip(top, 0.0, None))
+    return out
+
+
+def l2(w: np.ndarray) -> np.ndarray:
+    """Frobenius norm of each ``W_k`` (the LPP score)."""
+    m = _matrices(w)
+    return np.sqrt(np.einsum("kab,kab->k", m, m))
+
+
+def exact(
+    w: np.ndarray,
+    input_size: tuple[int, ...],
+    strides: tuple[int, ...] | None = None,
+    dilations: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """Exact Lipschitz constant (L2 operator norm) of ``x -> conv(x)_k`` with circular padding.
+
+    For stride 1 the map is diagonal in the Fourier basis: its norm is ``max_f ||DFT(W_k)[:, f]||_2``
+    over input channels (Sedghi et al. 2019, Theorem 6). With stride ``s`` (per axis, product ``S``) the
+    output at frequency ``f`` mixes the ``S`` aliases ``f + a N/s`` of the input, so the norm is
+    ``max_f ||DFT(W_k)[:, aliases of f]||_2 / sqrt(S)``. Dilation places the taps ``d`` apart; taps that
+    fall outside an input smaller than the kernel wrap around (circular convolution). ``input_size`` gives
+    the spatial size of the input; each must be divisible by its stride.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    nd = w.ndim - 2
+    size = tuple(int(n) for n in input_size)
+    if len(size) != nd or any(n <= 0 for n in size):
+        raise ValueError(f"input size {size} does not match a {nd}-D kernel")
+    strides = tuple(strides or (1,) * nd)
+    dilations = tuple(dilations or (1,) * nd)
+    if any(n % s for n, s in zip(size, strides, strict=True)):
+        raise ValueError(f"input size {size} is not divisible by strides {strides}")
+    k, c = w.shape[:2]
+    kernel = w.shape[2:]
+    # Tap positions on the circular grid (dilated, wrapped).
+    idx = [(np.arange(kd) * d) % n for kd, d, n in zip(kernel, dilations, size, strict=True)]
+    out = np.empty(k, dtype=np.float64)
+    per_channel = c * int(np.prod(size)) * 2
+    step = max(1, _CHUNK_ELEMS // max(1, per_channel))
+    axes = tuple(range(2, 2 + nd))
+    s_total = float(np.prod(strides))
+    for lo in range(0, k, step):
+        part = w[lo : lo + step]
+        grid = np.zeros(part.shape[:2] + size, dtype=np.float64)
+        # np.add.at accumulates taps that wrap onto the same grid point.
+        np.add.at(grid, (slice(None), slice(None), *np.ix_(*idx)), part)
+        spec = np.fft.fftn(grid, axes=axes)
+        power = (spec.real**2 + spec.imag**2).sum(axis=1)  # (k, *size): sum over input channels
+        # Fold the S aliases of each output frequency together: axis n -> (s, n/s), sum over s.
+        shape = [power.shape[0]]
+        for n, s in zip(size, strides, strict=True):
+            shape += [s, n // s]
+        folded = power.reshape(shape).sum(axis=tuple(1 + 2 * i for i in range(nd)))
+        out[lo : lo + step] = np.sqrt(folded.reshape(folded.shape[0], -1).max(axis=1) / s_total)
+    return out
+
+
+def apply_scale(scores: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """Multiply channel scores by ``|scale_k|``, the paired affine's per-channel scale (section 2)."""
+    if scale is None:
+        return scores
+    return scores * np.abs(np.asarray(scale, dtype=np.float64).reshape(-1))
+
+
+SCORERS = {"spectral": spectral, "l2": l2}
