@@ -219,8 +219,36 @@ def _pair_affine(index: GraphIndex, name: str, channels: int, axis: int, rank: i
     return None
 
 
+# Hidden-layer activations: a layer whose path to the model output crosses one of these is not the classifier.
+# (Softmax, LogSoftmax and Sigmoid are output activations and do not stop the search.)
+HIDDEN_ACTIVATIONS = frozenset(
+    [
+        "Relu",
+        "LeakyRelu",
+        "PRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "HardSwish",
+        "HardSigmoid",
+        "Clip",
+        "Tanh",
+        "Mish",
+        "Softplus",
+        "Softsign",
+        "ThresholdedRelu",
+        "Swish",
+    ]
+)
+
+
 def _output_layers(index: GraphIndex) -> set[int]:
-    """ids of scored-op nodes from which a graph output is reached without crossing another scored op."""
+    """ids of scored-op nodes that produce a model output: the classifier (ALGORITHMS.md section 5, step 4).
+
+    Searches back from the graph outputs; the search stops at scored ops (found) and at hidden-layer
+    activations (a layer behind a Relu is a feature layer, not the classifier).
+    """
     found: set[int] = set()
     seen: set[str] = set()
     queue = deque(index.graph_outputs)
@@ -234,6 +262,8 @@ def _output_layers(index: GraphIndex) -> set[int]:
             continue
         if node.op_type in SCORED_OPS and node.domain in _ONNX_DOMAINS:
             found.add(id(node))
+            continue
+        if node.op_type in HIDDEN_ACTIVATIONS:
             continue
         queue.extend(x for x in node.input if x)
     return found
