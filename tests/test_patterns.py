@@ -35,7 +35,7 @@ def test_bn_pairing_scores_and_exact_zero():
     assert layer.affine == "bn" and layer.channels == 4
     np.testing.assert_allclose(layer.scores, [2.5, 1.0, 2.0, 5.0], rtol=1e-6)
     assert layer.pruned == [3]
-    out, rep2 = onnxclp.sanitize(m, u=1.0)
+    out, _ = onnxclp.sanitize(m, u=1.0)
     x = _x((2, 2, 6, 6))
     (before,) = run(m, {"x": x}, ["b"])
     (after,) = run(out, {"x": x}, ["b"])
