@@ -259,6 +259,13 @@ def _copy_range(src: ExternalRef, dst) -> None:
             left -= len(chunk)
 
 
+def _set_default_mode(path: str) -> None:
+    """mkstemp creates files 0600; give outputs the mode a plain open() would (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_model(model: onnx.ModelProto, store: TensorStore, out: str | os.PathLike[str]) -> list[str]:
     """Write the model to ``out`` atomically; returns the paths written.
 
@@ -281,6 +288,7 @@ def save_model(model: onnx.ModelProto, store: TensorStore, out: str | os.PathLik
         if use_external:
             fd, data_tmp = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
             tmp_files.append(data_tmp)
+            _set_default_mode(data_tmp)
             with os.fdopen(fd, "wb") as dst:
                 offset = 0
                 for t in iter_tensors(model):
@@ -312,6 +320,7 @@ def save_model(model: onnx.ModelProto, store: TensorStore, out: str | os.PathLik
                     offset += length
         fd, model_tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=folder)
         tmp_files.append(model_tmp)
+        _set_default_mode(model_tmp)
         with os.fdopen(fd, "wb") as fh:
             fh.write(model.SerializeToString())
         if data_tmp is not None:

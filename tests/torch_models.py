@@ -129,23 +129,50 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
     return pairs
 
 
-def reference_clp(model: nn.Module, u: float = 3.0, eps: bool = True) -> dict[int, list[int]]:
-    """CLP as in the public defense.py, on the model's (conv, BN) pairs; returns {id(bn): flagged} and edits.
+def _channel_lips(w: torch.Tensor) -> torch.Tensor:
+    # One SVD per channel, as the public code does.
+    return torch.stack([torch.linalg.svd(w[k].reshape(w.shape[1], -1))[1].max() for k in range(w.shape[0])])
+
+
+def reference_clp(
+    model: nn.Module, u: float = 3.0, eps: bool = True, unpaired: bool = False
+) -> dict[nn.Conv2d, list[int]]:
+    """CLP as in the public defense.py, on the model's (conv, BN) pairs; returns {conv: flagged} and edits.
 
     ``eps=False`` reproduces the public code exactly (no eps in the scale); ``eps=True`` uses the BN's eps as
-    the exported, folded weights do.
+    the exported, folded weights do. ``unpaired=True`` also scores Convs that feed no BN, with scale 1, and
+    zeroes their kernel slices and biases (ALGORITHMS.md section 2: what onnxclp does, since an export cannot
+    tell such a Conv from one whose BN was folded into it).
     """
-    flagged: dict[int, list[int]] = {}
+    flagged: dict[nn.Conv2d, list[int]] = {}
     with torch.no_grad():
-        for conv, bn in conv_bn_pairs(model):
+        pairs = conv_bn_pairs(model)
+        for conv, bn in pairs:
             std = (bn.running_var + (bn.eps if eps else 0.0)).sqrt()
             w = conv.weight * (bn.weight / std).abs().reshape(-1, 1, 1, 1)
-            channel_lips = torch.stack(
-                [torch.linalg.svd(w[k].reshape(w.shape[1], -1))[1].max() for k in range(w.shape[0])]
-            )
+            channel_lips = _channel_lips(w)
             th = channel_lips.mean() + u * channel_lips.std()
             idx = torch.nonzero(channel_lips > th).flatten().tolist()
             bn.weight[idx] = 0.0
             bn.bias[idx] = 0.0
-            flagged[id(bn)] = idx
+            flagged[conv] = idx
+        if unpaired:
+            paired = {id(c) for c, _ in pairs}
+            for conv in model.modules():
+                if isinstance(conv, nn.Conv2d) and id(conv) not in paired:
+                    channel_lips = _channel_lips(conv.weight)
+                    th = channel_lips.mean() + u * channel_lips.std()
+                    idx = torch.nonzero(channel_lips > th).flatten().tolist()
+                    conv.weight[idx] = 0.0
+                    if conv.bias is not None:
+                        conv.bias[idx] = 0.0
+                    flagged[conv] = idx
     return flagged
+
+
+def folded_weight(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> torch.Tensor:
+    """The Conv weight with its BN folded in, as the exporters write it."""
+    if bn is None:
+        return conv.weight.detach().clone()
+    s = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return (conv.weight * s.reshape(-1, 1, 1, 1)).detach()
