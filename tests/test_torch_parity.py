@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch_models import PreActResNet, SmallResNet, VGGBN, conv_bn_pairs, folded_weight, randomize_bn, reference_clp
+from torch_models import VGGBN, PreActResNet, SmallResNet, conv_bn_pairs, folded_weight, randomize_bn, reference_clp
 
 import onnxclp
 
@@ -54,14 +54,18 @@ def test_clp_parity_with_reference(name, dynamo, tmp_path):
     # Map each ONNX layer to its torch Conv by the (folded) weight values.
     bn_of = {id(c): b for c, b in conv_bn_pairs(model)}
     convs = [(c, folded_weight(c, bn_of.get(id(c))).numpy()) for c in model.modules() if isinstance(c, torch.nn.Conv2d)]
-    ref_by_index = {i: flagged[rc] for i, rc in enumerate(c for c in ref_model.modules() if isinstance(c, torch.nn.Conv2d))}
+    ref_by_index = {
+        i: flagged[rc] for i, rc in enumerate(c for c in ref_model.modules() if isinstance(c, torch.nn.Conv2d))
+    }
     original = onnx.load(str(path))
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in original.graph.initializer}
     conv_layers = [layer for layer in report.layers if layer.op == "Conv"]
     assert len(conv_layers) == len(convs)
     for layer in conv_layers:
         w = weights[layer.weight]
-        matches = [i for i, (_, cw) in enumerate(convs) if cw.shape == w.shape and np.allclose(cw, w, rtol=1e-4, atol=1e-6)]
+        matches = [
+            i for i, (_, cw) in enumerate(convs) if cw.shape == w.shape and np.allclose(cw, w, rtol=1e-4, atol=1e-6)
+        ]
         assert len(matches) == 1, f"{layer.node}: cannot map to a torch Conv"
         assert layer.pruned == ref_by_index[matches[0]], layer.node
 
