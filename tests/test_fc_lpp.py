@@ -172,9 +172,10 @@ def test_lpp_rescale_scales_kernel_only():
 
 def test_lpp_with_unfused_bn_rescales_conv_kernel_only():
     w = np.ones((6, 2, 1, 1), dtype=np.float32)
-    w[:, 0, 0, 0] = [1.0, 1.0, 1.0, 1.0, 1.6, 4.0]
+    w[:, 0, 0, 0] = [1.0, 1.0, 1.0, 1.0, 2.5, 4.0]
     m = conv_bn(w, gamma=np.ones(6), beta=np.full(6, 0.3))
     out, rep = onnxclp.sanitize(m, method="lpp", u=1.5, u_low=-10.0, bias_rate=1.0)
+    assert rep.layers[0].pruned == [5] and list(rep.layers[0].rescaled) == [4]
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
     for k, c in rep.layers[0].rescaled.items():
         np.testing.assert_allclose(inits["W"][k], w[k] * c, rtol=1e-6)
