@@ -14,7 +14,7 @@ import onnx
 from onnx import NodeProto, TensorProto
 
 from onnxclp.graph import ConstSource, GraphIndex
-from onnxclp.io import TensorStore, write_array
+from onnxclp.io import TensorStore
 from onnxclp.layers import Layer, PerChannel
 
 
@@ -69,7 +69,7 @@ class Editor:
         value = self.store.read(src.tensor)
         fn(value)
         tensor = self.writable(src, node, input_index)
-        write_array(tensor, value)
+        self.store.write(tensor, value)
         self.touched.add(tensor.name or node.input[input_index])
 
     def _per_channel(self, pc: PerChannel, channels: list[int], value: float) -> None:

@@ -150,11 +150,18 @@ class TensorStore:
     def __init__(self, model: onnx.ModelProto, base_dir: Path) -> None:
         self.base_dir = base_dir
         self._external: dict[tuple, ExternalRef] = {}
+        self.edited_external: set[str] = set()
         for t in iter_tensors(model):
             if t.data_location == TensorProto.EXTERNAL:
                 key = _external_key(t)
                 if key not in self._external:
                     self._external[key] = _check_external(t, base_dir)
+
+    def write(self, tensor: TensorProto, value: np.ndarray) -> None:
+        """:func:`write_array`, remembering (by name) a tensor that was external, so it is saved external."""
+        if tensor.data_location == TensorProto.EXTERNAL and tensor.name:
+            self.edited_external.add(tensor.name)
+        write_array(tensor, value)
 
     def external_ref(self, tensor: TensorProto) -> ExternalRef | None:
         """The checked location of an external tensor, or None for a tensor held in the model."""
@@ -210,7 +217,7 @@ def write_array(tensor: TensorProto, value: np.ndarray) -> None:
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)
     del tensor.external_data[:]
-    tensor.data_location = TensorProto.DEFAULT
+    tensor.ClearField("data_location")
     tensor.raw_data = arr.astype(dtype.newbyteorder("<"), copy=False).tobytes()
 
 
@@ -295,7 +302,10 @@ def save_model(model: onnx.ModelProto, store: TensorStore, out: str | os.PathLik
                     ref = store.external_ref(t)
                     if ref is None and t.data_location == TensorProto.EXTERNAL:
                         raise OnnxclpError(f"tensor {t.name!r}: external data that was not checked")
-                    if ref is None and (not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_THRESHOLD):
+                    if ref is None and (
+                        not t.HasField("raw_data")
+                        or (len(t.raw_data) < EXTERNAL_THRESHOLD and t.name not in store.edited_external)
+                    ):
                         continue
                     pad = (-offset) % 4096  # page-aligned, as onnx's own saver does for mmap
                     dst.write(b"\0" * pad)

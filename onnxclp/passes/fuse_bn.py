@@ -12,7 +12,7 @@ import onnx
 
 from onnxclp.edit import Editor
 from onnxclp.graph import GraphIndex
-from onnxclp.io import TensorStore, write_array
+from onnxclp.io import TensorStore
 from onnxclp.layers import Layer, attr, find_layers
 
 
@@ -47,7 +47,7 @@ def fuse_batchnorm(model: onnx.ModelProto, store: TensorStore) -> int:
             b = store.read(layer.bias.src.tensor).astype(np.float64).reshape(-1)
             new_b = (s * beta_attr * b + shift) / beta_attr
             tensor = editor.writable(layer.bias.src, layer.bias.node, layer.bias.input_index)
-            write_array(tensor, new_b.reshape(tuple(tensor.dims)))
+            store.write(tensor, new_b.reshape(tuple(tensor.dims)))
         else:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight.tensor.data_type)
             name = editor.unique_name(f"{layer.key}.bias")
