@@ -428,7 +428,7 @@ class WaNet(Attack):
         np.save(path, self.field()[0].numpy())
 
     def warp_grid(self, H: int, W: int) -> torch.Tensor:
-        """The sampling grid (1, H, W, 2) fed to ``grid_sample``."""
+        """The sampling grid (1, H, W, 2), float64, fed to ``grid_sample`` (which runs in float64)."""
         key = ("grid", H, W)
         if key not in self._cache:
             p = self.params
@@ -442,18 +442,20 @@ class WaNet(Attack):
             else:
                 noise = F.interpolate(self.field(), size=(H, W), mode="bicubic", align_corners=True)
                 noise = noise.permute(0, 2, 3, 1)
-            ys = torch.linspace(-1, 1, steps=H)
-            xs = torch.linspace(-1, 1, steps=W)
+            # float64 so that s = 0 samples every pixel exactly at its centre: the warp is then the identity
+            ys = torch.linspace(-1, 1, steps=H, dtype=torch.float64)
+            xs = torch.linspace(-1, 1, steps=W, dtype=torch.float64)
             yy, xx = torch.meshgrid(ys, xs, indexing="ij")
             identity = torch.stack((xx, yy), dim=2)[None]
-            grid = (identity + p["s"] * noise / H) * p["grid_rescale"]
+            grid = (identity + p["s"] * noise.to(torch.float64) / H) * p["grid_rescale"]
             self._cache[key] = grid.clamp(-1, 1)
         return self._cache[key]
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         N, _, H, W = x.shape
-        grid = self.warp_grid(H, W).to(x.device, x.dtype).expand(N, H, W, 2)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        grid = self.warp_grid(H, W).to(x.device).expand(N, H, W, 2)
+        out = F.grid_sample(x.double(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return out.to(x.dtype)
 
 
 class BPP(Attack):
