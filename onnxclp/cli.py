@@ -82,19 +82,18 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="List every layer
 
 
 def _print(report, quiet: bool, verbose: bool) -> None:
+    if quiet:  # plain text: no rich import on the quiet CI path
+        t = report.totals()
+        typer.echo(
+            f"{t['pruned_channels']} of {t['channels']} channels pruned in {t['scored_layers']} layers "
+            f"({t['skipped_layers']} skipped)"
+        )
+        return
     from rich.console import Console
 
     from onnxclp.report import print_report
 
-    console = Console(highlight=False)
-    if quiet:
-        t = report.totals()
-        console.print(
-            f"{t['pruned_channels']} of {t['channels']} channels pruned in {t['scored_layers']} layers "
-            f"({t['skipped_layers']} skipped)"
-        )
-    else:
-        print_report(report, console, verbose)
+    print_report(report, Console(highlight=False), verbose)
 
 
 def _write_json(report, path: Path | None) -> None:

@@ -51,6 +51,8 @@ class Editor:
         copy = onnx.numpy_helper.from_array(self.store.read(src.tensor), self.unique_name(base))
         copy.data_type = src.tensor.data_type
         copy.doc_string = src.tensor.doc_string
+        if self.store.size_hint is not None:
+            self.store.size_hint += copy.ByteSize()
         self.index.graph.initializer.append(copy)
         new = self.index.graph.initializer[-1]
         node.input[input_index] = new.name

@@ -151,6 +151,8 @@ class TensorStore:
         self.base_dir = base_dir
         self._external: dict[tuple, ExternalRef] = {}
         self.edited_external: set[str] = set()
+        # Serialized size of the model as loaded (None when unknown); tensors copied on write add to it.
+        self.size_hint: int | None = None
         for t in iter_tensors(model):
             if t.data_location == TensorProto.EXTERNAL:
                 key = _external_key(t)
@@ -174,8 +176,11 @@ class TensorStore:
         """Whether the input model stores any tensor as external data."""
         return bool(self._external)
 
-    def read(self, tensor: TensorProto) -> np.ndarray:
-        """The tensor's value as a numpy array (a copy: editing it never changes the model)."""
+    def read(self, tensor: TensorProto, writable: bool = True) -> np.ndarray:
+        """The tensor's value as a numpy array, never a view of the model: editing it changes nothing.
+
+        ``writable=False`` may return a read-only array (one copy less, for scoring).
+        """
         name = tensor.name or "<unnamed>"
         ref = self.external_ref(tensor)
         if ref is None and tensor.data_location == TensorProto.EXTERNAL:
@@ -197,6 +202,9 @@ class TensorStore:
                     f"tensor {name!r}: {len(raw)} bytes of data for dims {list(shape)} "
                     f"({count * dtype.itemsize} expected)"
                 )
+            if dtype.kind in "fiub" and dtype.isbuiltin:  # plain numpy types: read the bytes directly
+                arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+                return arr.astype(dtype) if writable or not dtype.isnative else arr
         try:
             arr = onnx.numpy_helper.to_array(tensor)
         except Exception as exc:  # onnx raises bare ValueError/TypeError on inconsistent protos
@@ -244,10 +252,14 @@ def load_model(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, TensorSto
         raise OnnxclpError(f"{p}: not a valid ONNX model (cannot be parsed: {type(exc).__name__})") from exc
     if not model.HasField("graph") or (model.ir_version == 0 and not model.opset_import):
         raise OnnxclpError(f"{p}: not an ONNX model (no graph or no ir_version)")
-    return model, TensorStore(model, p.parent)
+    store = TensorStore(model, p.parent)
+    store.size_hint = size
+    return model, store
 
 
-def _proto_fits(model: onnx.ModelProto) -> bool:
+def _proto_fits(model: onnx.ModelProto, size_hint: int | None = None) -> bool:
+    if size_hint is not None and size_hint < PROTO_LIMIT // 2:
+        return True  # far from the limit: no need to walk the whole message to size it
     try:
         return model.ByteSize() < PROTO_LIMIT - 2**20
     except Exception:  # pragma: no cover - protobuf refuses to size a > 2 GiB message on some builds
@@ -286,7 +298,7 @@ def save_model(model: onnx.ModelProto, store: TensorStore, out: str | os.PathLik
     folder = out_path.parent if str(out_path.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxclpError(f"{out_path}: output folder {folder} does not exist")
-    use_external = store.has_external or not _proto_fits(model)
+    use_external = store.has_external or not _proto_fits(model, store.size_hint)
     data_name = out_path.name + ".data"
     written: list[str] = []
     tmp_files: list[str] = []

@@ -81,7 +81,7 @@ def score_layers(
     scored: list[ScoredLayer] = []
     skipped: list[Skip] = []
     for layer in layers:
-        w = store.read(layer.weight.tensor)
+        w = store.read(layer.weight.tensor, writable=False)
         if tuple(w.shape) != layer.weight_shape:
             raise OnnxclpError(f"layer {layer.key!r}: weight shape {list(w.shape)} differs from its dims")
         c = layer.layout.to_channels(w.astype(np.float64))
