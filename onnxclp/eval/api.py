@@ -362,7 +362,7 @@ def _data_name(data: PathLike | ImageSet) -> str:
 
 
 def evaluate(
-    model: PathLike,
+    model: PathLike | bytes | Any,
     data: PathLike | ImageSet,
     attack: str | Attack | AttackConfig | None = None,
     *,
@@ -391,6 +391,7 @@ def evaluate(
     :class:`Attack` or an :class:`AttackConfig`; ``attack_config`` a JSON file (the trainer's), which
     ``params``/``target``/``mode``/``seed``/``mean``/``std`` override. With ``none``, ASR and RA are measured on
     the clean images of the attacked subset (the model's baseline rate of predicting the target).
+    ``model`` may also be held in memory: serialized bytes or a ModelProto with no external data.
     Raises :class:`OnnxclpError` for anything the user can fix.
     """
     if batch_size < 1:
@@ -405,7 +406,7 @@ def evaluate(
     no_trigger = s.attack.name == "none"
     images = 0
     examples: Path | None = None
-    bar = _Progress(progress, len(s.indices), f"evaluate {Path(model).name}")
+    bar = _Progress(progress, len(s.indices), f"evaluate {runner.path.name}")
     t0 = time.perf_counter()
     try:
         batches = prepared_batches(
@@ -431,7 +432,7 @@ def evaluate(
         bar.close()
     seconds = time.perf_counter() - t0
     return EvalResult(
-        model=str(model),
+        model=str(model) if isinstance(model, str | os.PathLike) else str(runner.path),
         data=_data_name(data),
         provider=runner.provider,
         input=runner.input.to_dict(),

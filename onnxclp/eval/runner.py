@@ -149,16 +149,24 @@ class OnnxClassifier:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | bytes | Any,
         device: str = "auto",
         layout: str | None = None,
         threads: int | None = None,
     ) -> None:
+        """``path``: a model file, or a model in memory (serialized bytes or a ModelProto whose tensors are all
+        held in the proto: external data is not followed from memory), named ``<in-memory model>`` in messages."""
         import onnxruntime as ort
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise OnnxclpError(f"no such model file: {self.path}")
+        source: str | bytes
+        if isinstance(path, str | Path):
+            self.path = Path(path)
+            if not self.path.is_file():
+                raise OnnxclpError(f"no such model file: {self.path}")
+            source = str(self.path)
+        else:
+            self.path = Path("<in-memory model>")
+            source = bytes(path) if isinstance(path, bytes | bytearray) else path.SerializeToString()
         providers = select_providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -166,7 +174,7 @@ class OnnxClassifier:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(source, sess_options=options, providers=providers)
         except _ort_errors() as exc:
             raise OnnxclpError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from exc
         self.provider = self.session.get_providers()[0]
