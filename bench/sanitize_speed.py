@@ -66,9 +66,10 @@ def score_onnxclp(path: Path) -> float:
     from onnxclp.passes.score import score_layers
 
     model, store = load_model(path)
-    layers = find_layers(GraphIndex(model.graph)).layers
+    index = GraphIndex(model.graph)
+    layers = find_layers(index, store).layers
     start = time.perf_counter()
-    score_layers(model, layers, store, "spectral")
+    score_layers(model, index, layers, store, "spectral")
     return time.perf_counter() - start
 
 

@@ -107,7 +107,7 @@ def _run(
     model, store = loaded.model, loaded.store
     fused = fuse_batchnorm(model, store) if fuse_bn else 0
     index = GraphIndex(model.graph)
-    found = find_layers(index)
+    found = find_layers(index, store)
     skipped: list[Skip] = list(found.skipped)
     try:
         patterns = [re.compile(p) for p in exclude]
@@ -130,9 +130,9 @@ def _run(
             )
         else:
             layers.append(layer)
-    scored, score_skips = score_layers(model, layers, store, params.score)
+    scored, score_skips = score_layers(model, index, layers, store, params.score)
     skipped.extend(score_skips)
-    decisions = decide(scored, params, store)
+    decisions = decide(scored, params, index, store)
     report = Report(method=params.method, params=asdict(params), version=__version__, fused_batchnorms=fused)
     report.input = loaded.path
     report.skipped = [SkippedLayer(s.key, s.op, s.reason, s.weight) for s in skipped]

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto
 
+from onnxclp import weights
 from onnxclp.graph import ConstSource, GraphIndex
 from onnxclp.io import TensorStore
 from onnxclp.layers import Layer, PerChannel
@@ -55,24 +56,49 @@ class Editor:
             self.store.size_hint += copy.ByteSize()
         self.index.graph.initializer.append(copy)
         new = self.index.graph.initializer[-1]
-        node.input[input_index] = new.name
-        # Keep the index true for later edits: this node now reads the copy.
-        self.index.initializers[new.name] = new
+        self._rewire(node, input_index, new.name)
+        return new
+
+    def write_constant(self, src: ConstSource, node: NodeProto, input_index: int, value: np.ndarray) -> None:
+        """Make ``node.input[input_index]`` (a constant) read ``value``, in the stored tensor's own form.
+
+        A plain constant is written in place, or copied first when shared. Through a chain of transforms
+        (:mod:`onnxclp.weights`) the chain is inverted when only this node sees it; a shared chain is
+        replaced, for this node only, by a new initializer holding the value the node reads.
+        """
+        if src.plain:
+            tensor = self.writable(src, node, input_index)
+            self.store.write(tensor, np.reshape(value, tuple(tensor.dims)))
+            self.touched.add(tensor.name or node.input[input_index])
+            return
+        _, steps = weights.trace(self.index, self.store, src)
+        if weights.exclusive(self.index, src, node):
+            stored = weights.invert(self.index, self.store, steps, np.asarray(value), self)
+            self.store.write(src.tensor, stored)
+            self.touched.add(src.tensor.name or src.node.output[0])
+            return
+        old = node.input[input_index]
+        copy = onnx.numpy_helper.from_array(np.ascontiguousarray(value), self.unique_name(old))
+        self.index.graph.initializer.append(copy)
+        self._rewire(node, input_index, copy.name)
+
+    def _rewire(self, node: NodeProto, input_index: int, new: str) -> None:
+        """Point ``node.input[input_index]`` at the initializer ``new``, keeping the index true."""
+        old = node.input[input_index]
+        node.input[input_index] = new
+        self.index.initializers[new] = self.index.graph.initializer[-1]
         users = self.index.consumers.get(old, [])
         for i, user in enumerate(users):
             if user is node:
                 del users[i]
                 break
-        self.index.consumers[new.name].append(node)
-        self.copies.append(new.name)
-        return new
+        self.index.consumers[new].append(node)
+        self.copies.append(new)
 
     def _update(self, src: ConstSource, node: NodeProto, input_index: int, fn: Callable[[np.ndarray], None]):
-        value = self.store.read(src.tensor)
+        value = weights.read(self.index, self.store, src)
         fn(value)
-        tensor = self.writable(src, node, input_index)
-        self.store.write(tensor, value)
-        self.touched.add(tensor.name or node.input[input_index])
+        self.write_constant(src, node, input_index, value)
 
     def _per_channel(self, pc: PerChannel, channels: list[int], value: float) -> None:
         def fn(v: np.ndarray) -> None:

@@ -17,6 +17,9 @@ from onnx import NodeProto, TensorProto
 from onnxclp.errors import OnnxclpError
 from onnxclp.io import iter_graphs
 
+# Nodes a constant may pass through on its way to a layer and still count as that layer's constant weight.
+TRANSFORM_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "DequantizeLinear"})
+
 
 @dataclass
 class ConstSource:
@@ -25,7 +28,12 @@ class ConstSource:
     tensor: TensorProto
     initializer: bool
     node: NodeProto | None = None  # the Constant node, when not an initializer
-    via: list[NodeProto] = field(default_factory=list)  # Identity nodes between it and the reader
+    via: list[NodeProto] = field(default_factory=list)  # transform nodes from the reader back to it
+
+    @property
+    def plain(self) -> bool:
+        """Whether the reader sees the stored value as it is (nothing but Identity in between)."""
+        return all(n.op_type == "Identity" for n in self.via)
 
 
 def _subgraph_reads(node: NodeProto) -> set[str]:
@@ -124,7 +132,13 @@ class GraphIndex:
         return node
 
     def constant(self, name: str) -> ConstSource | None:
-        """The constant behind a tensor name, through Identity chains; None if it is not constant."""
+        """The constant behind a tensor name; None if it is not constant.
+
+        Walks back through Identity and through the value-preserving transforms exporters put between a
+        stored weight and its reader (:data:`TRANSFORM_OPS`: Transpose, Reshape, Squeeze, Unsqueeze, Cast,
+        DequantizeLinear), provided their other inputs are constants too. ``via`` lists those nodes from the
+        reader back to the stored constant.
+        """
         via: list[NodeProto] = []
         seen: set[str] = set()
         while name not in seen:
@@ -136,7 +150,9 @@ class GraphIndex:
             node = self.producer.get(name)
             if node is None:
                 return None
-            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+            if node.op_type in TRANSFORM_OPS and node.domain in ("", "ai.onnx") and node.input and node.input[0]:
+                if any(x and self.constant(x) is None for x in node.input[1:]):
+                    return None
                 via.append(node)
                 name = node.input[0]
                 continue
@@ -155,7 +171,7 @@ class GraphIndex:
             if name in self.graph_inputs:
                 return name in self.initializers
             node = self.producer.get(name)
-            if node is None or node.op_type != "Identity":
+            if node is None or node.op_type not in TRANSFORM_OPS or not node.input:
                 return False
             name = node.input[0]
         return False

@@ -17,7 +17,9 @@ import numpy as np
 import onnx
 from onnx import NodeProto
 
+from onnxclp import weights
 from onnxclp.graph import ConstSource, GraphIndex
+from onnxclp.io import TensorStore
 
 SCORED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ONNX_DOMAINS = ("", "ai.onnx")
@@ -148,7 +150,7 @@ class LayerSet:
 
 
 def _per_channel(
-    index: GraphIndex, node: NodeProto, input_index: int, channels: int, axis: int, rank: int | None
+    index: GraphIndex, store: TensorStore, node: NodeProto, input_index: int, channels: int, axis: int, rank: int | None
 ) -> PerChannel | None:
     """The constant at ``node.input[input_index]`` if it holds exactly one value per channel on ``axis``.
 
@@ -160,7 +162,10 @@ def _per_channel(
     src = index.constant(node.input[input_index])
     if src is None:
         return None
-    dims = [int(d) for d in src.tensor.dims]
+    shape, is_float = value_info(index, store, src)
+    if not is_float:
+        return None
+    dims = list(shape)
     if int(np.prod(dims, dtype=np.int64)) != channels or not dims:
         return None
     if rank is not None and len(dims) > rank:
@@ -169,9 +174,15 @@ def _per_channel(
         return None
     if dims[axis] != channels or any(d != 1 for i, d in enumerate(dims) if i != len(dims) + axis):
         return None
-    if src.tensor.data_type not in _FLOAT_TYPES:
-        return None
     return PerChannel(src, node, input_index)
+
+
+def value_info(index: GraphIndex, store: TensorStore, src: ConstSource) -> tuple[tuple[int, ...], bool]:
+    """Shape of the value a reader sees, and whether it is floating point (through any transform chain)."""
+    if src.plain:
+        return tuple(int(d) for d in src.tensor.dims), src.tensor.data_type in _FLOAT_TYPES
+    value = weights.read(index, store, src)
+    return tuple(value.shape), value.dtype.kind == "f"
 
 
 _FLOAT_TYPES = (
@@ -182,7 +193,9 @@ _FLOAT_TYPES = (
 )
 
 
-def _pair_affine(index: GraphIndex, name: str, channels: int, axis: int, rank: int | None, allow_bn: bool):
+def _pair_affine(
+    index: GraphIndex, store: TensorStore, name: str, channels: int, axis: int, rank: int | None, allow_bn: bool
+):
     """The affine consuming tensor ``name`` (the layer's output), or None."""
     node = index.only_consumer(name)
     if node is None or node.domain not in _ONNX_DOMAINS:
@@ -190,7 +203,7 @@ def _pair_affine(index: GraphIndex, name: str, channels: int, axis: int, rank: i
     if node.op_type == "BatchNormalization" and allow_bn and node.input[0] == name:
         if attr(node, "training_mode", 0) or sum(1 for o in node.output if o) != 1 or len(node.input) != 5:
             return None
-        parts = [_per_channel(index, node, i, channels, -1, 1) for i in range(1, 5)]
+        parts = [_per_channel(index, store, node, i, channels, -1, 1) for i in range(1, 5)]
         if any(p is None for p in parts):
             return None
         return Affine(
@@ -204,14 +217,14 @@ def _pair_affine(index: GraphIndex, name: str, channels: int, axis: int, rank: i
         )
     if node.op_type == "Mul":
         other = 1 if node.input[0] == name else 0
-        scale = _per_channel(index, node, other, channels, axis, rank)
+        scale = _per_channel(index, store, node, other, channels, axis, rank)
         if scale is None:
             return None
         aff = Affine("Mul", [node], scale=scale)
         add = index.only_consumer(node.output[0])
         if add is not None and add.op_type == "Add" and add.domain in _ONNX_DOMAINS:
             other = 1 if add.input[0] == node.output[0] else 0
-            shift = _per_channel(index, add, other, channels, axis, rank)
+            shift = _per_channel(index, store, add, other, channels, axis, rank)
             if shift is not None:
                 aff.nodes.append(add)
                 aff.shift = shift
@@ -277,7 +290,7 @@ def _final_output(layer: Layer) -> str:
     return layer.node.output[0]
 
 
-def find_layers(index: GraphIndex) -> LayerSet:
+def find_layers(index: GraphIndex, store: TensorStore) -> LayerSet:
     """Every Conv/ConvTranspose/Gemm/MatMul of the graph, as a scored :class:`Layer` or a :class:`Skip`."""
     result = LayerSet()
     outputs = _output_layers(index)
@@ -285,7 +298,7 @@ def find_layers(index: GraphIndex) -> LayerSet:
         if node.op_type not in SCORED_OPS or node.domain not in _ONNX_DOMAINS:
             continue
         key = index.node_key(node)
-        found = _make_layer(index, node, key)
+        found = _make_layer(index, store, node, key)
         if isinstance(found, Skip):
             if node.op_type == "MatMul" and found.reason == _NO_CONST_MATMUL:
                 continue  # activation x activation (attention scores): not a layer with weights
@@ -302,16 +315,16 @@ def find_layers(index: GraphIndex) -> LayerSet:
 _NO_CONST_MATMUL = "neither operand is a constant"
 
 
-def _make_layer(index: GraphIndex, node: NodeProto, key: str) -> Layer | Skip:
+def _make_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | Skip:
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
-        return _conv_layer(index, node, key)
+        return _conv_layer(index, store, node, key)
     if op == "Gemm":
-        return _gemm_layer(index, node, key)
-    return _matmul_layer(index, node, key)
+        return _gemm_layer(index, store, node, key)
+    return _matmul_layer(index, store, node, key)
 
 
-def _weight(index: GraphIndex, node: NodeProto, i: int, key: str) -> ConstSource | Skip:
+def _weight(index: GraphIndex, store: TensorStore, node: NodeProto, i: int, key: str) -> ConstSource | Skip:
     name = node.input[i] if i < len(node.input) else ""
     if not name:
         return Skip(key, node.op_type, f"input {i} (weight) is missing")
@@ -322,18 +335,19 @@ def _weight(index: GraphIndex, node: NodeProto, i: int, key: str) -> ConstSource
         producer = index.producer.get(name)
         how = f"produced by {producer.op_type} node {index.node_key(producer)!r}" if producer else "not constant"
         return Skip(key, node.op_type, f"weight {name!r} is not a constant ({how})", name)
-    if src.tensor.data_type not in _FLOAT_TYPES:
+    _, is_float = value_info(index, store, src)
+    if not is_float:
         dtype = onnx.TensorProto.DataType.Name(src.tensor.data_type)
         return Skip(key, node.op_type, f"weight has data type {dtype}, not floating point", name)
     return src
 
 
-def _conv_layer(index: GraphIndex, node: NodeProto, key: str) -> Layer | Skip:
+def _conv_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | Skip:
     op = node.op_type
-    src = _weight(index, node, 1, key)
+    src = _weight(index, store, node, 1, key)
     if isinstance(src, Skip):
         return src
-    shape = tuple(int(d) for d in src.tensor.dims)
+    shape = value_info(index, store, src)[0]
     group = int(attr(node, "group", 1))
     if len(shape) < 3:
         return Skip(key, op, f"weight of rank {len(shape)}: a convolution weight has rank >= 3", src.tensor.name)
@@ -348,38 +362,38 @@ def _conv_layer(index: GraphIndex, node: NodeProto, key: str) -> Layer | Skip:
     rank = len(shape)
     layer = Layer(key, node, src, 1, layout, k, shape, input_name=node.input[0])
     if len(node.input) > 2 and node.input[2]:
-        bias = _per_channel(index, node, 2, k, -1, 1)
+        bias = _per_channel(index, store, node, 2, k, -1, 1)
         if bias is None:
             return Skip(key, op, "bias is not a constant vector with one value per channel", src.tensor.name)
         layer.bias = bias
-    layer.affine = _pair_affine(index, node.output[0], k, -(rank - 1), rank, allow_bn=True)
+    layer.affine = _pair_affine(index, store, node.output[0], k, -(rank - 1), rank, allow_bn=True)
     return layer
 
 
-def _gemm_layer(index: GraphIndex, node: NodeProto, key: str) -> Layer | Skip:
+def _gemm_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | Skip:
     if attr(node, "transA", 0) not in (0, 1):
         return Skip(key, "Gemm", "unsupported transA")
-    src = _weight(index, node, 1, key)
+    src = _weight(index, store, node, 1, key)
     if isinstance(src, Skip):
         if index.constant(node.input[0]) is not None:
             return Skip(key, "Gemm", "constant operand A with a variable B is not supported", node.input[0])
         return src
-    shape = tuple(int(d) for d in src.tensor.dims)
+    shape = value_info(index, store, src)[0]
     if len(shape) != 2 or 0 in shape:
         return Skip(key, "Gemm", f"weight B has shape {list(shape)}, not a 2-D matrix", src.tensor.name)
     layout = WeightLayout("rows" if attr(node, "transB", 0) else "cols")
     k = layout.channel_count(shape)
     layer = Layer(key, node, src, 1, layout, k, shape, is_fc=True, input_name=node.input[0])
     if len(node.input) > 2 and node.input[2]:
-        bias = _per_channel(index, node, 2, k, -1, 2)
+        bias = _per_channel(index, store, node, 2, k, -1, 2)
         if bias is None:
             return Skip(key, "Gemm", "C is not a constant with one value per output channel", src.tensor.name)
         layer.bias = bias
-    layer.affine = _pair_affine(index, node.output[0], k, -1, 2, allow_bn=True)
+    layer.affine = _pair_affine(index, store, node.output[0], k, -1, 2, allow_bn=True)
     return layer
 
 
-def _matmul_layer(index: GraphIndex, node: NodeProto, key: str) -> Layer | Skip:
+def _matmul_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | Skip:
     if len(node.input) != 2:
         return Skip(key, "MatMul", "MatMul without two inputs")
     consts = [index.constant(x) is not None and not index.is_graph_input_initializer(x) for x in node.input]
@@ -391,10 +405,10 @@ def _matmul_layer(index: GraphIndex, node: NodeProto, key: str) -> Layer | Skip:
                 return Skip(key, "MatMul", "weight is an initializer that is also a graph input (not constant)", x)
         return Skip(key, "MatMul", _NO_CONST_MATMUL)
     wi = 1 if consts[1] else 0
-    src = _weight(index, node, wi, key)
+    src = _weight(index, store, node, wi, key)
     if isinstance(src, Skip):
         return src
-    shape = tuple(int(d) for d in src.tensor.dims)
+    shape = value_info(index, store, src)[0]
     if len(shape) != 2 or 0 in shape:
         return Skip(key, "MatMul", f"constant operand has shape {list(shape)}, not a 2-D matrix", src.tensor.name)
     # MatMul(X, W[in, out]): output channel = column, on the last axis.
@@ -407,10 +421,10 @@ def _matmul_layer(index: GraphIndex, node: NodeProto, key: str) -> Layer | Skip:
     add = index.only_consumer(out)
     if add is not None and add.op_type == "Add" and add.domain in _ONNX_DOMAINS:
         other = 1 if add.input[0] == out else 0
-        bias = _per_channel(index, add, other, k, axis, None)
+        bias = _per_channel(index, store, add, other, k, axis, None)
         if bias is not None:
             layer.bias = bias
             layer.bias_node = add
             out = add.output[0]
-    layer.affine = _pair_affine(index, out, k, axis, None, allow_bn=False)
+    layer.affine = _pair_affine(index, store, out, k, axis, None, allow_bn=False)
     return layer

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnxclp import weights
+from onnxclp.graph import GraphIndex
 from onnxclp.io import TensorStore
 from onnxclp.passes.score import ScoredLayer
 from onnxclp.select import Selection, TopK, classifier_topk, select_clp, select_lpp
@@ -38,7 +40,7 @@ class Decision:
     note: str | None = None
 
 
-def decide(scored: list[ScoredLayer], params: Params, store: TensorStore) -> list[Decision]:
+def decide(scored: list[ScoredLayer], params: Params, index: GraphIndex, store: TensorStore) -> list[Decision]:
     """One :class:`Decision` per scored layer."""
     decisions = []
     for sl in scored:
@@ -46,7 +48,7 @@ def decide(scored: list[ScoredLayer], params: Params, store: TensorStore) -> lis
         if layer.is_output:
             d = Decision(sl, note="produces a model output: its channels are classes, never pruned")
             if params.method == "lpp" and layer.is_fc and params.topk > 0:
-                w = layer.layout.to_channels(store.read(layer.weight.tensor).astype(np.float64))[:, 0, :]
+                w = layer.layout.to_channels(weights.read(index, store, layer.weight).astype(np.float64))[:, 0, :]
                 d.topk = classifier_topk(w, params.topk)
             decisions.append(d)
             continue

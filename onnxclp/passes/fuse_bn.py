@@ -10,18 +10,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnxclp import weights
 from onnxclp.edit import Editor
 from onnxclp.graph import GraphIndex
 from onnxclp.io import TensorStore
 from onnxclp.layers import Layer, attr, find_layers
 
 
-def _bn_scale(layer: Layer, store: TensorStore) -> tuple[np.ndarray, np.ndarray]:
+def _bn_scale(layer: Layer, index: GraphIndex, store: TensorStore) -> tuple[np.ndarray, np.ndarray]:
     aff = layer.affine
-    gamma = store.read(aff.scale.src.tensor).astype(np.float64).reshape(-1)
-    beta = store.read(aff.shift.src.tensor).astype(np.float64).reshape(-1)
-    mean = store.read(aff.mean.src.tensor).astype(np.float64).reshape(-1)
-    var = store.read(aff.var.src.tensor).astype(np.float64).reshape(-1)
+    gamma, beta, mean, var = (
+        weights.read(index, store, pc.src).astype(np.float64).reshape(-1)
+        for pc in (aff.scale, aff.shift, aff.mean, aff.var)
+    )
     s = gamma / np.sqrt(var + aff.epsilon)
     return s, beta - s * mean
 
@@ -32,7 +33,7 @@ def fuse_batchnorm(model: onnx.ModelProto, store: TensorStore) -> int:
     editor = Editor(index, store)
     layers = [
         layer
-        for layer in find_layers(index).layers
+        for layer in find_layers(index, store).layers
         if layer.affine is not None and layer.affine.kind == "BatchNormalization" and layer.op != "MatMul"
     ]
     removed: list[onnx.NodeProto] = []
@@ -41,15 +42,14 @@ def fuse_batchnorm(model: onnx.ModelProto, store: TensorStore) -> int:
         beta_attr = float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
         if beta_attr == 0.0:
             continue
-        s, shift = _bn_scale(layer, store)
+        s, shift = _bn_scale(layer, index, store)
         editor.rescale_channels(layer, {k: float(v) for k, v in enumerate(s)})
         if layer.bias is not None:
-            b = store.read(layer.bias.src.tensor).astype(np.float64).reshape(-1)
-            new_b = (s * beta_attr * b + shift) / beta_attr
-            tensor = editor.writable(layer.bias.src, layer.bias.node, layer.bias.input_index)
-            store.write(tensor, new_b.reshape(tuple(tensor.dims)))
+            b = weights.read(index, store, layer.bias.src).astype(np.float64)
+            new_b = (s.reshape(b.shape) * beta_attr * b + shift.reshape(b.shape)) / beta_attr
+            editor.write_constant(layer.bias.src, layer.bias.node, layer.bias.input_index, new_b)
         else:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight.tensor.data_type)
+            dtype = weights.read(index, store, layer.weight).dtype
             name = editor.unique_name(f"{layer.key}.bias")
             bias = onnx.numpy_helper.from_array((shift / beta_attr).astype(dtype), name)
             model.graph.initializer.append(bias)

@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 
 from onnxclp import scores as S
+from onnxclp import weights
 from onnxclp.errors import OnnxclpError
+from onnxclp.graph import GraphIndex
 from onnxclp.io import TensorStore
 from onnxclp.layers import Layer, Skip, attr
 
@@ -28,14 +30,14 @@ class ScoredLayer:
     note: str | None = None
 
 
-def affine_scale(layer: Layer, store: TensorStore) -> np.ndarray | None:
+def affine_scale(layer: Layer, index: GraphIndex, store: TensorStore) -> np.ndarray | None:
     """The paired affine's per-channel scale, or None when the layer has no affine."""
     aff = layer.affine
     if aff is None or aff.scale is None:
         return None
-    scale = store.read(aff.scale.src.tensor).astype(np.float64).reshape(-1)
+    scale = weights.read(index, store, aff.scale.src).astype(np.float64).reshape(-1)
     if aff.kind == "BatchNormalization":
-        var = store.read(aff.var.src.tensor).astype(np.float64).reshape(-1)
+        var = weights.read(index, store, aff.var.src).astype(np.float64).reshape(-1)
         scale = scale / np.sqrt(var + aff.epsilon)
     return scale
 
@@ -72,7 +74,7 @@ def _exact(layer: Layer, w: np.ndarray, sizes: dict[str, tuple[int, ...]]) -> np
 
 
 def score_layers(
-    model: onnx.ModelProto, layers: list[Layer], store: TensorStore, kind: str
+    model: onnx.ModelProto, index: GraphIndex, layers: list[Layer], store: TensorStore, kind: str
 ) -> tuple[list[ScoredLayer], list[Skip]]:
     """Scores for each layer with the ``spectral``, ``l2`` or ``exact`` score."""
     if kind not in ("spectral", "l2", "exact"):
@@ -81,7 +83,11 @@ def score_layers(
     scored: list[ScoredLayer] = []
     skipped: list[Skip] = []
     for layer in layers:
-        w = store.read(layer.weight.tensor, writable=False)
+        w = (
+            store.read(layer.weight.tensor, writable=False)
+            if layer.weight.plain
+            else weights.read(index, store, layer.weight)
+        )
         if tuple(w.shape) != layer.weight_shape:
             raise OnnxclpError(f"layer {layer.key!r}: weight shape {list(w.shape)} differs from its dims")
         c = layer.layout.to_channels(w.astype(np.float64))
@@ -94,7 +100,7 @@ def score_layers(
                 continue
         else:
             s = S.SCORERS[kind](c)
-        scale = affine_scale(layer, store)
+        scale = affine_scale(layer, index, store)
         if scale is not None and not np.all(np.isfinite(scale)):
             raise OnnxclpError(f"layer {layer.key!r}: its {layer.affine.kind} has NaN or Inf parameters")
         s = S.apply_scale(s, scale)

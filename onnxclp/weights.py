@@ -1,0 +1,196 @@
+"""Values of constants as a layer sees them, through the nodes between storage and layer, and back.
+
+Exporters do not always feed a weight straight from an initializer: tf2onnx may Transpose or Reshape a
+shared kernel, mixed-precision exports Cast a float16 weight, and QDQ-quantized models (onnxruntime's
+``quantize_static``) read ``DequantizeLinear(q, scale, zero_point)``. :func:`read` applies that chain to the
+stored value; :func:`write` inverts it, so an edit lands in the stored tensor in its own form:
+
+- Transpose, Reshape, Squeeze, Unsqueeze, Identity: exact inverses;
+- Cast: the value is cast back to the stored dtype (float16 stays float16);
+- DequantizeLinear: a zeroed channel or weight gets the zero-point as its quantized value (exactly 0 after
+  dequantization); a channel scaled by ``c`` gets its per-channel scale multiplied by ``c``; any other change
+  is requantized with the existing scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import NodeProto
+
+from onnxclp.errors import OnnxclpError
+from onnxclp.graph import ConstSource, GraphIndex
+from onnxclp.io import TensorStore
+
+
+def _attr(node: NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+@dataclass
+class _Step:
+    node: NodeProto
+    before: np.ndarray  # the value entering this node
+
+
+def _const_value(index: GraphIndex, store: TensorStore, name: str) -> np.ndarray:
+    src = index.constant(name)
+    if src is None:  # checked when the chain was resolved
+        raise OnnxclpError(f"{name!r} is not a constant")
+    return read(index, store, src)
+
+
+def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray) -> np.ndarray:
+    op = node.op_type
+    if op == "Identity":
+        return x
+    if op == "Transpose":
+        perm = _attr(node, "perm")
+        return np.transpose(x, perm if perm is not None else None)
+    if op == "Reshape":
+        shape = [int(d) for d in _const_value(index, store, node.input[1]).reshape(-1)]
+        if not _attr(node, "allowzero", 0):
+            shape = [x.shape[i] if d == 0 and i < x.ndim else d for i, d in enumerate(shape)]
+        try:
+            return x.reshape(shape)
+        except ValueError as exc:
+            raise OnnxclpError(f"Reshape {node.name!r}: cannot reshape {list(x.shape)} to {shape}") from exc
+    if op in ("Squeeze", "Unsqueeze"):
+        if len(node.input) > 1 and node.input[1]:
+            axes = [int(a) for a in _const_value(index, store, node.input[1]).reshape(-1)]
+        else:
+            axes = list(_attr(node, "axes", []) or [])
+        if op == "Squeeze":
+            return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
+        out = x
+        rank = x.ndim + len(axes)
+        for a in sorted(a % rank for a in axes):
+            out = np.expand_dims(out, a)
+        return out
+    if op == "Cast":
+        to = int(_attr(node, "to", onnx.TensorProto.FLOAT))
+        return x.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+    if op == "DequantizeLinear":
+        scale, zp, _ = _dq_params(index, store, node, x)
+        return ((x.astype(np.float64) - zp) * scale).astype(scale.dtype if scale.dtype.kind == "f" else np.float32)
+    raise OnnxclpError(f"unsupported node {op!r} between a weight and its layer")
+
+
+def _dq_params(index: GraphIndex, store: TensorStore, node: NodeProto, q: np.ndarray):
+    """Scale and zero point of a DequantizeLinear, broadcast against ``q``; and the per-channel axis."""
+    scale = _const_value(index, store, node.input[1])
+    zp = (
+        _const_value(index, store, node.input[2]).astype(np.float64)
+        if len(node.input) > 2 and node.input[2]
+        else np.zeros(1)
+    )
+    axis = None
+    if scale.size > 1:
+        axis = int(_attr(node, "axis", 1)) % q.ndim
+        if int(_attr(node, "block_size", 0) or 0):
+            raise OnnxclpError(f"DequantizeLinear {node.name!r}: blocked quantization is not supported")
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+        zp = zp.reshape(shape) if zp.size > 1 else zp.reshape([1] * q.ndim)
+    return scale, zp, axis
+
+
+def read(index: GraphIndex, store: TensorStore, src: ConstSource) -> np.ndarray:
+    """The constant's value as its reader sees it (writable; a copy)."""
+    value = store.read(src.tensor)
+    for node in reversed(src.via):
+        value = _apply(index, store, node, value)
+    return np.array(value, copy=True)
+
+
+def trace(index: GraphIndex, store: TensorStore, src: ConstSource) -> tuple[np.ndarray, list[_Step]]:
+    """:func:`read`, keeping the value that enters each node of the chain (for :func:`write`)."""
+    value = store.read(src.tensor)
+    steps = []
+    for node in reversed(src.via):
+        steps.append(_Step(node, value))
+        value = _apply(index, store, node, value)
+    return np.array(value, copy=True), steps
+
+
+def exclusive(index: GraphIndex, src: ConstSource, reader: NodeProto) -> bool:
+    """Whether only ``reader`` (once) sees the stored constant and every value along its chain."""
+    names = [src.tensor.name if src.initializer else src.node.output[0]]
+    names += [n.output[0] for n in reversed(src.via)]
+    expected = [*list(reversed(src.via)), reader]
+    for name, nxt in zip(names, expected, strict=True):
+        users = index.consumers.get(name, [])
+        if name in index.graph_outputs or index.subgraph_reads.get(name):
+            return False
+        if len(users) != 1 or users[0] is not nxt or list(nxt.input).count(name) != 1:
+            return False
+    return True
+
+
+def invert(index: GraphIndex, store: TensorStore, steps: list[_Step], new: np.ndarray, editor) -> np.ndarray:
+    """The stored value that yields ``new`` after the chain; writes DequantizeLinear scales on the way."""
+    value = new
+    for step in reversed(steps):
+        node, before = step.node, step.before
+        op = node.op_type
+        if op == "Transpose":
+            perm = _attr(node, "perm")
+            value = np.transpose(value, np.argsort(perm) if perm is not None else None)
+        elif op in ("Identity", "Reshape", "Squeeze", "Unsqueeze"):
+            value = np.reshape(value, before.shape)
+        elif op == "Cast":
+            value = value.astype(before.dtype)
+        elif op == "DequantizeLinear":
+            value = _requantize(index, store, node, before, value, editor)
+    return value
+
+
+def _requantize(index, store, node, q: np.ndarray, new: np.ndarray, editor) -> np.ndarray:
+    scale, zp, axis = _dq_params(index, store, node, q)
+    old = (q.astype(np.float64) - zp) * scale
+    new = np.asarray(new, dtype=np.float64)
+    q_new = q.copy()
+    info = np.iinfo(q.dtype) if q.dtype.kind in "iu" else None
+    zp_full = np.broadcast_to(zp, q.shape)
+    changed = new != old
+    if not changed.any():
+        return q
+    # Exact zeros: the zero point.
+    zero = changed & (new == 0)
+    q_new[zero] = zp_full[zero].astype(q.dtype)
+    rest = changed & ~zero
+    if rest.any() and axis is not None:
+        # Whole channels scaled by one factor: change that channel's scale, keep its integers.
+        moved = np.moveaxis(rest, axis, 0).reshape(rest.shape[axis], -1).any(axis=1)
+        o = np.moveaxis(old, axis, 0).reshape(old.shape[axis], -1)
+        n = np.moveaxis(new, axis, 0).reshape(new.shape[axis], -1)
+        new_scale = np.array(scale.reshape(-1), dtype=np.float64)
+        handled = np.zeros(len(moved), dtype=bool)
+        for k in np.flatnonzero(moved):
+            denom = float(o[k] @ o[k])
+            if denom == 0:
+                continue
+            c = float(o[k] @ n[k]) / denom
+            if np.allclose(n[k], c * o[k], rtol=1e-6, atol=1e-12) and c > 0:
+                new_scale[k] *= c
+                handled[k] = True
+        if handled.any():
+            scale_src = index.constant(node.input[1])
+            stored_shape = read(index, store, scale_src).shape
+            editor.write_constant(scale_src, node, 1, new_scale.astype(scale.dtype).reshape(stored_shape))
+            mask = np.moveaxis(
+                np.broadcast_to(handled.reshape([-1] + [1] * (q.ndim - 1)), np.moveaxis(q, axis, 0).shape), 0, axis
+            )
+            rest = rest & ~mask
+    if rest.any():
+        requant = np.round(new / scale + zp)
+        if info is not None:
+            requant = np.clip(requant, info.min, info.max)
+        q_new[rest] = requant.astype(q.dtype)[rest]
+    return q_new
