@@ -21,7 +21,7 @@ from onnxclp.edit import Editor
 from onnxclp.errors import NothingToSanitize, OnnxclpError
 from onnxclp.graph import GraphIndex
 from onnxclp.io import TensorStore, load_model, save_model
-from onnxclp.layers import Skip, find_layers
+from onnxclp.layers import Skip, find_layers, find_nested
 from onnxclp.passes.annotate import annotate
 from onnxclp.passes.decide import Decision, Params, decide
 from onnxclp.passes.fuse_bn import fuse_batchnorm
@@ -108,7 +108,7 @@ def _run(
     fused = fuse_batchnorm(model, store) if fuse_bn else 0
     index = GraphIndex(model.graph)
     found = find_layers(index, store)
-    skipped: list[Skip] = list(found.skipped)
+    skipped: list[Skip] = list(found.skipped) + find_nested(model)
     try:
         patterns = [re.compile(p) for p in exclude]
     except re.error as exc:

@@ -428,3 +428,39 @@ def _matmul_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: s
             out = add.output[0]
     layer.affine = _pair_affine(index, store, out, k, axis, None, allow_bn=False)
     return layer
+
+
+def find_nested(model: onnx.ModelProto) -> list[Skip]:
+    """Scored-op nodes inside subgraphs (If/Loop/Scan bodies) and model-local functions, as skips.
+
+    onnxclp sanitizes the main graph; a layer in a body or a function is reported, never silently ignored.
+    """
+    skips: list[Skip] = []
+
+    def walk(graph: onnx.GraphProto, where: str) -> None:
+        for pos, node in enumerate(graph.node):
+            if where and node.op_type in SCORED_OPS and node.domain in _ONNX_DOMAINS:
+                key = node.name or f"{node.op_type}#{pos}"
+                skips.append(Skip(f"{where}/{key}", node.op_type, f"inside {where}: subgraphs are not sanitized yet"))
+            for a in node.attribute:
+                label = f"{node.op_type} {node.name or '#' + str(pos)!s} attribute {a.name}"
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g, f"{where}/{label}" if where else label)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for i, g in enumerate(a.graphs):
+                        walk(g, f"{where}/{label}[{i}]" if where else f"{label}[{i}]")
+
+    walk(model.graph, "")
+    for f in model.functions:
+        for pos, node in enumerate(f.node):
+            if node.op_type in SCORED_OPS and node.domain in _ONNX_DOMAINS:
+                key = node.name or f"{node.op_type}#{pos}"
+                skips.append(
+                    Skip(
+                        f"function {f.domain}.{f.name}/{key}",
+                        node.op_type,
+                        "inside a model-local function (its weights are function inputs or shared by every call): "
+                        "functions are not sanitized yet",
+                    )
+                )
+    return skips

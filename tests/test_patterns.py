@@ -250,3 +250,38 @@ def test_sanitize_does_not_modify_a_model_passed_in_memory():
     before = m.SerializeToString()
     onnxclp.sanitize(m, u=1.0)
     assert m.SerializeToString() == before
+
+
+def test_layers_in_subgraphs_and_functions_are_reported_as_skipped():
+    w = np.ones((4, 2, 1, 1), dtype=np.float32)
+    w[1] *= 30
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["b_out"], name="inner_conv")],
+        "then",
+        [],
+        [helper.make_empty_tensor_value_info("b_out")],
+    )
+    fn = helper.make_function(
+        "local",
+        "ConvFn",
+        ["a", "k"],
+        ["o"],
+        [helper.make_node("Conv", ["a", "k"], ["o"], name="fn_conv")],
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("If", ["cond"], ["i"], name="branch", then_branch=body, else_branch=body),
+        helper.make_node("ConvFn", ["x", "W"], ["f"], name="call", domain="local"),
+    ]
+    m = model(nodes, [("x", [1, 2, 3, 3])], [("r", [1, 4, 3, 3]), ("i", None), ("f", None)], [init("W", w)])
+    m.graph.input.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
+    m.functions.append(fn)
+    m.opset_import.append(helper.make_opsetid("local", 1))
+    rep = onnxclp.scan(m, u=1.0)
+    assert [layer.node for layer in rep.layers] == ["conv"]
+    reasons = {s.node: s.reason for s in rep.skipped}
+    assert any("inner_conv" in k and "subgraph" in v for k, v in reasons.items())
+    assert any("fn_conv" in k and "function" in v for k, v in reasons.items())
+    assert len(reasons) == 3  # then and else branches, and the function body
