@@ -12,6 +12,7 @@ import onnx
 
 from onnxclp import weights
 from onnxclp.edit import Editor
+from onnxclp.errors import OnnxclpError
 from onnxclp.graph import GraphIndex
 from onnxclp.io import TensorStore
 from onnxclp.layers import Layer, attr, find_layers
@@ -23,6 +24,10 @@ def _bn_scale(layer: Layer, index: GraphIndex, store: TensorStore) -> tuple[np.n
         weights.read(index, store, pc.src).astype(np.float64).reshape(-1)
         for pc in (aff.scale, aff.shift, aff.mean, aff.var)
     )
+    if not all(np.all(np.isfinite(x)) for x in (gamma, beta, mean, var)):
+        raise OnnxclpError(f"layer {layer.key!r}: its BatchNormalization has NaN or Inf parameters")
+    if not np.all(var + aff.epsilon > 0):  # the division below would warn and give inf/NaN
+        raise OnnxclpError(f"layer {layer.key!r}: its BatchNormalization has variance + epsilon <= 0")
     s = gamma / np.sqrt(var + aff.epsilon)
     return s, beta - s * mean
 

@@ -38,6 +38,8 @@ def affine_scale(layer: Layer, index: GraphIndex, store: TensorStore) -> np.ndar
     scale = weights.read(index, store, aff.scale.src).astype(np.float64).reshape(-1)
     if aff.kind == "BatchNormalization":
         var = weights.read(index, store, aff.var.src).astype(np.float64).reshape(-1)
+        if not np.all(var + aff.epsilon > 0):  # also catches NaN: the division below would warn and give inf/NaN
+            raise OnnxclpError(f"layer {layer.key!r}: its BatchNormalization has variance + epsilon <= 0 or NaN")
         scale = scale / np.sqrt(var + aff.epsilon)
     return scale
 
