@@ -67,6 +67,10 @@ class GraphIndex:
                 raise OnnxclpError(f"initializer {t.name!r} is defined twice")
             self.initializers[t.name] = t
         self.graph_inputs = {i.name for i in graph.input}
+        if len(self.graph_inputs) != len(graph.input):
+            dup = next(i.name for i in graph.input if sum(1 for j in graph.input if j.name == i.name) > 1)
+            raise OnnxclpError(f"graph input {dup!r} is declared twice")
+        _check_declared_shapes(graph)
         self.graph_outputs = {o.name for o in graph.output}
         self.producer: dict[str, NodeProto] = {}
         self.consumers: dict[str, list[NodeProto]] = defaultdict(list)
@@ -76,6 +80,7 @@ class GraphIndex:
         pending: list[NodeProto] = []
         for pos, node in enumerate(graph.node):
             self.position[id(node)] = pos
+            _check_node(node)
             for out in node.output:
                 if not out:
                     continue
@@ -92,6 +97,34 @@ class GraphIndex:
                 self.consumers[name].append(node)
             pending.append(node)
         self._check_order(pending, defined)
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        """A Conv/ConvTranspose weight of rank < 3, a Gemm weight not 2-D, or an empty one: the model is invalid.
+
+        Only weights stored as they are read (an initializer or Constant, through Identity at most) are
+        checked here; layers.py skips, with a reason, the ones it cannot interpret.
+        """
+        for node in self.graph.node:
+            rule = _WEIGHT_RANK.get(node.op_type, False)
+            if rule is False or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+                continue
+            name = node.input[1]
+            while name not in self.initializers and name in self.producer and self.producer[name].op_type == "Identity":
+                name = self.producer[name].input[0]
+            tensor = self.initializers.get(name)
+            producer = self.producer.get(name)
+            if tensor is None and producer is not None and producer.op_type == "Constant":
+                tensor = next((a.t for a in producer.attribute if a.name == "value" and a.type == a.TENSOR), None)
+            if tensor is None:
+                continue
+            dims = list(tensor.dims)
+            who = f"{node.op_type} node {self.node_key(node)!r}"
+            if (rule is None and len(dims) < 3) or (rule is not None and len(dims) != rule):
+                want = "rank >= 3" if rule is None else f"rank {rule}"
+                raise OnnxclpError(f"{who}: weight {node.input[1]!r} has rank {len(dims)} (dims {dims}), not {want}")
+            if 0 in dims:
+                raise OnnxclpError(f"{who}: weight {node.input[1]!r} is empty (dims {dims})")
 
     def _check_order(self, nodes: list[NodeProto], defined: set[str]) -> None:
         """Kahn's algorithm over data dependencies: finds reads of undefined names and cycles."""
@@ -191,3 +224,52 @@ class GraphIndex:
                 else:
                     count += max(1, list(user.input).count(name))
         return count
+
+
+# Standard ops whose inputs and attributes onnxclp reads: they are checked against their ONNX schema.
+_CHECKED_OPS = frozenset(
+    {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add", "Identity", "Constant"}
+    | set(TRANSFORM_OPS)
+)
+# The weight input of the scored ops, and the rank their weight must have (None: any rank >= 3).
+_WEIGHT_RANK = {"Conv": None, "ConvTranspose": None, "Gemm": 2}
+
+
+def _check_node(node: NodeProto) -> None:
+    """A node of an op onnxclp reads has its required inputs and outputs, and attributes of the right type.
+
+    Ops of other domains, and standard ops onnxclp does not read, are not checked: they pass through.
+    """
+    if node.op_type not in _CHECKED_OPS or node.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, domain="")
+    except onnx.defs.SchemaError:  # pragma: no cover - every op of _CHECKED_OPS has a schema
+        return
+    who = f"{node.op_type} node {node.name!r}" if node.name else f"a {node.op_type} node"
+    if len(node.input) < schema.min_input or not all(node.input[: schema.min_input]):
+        raise OnnxclpError(f"{who} lacks a required input (it needs {schema.min_input})")
+    if len(node.output) < schema.min_output or not all(node.output[: schema.min_output]):
+        raise OnnxclpError(f"{who} lacks a required output")
+    for a in node.attribute:
+        spec = schema.attributes.get(a.name)
+        if spec is not None and int(a.type) != int(spec.type):
+            have = onnx.AttributeProto.AttributeType.Name(a.type)
+            want = onnx.AttributeProto.AttributeType.Name(int(spec.type))
+            raise OnnxclpError(f"{who}: attribute {a.name!r} is {have}, the ONNX spec says {want}")
+
+
+def _check_declared_shapes(graph: onnx.GraphProto) -> None:
+    """Declared tensor shapes (inputs, outputs, value_info) with a negative or impossibly large size."""
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        numel = 1
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                if d.dim_value < 0:
+                    raise OnnxclpError(f"tensor {vi.name!r} is declared with a negative dimension {d.dim_value}")
+                numel *= d.dim_value
+        if numel > 2**63 - 1:
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+            raise OnnxclpError(f"tensor {vi.name!r} is declared with {numel} elements (dims {dims})")

@@ -1,16 +1,21 @@
 """Loading untrusted ONNX files safely, and writing outputs atomically.
 
 The model file is parsed with ``load_external_data=False``; external data is never resolved by onnx.
-Every external-data entry is checked here (path inside the model's folder, no symlink or hard link, offset +
-length inside the file, length equal to dims x item size) and its bytes are only read when a pass asks for
-that tensor (:class:`TensorStore`). On save, tensors that nobody edited are streamed from the input's files
-to the output's data file in chunks, so a model over 2 GiB is never held in memory at once.
+Every external-data entry is checked here (path inside the model's folder, no symlink or hard link, a regular
+file, offset + length inside the file, length equal to the bytes its dims and type need) and its bytes are
+only read when a pass asks for that tensor (:class:`TensorStore`), from the very file that was checked
+(device and inode compared on open). Tensors held in the model are checked too: a known type, dims that are
+not negative or absurd, and exactly the data the dims need. On save, tensors that nobody edited are streamed
+from the input's files to the output's data file in chunks, so a model over 2 GiB is never held in memory at
+once; each output file is written unnamed, flushed, and only then named, so no partial output is ever seen.
+See docs/security.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -27,16 +32,24 @@ from onnxclp.errors import OnnxclpError
 EXTERNAL_THRESHOLD = 1024
 # The protobuf hard limit for one serialized message.
 PROTO_LIMIT = 2**31 - 1
+# No tensor can have more elements than an int64 counts (numpy and onnxruntime index with int64).
+MAX_ELEMENTS = 2**63 - 1
 _CHUNK = 16 * 2**20
 
 
 @dataclass(frozen=True)
 class ExternalRef:
-    """A checked external-data entry: where a tensor's bytes are."""
+    """A checked external-data entry: where a tensor's bytes are, and which file was checked.
+
+    ``dev`` and ``ino`` identify the file that passed the checks; reads compare them with the file they
+    open, so a file swapped for a link between the check and the read is refused.
+    """
 
     path: str
     offset: int
     length: int
+    dev: int = -1
+    ino: int = -1
 
 
 def _dtype_of(data_type: int) -> np.dtype:
@@ -52,7 +65,59 @@ def _numel(dims: list[int] | tuple[int, ...], name: str) -> int:
         if d < 0:
             raise OnnxclpError(f"tensor {name!r} has a negative dimension {d}")
         n *= int(d)
+    if n > MAX_ELEMENTS:
+        raise OnnxclpError(f"tensor {name!r} declares {n} elements (dims {list(dims)}), more than any file can hold")
     return n
+
+
+# Element types stored packed: bits per element (ONNX IR: INT4/UINT4/FLOAT4E2M1 two per byte, and so on).
+_PACKED_BITS = {
+    TensorProto.INT4: 4,
+    TensorProto.UINT4: 4,
+    TensorProto.FLOAT4E2M1: 4,
+    TensorProto.INT2: 2,
+    TensorProto.UINT2: 2,
+    TensorProto.FLOAT6E2M3: 6,
+    TensorProto.FLOAT6E3M2: 6,
+}
+
+
+def _nbytes(data_type: int, numel: int) -> int:
+    """Bytes that ``numel`` elements of ``data_type`` take in raw_data or an external file."""
+    bits = _PACKED_BITS.get(data_type)
+    if bits is not None:
+        return (numel * bits + 7) // 8
+    return numel * _dtype_of(data_type).itemsize
+
+
+def _typed_count(data_type: int, numel: int) -> int:
+    """Entries a tensor of ``numel`` elements has in its typed field (float_data, int32_data, ...)."""
+    if data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+        return 2 * numel
+    bits = _PACKED_BITS.get(data_type)
+    if bits in (4, 2):  # int32_data holds the packed bytes, one byte per entry
+        return (numel * bits + 7) // 8
+    return numel
+
+
+def _check_inline(tensor: TensorProto) -> None:
+    """A tensor held in the model: known type, sane dims, and exactly as much data as its dims say."""
+    name = tensor.name or "<unnamed>"
+    if tensor.data_type == TensorProto.UNDEFINED:
+        raise OnnxclpError(f"tensor {name!r} has no data type")
+    _dtype_of(tensor.data_type)
+    numel = _numel(tensor.dims, name)
+    if tensor.HasField("raw_data"):
+        if tensor.data_type == TensorProto.STRING:
+            raise OnnxclpError(f"tensor {name!r}: string tensors cannot use raw_data")
+        have, want = len(tensor.raw_data), _nbytes(tensor.data_type, numel)
+        unit = "bytes"
+    else:
+        field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+        have, want = len(getattr(tensor, field)), _typed_count(tensor.data_type, numel)
+        unit = f"entries in {field}"
+    if have != want:
+        raise OnnxclpError(f"tensor {name!r}: {have} {unit} of data for dims {list(tensor.dims)} ({want} expected)")
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -95,6 +160,8 @@ def _check_external(tensor: TensorProto, base_dir: Path) -> ExternalRef:
     location = info.get("location")
     if not location:
         raise OnnxclpError(f"tensor {name!r}: external data without a location")
+    if "\0" in location:
+        raise OnnxclpError(f"tensor {name!r}: external data location {location!r} contains a NUL character")
     if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
         raise OnnxclpError(f"tensor {name!r}: external data location {location!r} is an absolute path")
     parts = Path(location.replace("\\", "/")).parts
@@ -105,7 +172,7 @@ def _check_external(tensor: TensorProto, base_dir: Path) -> ExternalRef:
     # No component of the path may be a symlink: compare the resolved path with the literal one.
     try:
         st = os.lstat(path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise OnnxclpError(f"tensor {name!r}: external data file {location!r} not found") from exc
     if stat.S_ISLNK(st.st_mode) or os.path.realpath(path) != str(path):
         raise OnnxclpError(f"tensor {name!r}: external data file {location!r} is a symbolic link")
@@ -113,10 +180,11 @@ def _check_external(tensor: TensorProto, base_dir: Path) -> ExternalRef:
         raise OnnxclpError(f"tensor {name!r}: external data file {location!r} is not a regular file")
     if st.st_nlink > 1:
         raise OnnxclpError(f"tensor {name!r}: external data file {location!r} is a hard link")
+    if tensor.data_type == TensorProto.STRING:
+        raise OnnxclpError(f"tensor {name!r}: string tensors cannot be stored as external data")
     try:
         offset = int(info.get("offset", "0"))
-        itemsize = _dtype_of(tensor.data_type).itemsize
-        expected = _numel(tensor.dims, name) * itemsize
+        expected = _nbytes(tensor.data_type, _numel(tensor.dims, name))
         length = int(info["length"]) if "length" in info else st.st_size - offset
     except ValueError as exc:
         raise OnnxclpError(f"tensor {name!r}: malformed external data offset or length") from exc
@@ -125,14 +193,28 @@ def _check_external(tensor: TensorProto, base_dir: Path) -> ExternalRef:
             f"tensor {name!r}: external data [{offset}, {offset + length}) lies outside {location!r} "
             f"({st.st_size} bytes)"
         )
-    if tensor.data_type == TensorProto.STRING:
-        raise OnnxclpError(f"tensor {name!r}: string tensors cannot be stored as external data")
     if length != expected:
         raise OnnxclpError(
             f"tensor {name!r}: external data length {length} does not match its dims "
             f"{list(tensor.dims)} ({expected} bytes)"
         )
-    return ExternalRef(str(path), offset, length)
+    return ExternalRef(str(path), offset, length, st.st_dev, st.st_ino)
+
+
+def _open_checked(ref: ExternalRef):
+    """Open the file of a checked entry for reading, refusing any other file now found at its path."""
+    try:
+        fd = os.open(ref.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise OnnxclpError(f"external data file {ref.path} cannot be opened ({exc.strerror or exc})") from exc
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (ref.dev, ref.ino) or not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        raise OnnxclpError(f"external data file {ref.path} was replaced after it was checked")
+    if st.st_size < ref.offset + ref.length:
+        os.close(fd)
+        raise OnnxclpError(f"external data file {ref.path} was truncated after it was checked")
+    return os.fdopen(fd, "rb")
 
 
 def _external_key(tensor: TensorProto) -> tuple:
@@ -144,11 +226,15 @@ def _external_key(tensor: TensorProto) -> tuple:
 class TensorStore:
     """Reads the values of a model's tensors, in memory or external, after the checks above.
 
-    External tensors stay on disk until read; :meth:`read` returns a fresh numpy array.
+    Every tensor of the model is checked on construction: external entries by :func:`_check_external`,
+    tensors held in the model for a known type and exactly the data their dims need. External tensors stay
+    on disk until read; :meth:`read` returns a fresh numpy array. ``source`` is the model file, when the
+    model came from one.
     """
 
-    def __init__(self, model: onnx.ModelProto, base_dir: Path) -> None:
+    def __init__(self, model: onnx.ModelProto, base_dir: Path, source: Path | None = None) -> None:
         self.base_dir = base_dir
+        self.source = source
         self._external: dict[tuple, ExternalRef] = {}
         self.edited_external: set[str] = set()
         # Serialized size of the model as loaded (None when unknown); tensors copied on write add to it.
@@ -158,6 +244,8 @@ class TensorStore:
                 key = _external_key(t)
                 if key not in self._external:
                     self._external[key] = _check_external(t, base_dir)
+            else:
+                _check_inline(t)
 
     def write(self, tensor: TensorProto, value: np.ndarray) -> None:
         """:func:`write_array`, remembering (by name) a tensor that was external, so it is saved external."""
@@ -176,6 +264,11 @@ class TensorStore:
         """Whether the input model stores any tensor as external data."""
         return bool(self._external)
 
+    @property
+    def external_files(self) -> set[str]:
+        """The (resolved, link-free) paths of every file the model's external data lives in."""
+        return {ref.path for ref in self._external.values()}
+
     def read(self, tensor: TensorProto, writable: bool = True) -> np.ndarray:
         """The tensor's value as a numpy array, never a view of the model: editing it changes nothing.
 
@@ -189,18 +282,25 @@ class TensorStore:
         shape = tuple(int(d) for d in tensor.dims)
         count = _numel(shape, name)
         if ref is not None:
-            with open(ref.path, "rb") as fh:
+            if tensor.data_type in _PACKED_BITS:
+                with _open_checked(ref) as fh:
+                    fh.seek(ref.offset)
+                    packed = TensorProto(data_type=tensor.data_type, dims=shape, raw_data=fh.read(ref.length))
+                return np.array(onnx.numpy_helper.to_array(packed), copy=True)
+            # Read straight into the array: one copy of the tensor in memory, not two.
+            arr = np.empty(shape, dtype=dtype.newbyteorder("<"))
+            with _open_checked(ref) as fh:
                 fh.seek(ref.offset)
-                raw = fh.read(ref.length)
-            if len(raw) != ref.length:
+                got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+            if got != ref.length:
                 raise OnnxclpError(f"tensor {name!r}: external data file changed while reading")
-            return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+            return arr if arr.dtype == dtype else arr.astype(dtype)
         if tensor.HasField("raw_data"):
             raw = tensor.raw_data
-            if len(raw) != count * dtype.itemsize:
+            if len(raw) != _nbytes(tensor.data_type, count):
                 raise OnnxclpError(
                     f"tensor {name!r}: {len(raw)} bytes of data for dims {list(shape)} "
-                    f"({count * dtype.itemsize} expected)"
+                    f"({_nbytes(tensor.data_type, count)} expected)"
                 )
             if dtype.kind in "fiub" and dtype.isbuiltin:  # plain numpy types: read the bytes directly
                 arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
@@ -252,7 +352,7 @@ def load_model(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, TensorSto
         raise OnnxclpError(f"{p}: not a valid ONNX model (cannot be parsed: {type(exc).__name__})") from exc
     if not model.HasField("graph") or (model.ir_version == 0 and not model.opset_import):
         raise OnnxclpError(f"{p}: not an ONNX model (no graph or no ir_version)")
-    store = TensorStore(model, p.parent)
+    store = TensorStore(model, p.parent, p)
     store.size_hint = size
     return model, store
 
@@ -267,7 +367,7 @@ def _proto_fits(model: onnx.ModelProto, size_hint: int | None = None) -> bool:
 
 
 def _copy_range(src: ExternalRef, dst) -> None:
-    with open(src.path, "rb") as fh:
+    with _open_checked(src) as fh:
         fh.seek(src.offset)
         left = src.length
         while left:
@@ -278,11 +378,87 @@ def _copy_range(src: ExternalRef, dst) -> None:
             left -= len(chunk)
 
 
-def _set_default_mode(path: str) -> None:
-    """mkstemp creates files 0600; give outputs the mode a plain open() would (0666 less the umask)."""
-    mask = os.umask(0)
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (os.umask races threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    return mask
+
+
+class _PendingFile:
+    """A file written in the output folder that gets its name only once complete (:meth:`commit`).
+
+    On Linux it is created unnamed (``O_TMPFILE``): if the process dies, even by SIGKILL, nothing is left in
+    the folder. Where the system or filesystem lacks that, it is a hidden temporary file, removed by
+    :meth:`discard` on any error (a SIGKILL leaves it behind). Either way the mode is that of a plain
+    ``open()``: 0666 less the umask.
+    """
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self.tmp_path: str | None = None
+        fd = None
+        if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+            try:
+                fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+            except OSError:  # EOPNOTSUPP (filesystem), EISDIR (old kernel), ...
+                fd = None
+        if fd is None:
+            fd, self.tmp_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.chmod(self.tmp_path, 0o666 & ~_umask())
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self) -> str:
+        """Flush the file to disk and give it its name, replacing any file of that name; returns the path."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        if self.tmp_path is None:
+            # linkat() cannot replace a name: link under a fresh hidden name, then rename over the target.
+            tmp = f".{self.name}.{secrets.token_hex(8)}.tmp"
+            dir_fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.link(f"/proc/self/fd/{self.file.fileno()}", tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
+            finally:
+                os.close(dir_fd)
+            self.tmp_path = str(self.folder / tmp)
+        self.file.close()
+        target = self.folder / self.name
+        os.replace(self.tmp_path, target)
+        self.tmp_path = None
+        return str(target)
+
+    def discard(self) -> None:
+        """Drop the file (an unnamed one vanishes when closed)."""
+        if not self.file.closed:
+            self.file.close()
+        if self.tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_path)
+
+
+def _check_targets(store: TensorStore, folder: Path, names: list[str], out_path: Path) -> None:
+    """Refuse to replace a file the input model reads its external data from (it would change the input).
+
+    Writing over the input model itself is the caller's business (``--force``), and then its data files
+    may be replaced too: they are read in full before anything is renamed.
+    """
+    if store.source is not None and out_path.exists() and os.path.samefile(store.source, out_path):
+        return
+    inputs = store.external_files
+    base = folder.resolve()
+    for name in names:
+        if str(base / name) in inputs:
+            raise OnnxclpError(
+                f"{out_path}: writing it would replace {base / name}, which the input model reads its weights "
+                "from; choose another output name"
+            )
 
 
 def save_model(model: onnx.ModelProto, store: TensorStore, out: str | os.PathLike[str]) -> list[str]:
@@ -290,9 +466,10 @@ def save_model(model: onnx.ModelProto, store: TensorStore, out: str | os.PathLik
 
     The output uses external data (one file, ``<out name>.data``, beside ``out``) when the input did or
     when the model would not fit in one protobuf message; then every tensor of at least
-    ``EXTERNAL_THRESHOLD`` bytes goes there, unedited external tensors copied in chunks. Files are first
-    written under temporary names in the output folder and renamed into place once complete, so an
-    interrupted run never leaves a partial ``out``.
+    ``EXTERNAL_THRESHOLD`` bytes goes there, unedited external tensors copied in chunks. Each file is
+    written unnamed (or under a hidden temporary name), flushed to disk and only then renamed into place,
+    the data file before the model, so an interrupted run never leaves a partial ``out``. Refuses an ``out``
+    or ``out.data`` that is one of the input's external data files.
     """
     out_path = Path(out)
     folder = out_path.parent if str(out_path.parent) else Path(".")
@@ -300,60 +477,55 @@ def save_model(model: onnx.ModelProto, store: TensorStore, out: str | os.PathLik
         raise OnnxclpError(f"{out_path}: output folder {folder} does not exist")
     use_external = store.has_external or not _proto_fits(model, store.size_hint)
     data_name = out_path.name + ".data"
+    _check_targets(store, folder, [out_path.name, data_name] if use_external else [out_path.name], out_path)
     written: list[str] = []
-    tmp_files: list[str] = []
+    pending: list[_PendingFile] = []
     try:
-        data_tmp = None
+        data_file = None
         if use_external:
-            fd, data_tmp = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
-            tmp_files.append(data_tmp)
-            _set_default_mode(data_tmp)
-            with os.fdopen(fd, "wb") as dst:
-                offset = 0
-                for t in iter_tensors(model):
-                    ref = store.external_ref(t)
-                    if ref is None and t.data_location == TensorProto.EXTERNAL:
-                        raise OnnxclpError(f"tensor {t.name!r}: external data that was not checked")
-                    if ref is None and (
-                        not t.HasField("raw_data")
-                        or (len(t.raw_data) < EXTERNAL_THRESHOLD and t.name not in store.edited_external)
-                    ):
-                        continue
-                    pad = (-offset) % 4096  # page-aligned, as onnx's own saver does for mmap
-                    dst.write(b"\0" * pad)
-                    offset += pad
-                    if ref is not None:
-                        _copy_range(ref, dst)
-                        length = ref.length
-                    else:
-                        raw = t.raw_data
-                        dst.write(raw)
-                        length = len(raw)
-                        t.ClearField("raw_data")
-                    del t.external_data[:]
-                    for key, value in (
-                        ("location", data_name),
-                        ("offset", str(offset)),
-                        ("length", str(length)),
-                    ):
-                        entry = t.external_data.add()
-                        entry.key, entry.value = key, value
-                    t.data_location = TensorProto.EXTERNAL
-                    offset += length
-        fd, model_tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=folder)
-        tmp_files.append(model_tmp)
-        _set_default_mode(model_tmp)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-        if data_tmp is not None:
-            os.replace(data_tmp, folder / data_name)
-            written.append(str(folder / data_name))
-        os.replace(model_tmp, out_path)
-        written.insert(0, str(out_path))
+            data_file = _PendingFile(folder, data_name)
+            pending.append(data_file)
+            dst = data_file.file
+            offset = 0
+            for t in iter_tensors(model):
+                ref = store.external_ref(t)
+                if ref is None and t.data_location == TensorProto.EXTERNAL:
+                    raise OnnxclpError(f"tensor {t.name!r}: external data that was not checked")
+                if ref is None and (
+                    not t.HasField("raw_data")
+                    or (len(t.raw_data) < EXTERNAL_THRESHOLD and t.name not in store.edited_external)
+                ):
+                    continue
+                pad = (-offset) % 4096  # page-aligned, as onnx's own saver does for mmap
+                dst.write(b"\0" * pad)
+                offset += pad
+                if ref is not None:
+                    _copy_range(ref, dst)
+                    length = ref.length
+                else:
+                    raw = t.raw_data
+                    dst.write(raw)
+                    length = len(raw)
+                    t.ClearField("raw_data")
+                del t.external_data[:]
+                for key, value in (
+                    ("location", data_name),
+                    ("offset", str(offset)),
+                    ("length", str(length)),
+                ):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+                t.data_location = TensorProto.EXTERNAL
+                offset += length
+        model_file = _PendingFile(folder, out_path.name)
+        pending.append(model_file)
+        model_file.file.write(model.SerializeToString())
+        if data_file is not None:
+            written.append(data_file.commit())
+        written.insert(0, model_file.commit())
     except OSError as exc:
         raise OnnxclpError(f"{out_path}: cannot write ({exc.strerror or exc})") from exc
     finally:
-        for tmp in tmp_files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        for f in pending:
+            f.discard()
     return written
