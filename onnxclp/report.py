@@ -122,6 +122,14 @@ def _fmt_idx(idx: list[int], limit: int = 12) -> str:
     return s + (f",… (+{len(idx) - limit})" if len(idx) > limit else "")
 
 
+def _text(s: str):
+    """A name from the model as plain text: rich markup in it is not interpreted (``[/x]`` would raise,
+    ``[link=...]`` would inject a link) and control characters (escape sequences, newlines) are shown escaped."""
+    from rich.text import Text
+
+    return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in s))
+
+
 def print_report(report: Report, console=None, verbose: bool = False) -> None:
     """Render the report as tables on the terminal (rich)."""
     from rich.console import Console
@@ -143,10 +151,10 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
         elif layer.role == "output":
             pruned = "(classifier)"
         row = [
-            layer.node,
-            layer.op,
+            _text(layer.node),
+            _text(layer.op),
             str(layer.channels),
-            layer.affine or "-",
+            _text(layer.affine or "-"),
             f"{layer.score_min:.3g}",
             f"{layer.score_mean:.3g}",
             f"{layer.score_max:.3g}",
@@ -163,7 +171,7 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
         skipped.add_column("op")
         skipped.add_column("reason")
         for s in report.skipped:
-            skipped.add_row(s.node, s.op, s.reason)
+            skipped.add_row(_text(s.node), _text(s.op), _text(s.reason))
         console.print(skipped)
     t = report.totals()
     console.print(
