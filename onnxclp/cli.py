@@ -33,14 +33,24 @@ def main() -> None:
     app()
 
 
+def _one_line(text: str) -> str:
+    """A message as one printable line: newlines, escape sequences and other control characters from a
+    hostile file (names, paths) are shown escaped, never sent to the terminal or split into lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def run_guarded(fn: Callable[[], T], debug: bool) -> T:
-    """Run ``fn``; turn errors into one line on stderr and an exit code (traceback only with --debug)."""
+    """Run ``fn``; turn errors into one line on stderr and an exit code (traceback only with --debug).
+
+    :class:`OnnxclpError` (bad or hostile input) exits with its code, 2 unless said otherwise; anything else
+    is a bug in onnxclp and exits 4.
+    """
     try:
         return fn()
     except OnnxclpError as exc:
         if debug:
             traceback.print_exc()
-        typer.echo(f"error: {exc.message}", err=True)
+        typer.echo(f"error: {_one_line(exc.message)}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -51,7 +61,8 @@ def run_guarded(fn: Callable[[], T], debug: bool) -> T:
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        typer.echo(f"internal error: {type(exc).__name__}: {exc} (a bug in onnxclp; rerun with --debug)", err=True)
+        message = _one_line(f"{type(exc).__name__}: {exc}")
+        typer.echo(f"internal error: {message} (a bug in onnxclp; rerun with --debug)", err=True)
         raise typer.Exit(EXIT_INTERNAL) from None
 
 

@@ -765,3 +765,23 @@ def test_loader_refuses_through_the_api(tmp_path: Path) -> None:
         with pytest.raises(OnnxclpError) as info:
             sanitize(model)
         assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("name", ["[/bold]", "[link=http://example.com]x[/link]", "a\nb", "\x1b[2J\x1b[31mred"])
+def test_names_from_the_model_are_printed_as_plain_text(tmp_path: Path, name: str) -> None:
+    """Node names are data: rich markup in them is not interpreted (``[/bold]`` used to crash the table),
+    escape sequences and newlines are shown escaped."""
+    m = small_model()
+    node(m, "conv1").name = name
+    result = invoke(["scan", str(write(tmp_path / "m.onnx", m))])
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+    assert shown[:6] in result.stdout
+
+
+def test_error_line_escapes_control_characters(tmp_path: Path) -> None:
+    """A path (or name) with a newline or an escape sequence still gives exactly one printable line."""
+    result = invoke(["scan", str(tmp_path / "no\nsuch\x1b[31m.onnx")])
+    line = assert_one_error_line(result)
+    assert "\\n" in line and "\\x1b" in line and "\x1b" not in line
