@@ -133,6 +133,18 @@ def sanitize(
     ] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write the report as JSON.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Allow OUTPUT to be INPUT.")] = False,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option("--calibrate", help="Clean labelled images: choose the smallest u within --max-acc-drop."),
+    ] = None,
+    max_acc_drop: Annotated[
+        float, typer.Option("--max-acc-drop", help="Calibration budget: clean accuracy drop in points.")
+    ] = 1.0,
+    calibrate_grid: Annotated[
+        str | None, typer.Option("--calibrate-grid", help="Candidate u for --calibrate [0.5:8:0.25].")
+    ] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Calibration images: normalisation mean R,G,B.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Calibration images: normalisation std R,G,B.")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
     debug: Debug = False,
@@ -142,11 +154,22 @@ def sanitize(
     def go():
         from onnxclp.api import sanitize_file
 
+        chosen = u
+        if calibrate is not None:  # needs torch and onnxruntime: imported only here
+            from onnxclp.study.cli import calibrate_for_sanitize
+
+            if u is not None:
+                raise OnnxclpError("--u and --calibrate exclude each other")
+            lpp = {"u_low": u_low, "bias_rate": bias_rate, "topk": topk}
+            chosen = calibrate_for_sanitize(
+                input, calibrate, method, max_acc_drop, calibrate_grid, mean, std,
+                {**lpp, "score": score, "include_fc": include_fc, "exclude": exclude or ()},
+            )  # fmt: skip
         rep = sanitize_file(
             input,
             output,
             method,
-            u,
+            chosen,
             u_low=u_low,
             bias_rate=bias_rate,
             topk=topk,
@@ -175,6 +198,9 @@ def scan(
     include_fc: IncludeFC = None,
     exclude: Exclude = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write score histograms per layer (PNG) into this folder.")
+    ] = None,
     fail_on_outliers: Annotated[
         bool, typer.Option("--fail-on-outliers", help="Exit 1 when any channel is flagged (a CI gate).")
     ] = False,
@@ -200,6 +226,10 @@ def scan(
         )
         _write_json(rep, json_path)
         _print(rep, quiet, verbose)
+        if plot is not None:  # matplotlib only here
+            from onnxclp.study.cli import write_score_plots
+
+            write_score_plots(rep, plot)
         return rep
 
     rep = run_guarded(go, debug)
@@ -226,6 +256,18 @@ def _register_eval_commands() -> None:
 
 
 _register_eval_commands()
+
+
+def _register_study_commands() -> None:
+    # sweep / tac live in onnxclp.study; that module imports nothing heavy at top level.
+    try:
+        from onnxclp.study.cli import register
+    except ImportError:  # the study package (or its eval dependency) is not present
+        return
+    register(app)
+
+
+_register_study_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

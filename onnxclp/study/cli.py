@@ -1,0 +1,240 @@
+"""The ``sweep`` and ``tac`` commands (added to the main app by :func:`register`), and the bodies of
+``scan --plot`` and ``sanitize --calibrate``.
+
+Nothing heavy is imported at load time: torch, onnxruntime and matplotlib load inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from onnxclp.cli import Bias as BiasRate
+from onnxclp.cli import IncludeFC, Method, Score, TopK, ULow, run_guarded
+from onnxclp.errors import OnnxclpError
+from onnxclp.eval.cli import (
+    AttackConfigOpt,
+    AttackOpt,
+    BatchOpt,
+    DataOpt,
+    DebugOpt,
+    LimitOpt,
+    MeanOpt,
+    ParamOpt,
+    StdOpt,
+    ThreadsOpt,
+    XKeyOpt,
+    YKeyOpt,
+    _common,
+)
+
+__all__ = ["calibrate_for_sanitize", "register", "sweep_command", "tac_command", "write_score_plots"]
+
+UGrid = Annotated[
+    str, typer.Option("--u", "-u", help="Values of u: START:STOP:STEP (inclusive) or a comma-separated list.")
+]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write the figure (PNG) here.")]
+JsonPath = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
+
+
+def _method_params(u_low, bias_rate, topk, score, include_fc) -> dict[str, Any]:
+    given = {"u_low": u_low, "bias_rate": bias_rate, "topk": topk, "score": score, "include_fc": include_fc}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _prepare(model, data, attack, attack_config, param, mean, std, limit, batch_size, threads, x_key, y_key):
+    from onnxclp.study.measure import prepare
+
+    kwargs = _common(attack, attack_config, mean, std, None, {}, param)
+    return prepare(model, data, limit=limit, batch_size=batch_size, threads=threads, x_key=x_key, y_key=y_key, **kwargs)
+
+
+def _write(path: Path | None, text: str) -> None:
+    if path is None:
+        return
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OnnxclpError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _echo_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def sweep_command(
+    model: Annotated[Path, typer.Argument(help="ONNX classifier (backdoored).", show_default=False)],
+    data: DataOpt,
+    attack: AttackOpt = None,
+    attack_config: AttackConfigOpt = None,
+    param: ParamOpt = None,
+    method: Method = "clp",
+    u: UGrid = "0.5:8:0.5",
+    u_low: ULow = None,
+    bias_rate: BiasRate = None,
+    topk: TopK = None,
+    score: Score = None,
+    include_fc: IncludeFC = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    x_key: XKeyOpt = None,
+    y_key: YKeyOpt = None,
+    limit: LimitOpt = None,
+    batch_size: BatchOpt = 256,
+    threads: ThreadsOpt = None,
+    plot: PlotOpt = None,
+    json_path: JsonPath = None,
+    debug: DebugOpt = False,
+) -> None:
+    """ACC, ASR and the fraction of channels pruned against u (sanitized in memory for each u)."""
+
+    def go() -> None:
+        from onnxclp.study.measure import load_inline
+        from onnxclp.study.sweep import parse_grid, sweep
+
+        us = parse_grid(u)
+        proto = load_inline(model)
+        prepared = _prepare(
+            proto, data, attack, attack_config, param, mean, std, limit, batch_size, threads, x_key, y_key
+        )
+        fixed = _method_params(u_low, bias_rate, topk, score, include_fc)
+        result = sweep(proto, prepared, us, method, name=str(model), **fixed)
+        typer.echo(
+            f"{model}: {method} on {prepared.n_samples} samples ({prepared.n_attacked} attacked, "
+            f"{prepared.attack['attack']})"
+        )
+        _echo_table(result.table(["u"]))
+        _write(json_path, result.to_json())
+        if plot is not None:
+            from onnxclp.study.plots import plot_sweep
+
+            typer.echo(f"wrote {plot_sweep(result, plot)}", err=True)
+
+    run_guarded(go, debug)
+
+
+def tac_command(
+    model: Annotated[Path, typer.Argument(help="ONNX classifier (backdoored).", show_default=False)],
+    data: DataOpt,
+    attack: AttackOpt = None,
+    attack_config: AttackConfigOpt = None,
+    param: ParamOpt = None,
+    method: Method = "clp",
+    u: Annotated[float | None, typer.Option("--u", "-u", help="Threshold u for the decisions shown.")] = None,
+    u_low: ULow = None,
+    bias_rate: BiasRate = None,
+    topk: TopK = None,
+    score: Score = None,
+    include_fc: IncludeFC = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    x_key: XKeyOpt = None,
+    y_key: YKeyOpt = None,
+    limit: LimitOpt = None,
+    batch_size: BatchOpt = 64,
+    threads: ThreadsOpt = None,
+    plot: PlotOpt = None,
+    json_path: JsonPath = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Trigger-activated change per channel (CLP paper 4.2) beside each channel's score and the decision."""
+
+    def go() -> None:
+        from onnxclp.study.measure import load_inline
+        from onnxclp.study.tac import tac
+
+        proto = load_inline(model)
+        prepared = _prepare(
+            proto, data, attack, attack_config, param, mean, std, limit, batch_size, threads, x_key, y_key
+        )
+        params = _method_params(u_low, bias_rate, topk, score, include_fc)
+        if u is not None:
+            params["u"] = u
+        result = tac(proto, prepared, method, batch_size=batch_size, name=str(model), **params)
+        rows = [["layer", "ch", "rho", "top ch", "TAC/median", "score z", "pruned"]]
+        for layer in result.layers:
+            if layer.role == "output":
+                continue
+            t = layer.top()
+            rho = layer.rho
+            rows.append(
+                [
+                    layer.node, str(layer.channels), "n/a" if rho is None else f"{rho:.2f}", str(t["channel"]),
+                    f"{t['tac_over_median']:.1f}", f"{t['score_z']:+.2f}", "yes" if t["pruned"] else "no",
+                ]
+            )  # fmt: skip
+        typer.echo(f"{model}: TAC on {result.n_images} attacked images; {method} u={result.params.get('u')}")
+        _echo_table(rows)
+        s = result.summary()
+        typer.echo(
+            f"highest-TAC channel pruned in {s['layers_top_tac_pruned']} of {s['layers']} layers; "
+            f"{s['strongest_pruned']} of the {len(s['strongest'])} most trigger-sensitive channels pruned; "
+            f"median rho {s['median_rho']:.2f}"
+        )
+        _write(json_path, result.to_json())
+        if plot is not None:
+            from onnxclp.study.plots import plot_tac
+
+            for p in plot_tac(result, plot):
+                typer.echo(f"wrote {p}", err=True)
+
+    run_guarded(go, debug)
+
+
+def write_score_plots(report: Any, directory: Path) -> list[Path]:
+    """``scan --plot DIR``: score histograms per layer; prints the files written on stderr."""
+    from onnxclp.study.plots import plot_scores
+
+    try:
+        written = plot_scores(report, directory)
+    except OSError as exc:
+        raise OnnxclpError(f"{directory}: cannot write the plots ({exc.strerror or exc})") from exc
+    for p in written:
+        typer.echo(f"wrote {p}", err=True)
+    return written
+
+
+def calibrate_for_sanitize(
+    input: Path,
+    data: Path,
+    method: str,
+    max_acc_drop: float,
+    grid: str | None,
+    mean: str | None,
+    std: str | None,
+    params: dict[str, Any],
+) -> float:
+    """``sanitize --calibrate DATA``: choose u on DATA's clean images; print the choice; return u."""
+    from onnxclp.study.calibrate import DEFAULT_GRID, calibrate
+    from onnxclp.study.measure import load_inline, prepare
+    from onnxclp.study.sweep import parse_grid
+
+    us = parse_grid(grid or DEFAULT_GRID)
+    proto = load_inline(input)
+    kwargs = _common(None, None, mean, std, None, {}, None)
+    prepared = prepare(proto, data, **kwargs)
+    fixed = {k: v for k, v in params.items() if v is not None}
+    result = calibrate(proto, prepared, method, max_acc_drop, us, **fixed)
+    if result.u is None:
+        worst = result.tried[0]
+        raise OnnxclpError(
+            f"calibration: even u={worst['u']:g} drops accuracy by {worst['drop']:.2f} points on {data} "
+            f"(budget {max_acc_drop:g}); give --u explicitly or a larger --max-acc-drop"
+        )
+    typer.echo(
+        f"calibrated: u = {result.u:g} ({method}); ACC {100 * result.acc_before:.2f}% -> "
+        f"{100 * (result.acc_after or 0):.2f}% on {result.n_samples} clean images "
+        f"(drop {result.drop:.2f} pt, budget {max_acc_drop:g}; {len(result.tried)} values of u tried)",
+        err=True,
+    )
+    return result.u
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``sweep`` and ``tac`` commands to ``app``."""
+    app.command("sweep")(sweep_command)
+    app.command("tac")(tac_command)
