@@ -220,10 +220,16 @@ YKeyOpt = Annotated[
 ]
 MeanOpt = Annotated[
     str | None,
-    typer.Option("--mean", help="Normalisation mean R,G,B, applied after the trigger.", rich_help_panel=DATA_PANEL),
+    typer.Option(
+        "--mean",
+        metavar="R,G,B",
+        help="Normalisation mean R,G,B, applied after the trigger.",
+        rich_help_panel=DATA_PANEL,
+    ),
 ]
 StdOpt = Annotated[
-    str | None, typer.Option("--std", help="Normalisation std R,G,B (with --mean).", rich_help_panel=DATA_PANEL)
+    str | None,
+    typer.Option("--std", metavar="R,G,B", help="Normalisation std R,G,B (with --mean).", rich_help_panel=DATA_PANEL),
 ]
 LayoutOpt = Annotated[
     Layout | None,
@@ -231,7 +237,9 @@ LayoutOpt = Annotated[
 ]
 InputSizeOpt = Annotated[
     str | None,
-    typer.Option("--input-size", help="H,W: resize images to this size (bilinear).", rich_help_panel=DATA_PANEL),
+    typer.Option(
+        "--input-size", metavar="H,W", help="H,W: resize images to this size (bilinear).", rich_help_panel=DATA_PANEL
+    ),
 ]
 LimitOpt = Annotated[
     int | None,
@@ -262,18 +270,24 @@ SeedOpt = Annotated[
 ]
 PatchSizeOpt = Annotated[
     str | None,
-    typer.Option("--patch-size", help="badnets: N (square); patch: H,W.", rich_help_panel=ATTACK_PANEL),
+    typer.Option(
+        "--patch-size", metavar="N|H,W", help="badnets: N (square); patch: H,W.", rich_help_panel=ATTACK_PANEL
+    ),
 ]
 PositionOpt = Annotated[
     str | None,
     typer.Option(
         "--position",
+        metavar="CORNER|ROW,COL",
         help="badnets/patch: bottom-right, bottom-left, top-right, top-left, or ROW,COL (negative: from the end).",
         rich_help_panel=ATTACK_PANEL,
     ),
 ]
 ValueOpt = Annotated[
-    str | None, typer.Option("--value", help="badnets: patch value in [0, 1], or R,G,B.", rich_help_panel=ATTACK_PANEL)
+    str | None,
+    typer.Option(
+        "--value", metavar="V|R,G,B", help="badnets: patch value in [0, 1], or R,G,B.", rich_help_panel=ATTACK_PANEL
+    ),
 ]
 TriggerImageOpt = Annotated[
     Path | None,
@@ -292,7 +306,9 @@ AlphaOpt = Annotated[
 ]
 DeltaOpt = Annotated[
     str | None,
-    typer.Option("--delta", help="sig: amplitude, a number or 40/255 (default).", rich_help_panel=ATTACK_PANEL),
+    typer.Option(
+        "--delta", metavar="X|A/B", help="sig: amplitude, a number or 40/255 (default).", rich_help_panel=ATTACK_PANEL
+    ),
 ]
 FrequencyOpt = Annotated[
     float | None, typer.Option("--frequency", help="sig: frequency f (default 6).", rich_help_panel=ATTACK_PANEL)
@@ -313,7 +329,13 @@ LevelsOpt = Annotated[
 ]
 ParamOpt = Annotated[
     list[str] | None,
-    typer.Option("--param", "-p", help="Any attack parameter, KEY=JSON (repeatable).", rich_help_panel=ATTACK_PANEL),
+    typer.Option(
+        "--param",
+        "-p",
+        metavar="KEY=JSON",
+        help="Any attack parameter, KEY=JSON (repeatable).",
+        rich_help_panel=ATTACK_PANEL,
+    ),
 ]
 
 BatchOpt = Annotated[
@@ -330,7 +352,9 @@ ThreadsOpt = Annotated[
 ]
 JsonOpt = Annotated[
     str | None,
-    typer.Option("--json", help="Write the results as JSON to PATH ('-': stdout).", rich_help_panel=RUN_PANEL),
+    typer.Option(
+        "--json", metavar="PATH|-", help="Write the results as JSON to PATH ('-': stdout).", rich_help_panel=RUN_PANEL
+    ),
 ]
 ProgressOpt = Annotated[
     bool,
