@@ -160,3 +160,13 @@ def test_missing_and_corrupt_models(tmp_path) -> None:
     (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(OnnxclpError, match="onnxruntime cannot load"):
         OnnxClassifier(tmp_path / "junk.onnx")
+
+
+def test_example_images_come_from_the_first_batch_with_attacked_samples() -> None:
+    y = np.array([0, 0, 0, 0, 1, 2, 1])  # sorted by class, as CIFAR-10's test set: batch 1 is all target
+    data = ArrayImages(images(7), y, "hwc", "sorted")
+    batches = list(
+        prepared_batches(data, np.arange(7), 3, build_attack("bpp"), 0, "a2o", Preprocess(), keep_raw_first=True)
+    )
+    assert [b.raw_clean is not None for b in batches] == [False, True, False]
+    assert batches[1].raw_clean is not None and batches[1].raw_clean.shape[0] == 2

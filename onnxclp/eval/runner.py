@@ -331,12 +331,19 @@ def prepared_batches(
     """Prepared batches over ``indices`` in order; with ``prefetch`` > 0 they are built on a worker thread.
 
     ``attack`` None: no triggered images (the caller reuses the clean predictions). ``keep_raw_first`` keeps the
-    [0, 1] tensors of the first batch (for the example grid).
+    [0, 1] tensors of the first batch that has attacked samples (for the example grid; a test set sorted by
+    class may start with a whole batch of the target class).
     """
     chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    want_raw = [keep_raw_first]
 
     def build(i: int, idx: np.ndarray) -> PreparedBatch:
-        return _prepare(data, idx, attack, target, mode, pre, keep_raw_first and i == 0)
+        batch = _prepare(data, idx, attack, target, mode, pre, want_raw[0])
+        if want_raw[0] and len(batch.y_attacked):
+            want_raw[0] = False
+        elif want_raw[0]:
+            batch.raw_clean = batch.raw_triggered = None
+        return batch
 
     if prefetch <= 0:
         for i, idx in enumerate(chunks):
