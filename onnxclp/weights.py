@@ -51,6 +51,8 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
         return x
     if op == "Transpose":
         perm = _attr(node, "perm")
+        if perm is not None and sorted(perm) != list(range(x.ndim)):
+            raise OnnxclpError(f"Transpose {node.name!r}: perm {list(perm)} does not permute {x.ndim} axes")
         return np.transpose(x, perm if perm is not None else None)
     if op == "Reshape":
         shape = [int(d) for d in _const_value(index, store, node.input[1]).reshape(-1)]
@@ -65,16 +67,26 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
             axes = [int(a) for a in _const_value(index, store, node.input[1]).reshape(-1)]
         else:
             axes = list(_attr(node, "axes", []) or [])
+        rank = x.ndim if op == "Squeeze" else x.ndim + len(axes)
+        if any(not -rank <= a < rank for a in axes) or len({a % rank for a in axes}) != len(axes):
+            raise OnnxclpError(f"{op} {node.name!r}: axes {axes} do not fit a weight of rank {x.ndim}")
         if op == "Squeeze":
-            return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
+            if any(x.shape[a] != 1 for a in axes):
+                raise OnnxclpError(f"Squeeze {node.name!r}: axes {axes} of shape {list(x.shape)} are not 1")
+            return np.squeeze(x, axis=tuple(a % rank for a in axes)) if axes else np.squeeze(x)
         out = x
-        rank = x.ndim + len(axes)
         for a in sorted(a % rank for a in axes):
             out = np.expand_dims(out, a)
         return out
     if op == "Cast":
         to = int(_attr(node, "to", onnx.TensorProto.FLOAT))
-        return x.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise OnnxclpError(f"Cast {node.name!r}: unsupported target type {to}") from exc
+        if dtype.kind in "iub" and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+            raise OnnxclpError(f"Cast {node.name!r}: NaN or Inf cast to an integer type")
+        return x.astype(dtype)
     if op == "DequantizeLinear":
         scale, zp, _ = _dq_params(index, store, node, x)
         return ((x.astype(np.float64) - zp) * scale).astype(scale.dtype if scale.dtype.kind == "f" else np.float32)
@@ -90,8 +102,16 @@ def _dq_params(index: GraphIndex, store: TensorStore, node: NodeProto, q: np.nda
         else np.zeros(1)
     )
     axis = None
+    if scale.size == 1 and zp.size != 1:
+        raise OnnxclpError(f"DequantizeLinear {node.name!r}: {zp.size} zero points for one scale")
     if scale.size > 1:
-        axis = int(_attr(node, "axis", 1)) % q.ndim
+        axis = int(_attr(node, "axis", 1))
+        if not -q.ndim <= axis < q.ndim or scale.size != q.shape[axis] or zp.size not in (1, scale.size):
+            raise OnnxclpError(
+                f"DequantizeLinear {node.name!r}: {scale.size} scales and {zp.size} zero points on axis {axis} "
+                f"do not match a weight of shape {list(q.shape)}"
+            )
+        axis %= q.ndim
         if int(_attr(node, "block_size", 0) or 0):
             raise OnnxclpError(f"DequantizeLinear {node.name!r}: blocked quantization is not supported")
         shape = [1] * q.ndim
