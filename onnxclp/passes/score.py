@@ -59,6 +59,10 @@ def _input_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return sizes
 
 
+# The exact score builds a (C_in, *input size) complex grid per channel: refuse sizes past ~1 GiB of it.
+_EXACT_MAX_ELEMS = 2**26
+
+
 def _exact(layer: Layer, w: np.ndarray, sizes: dict[str, tuple[int, ...]]) -> np.ndarray | str:
     if layer.is_fc:
         return S.spectral(w)  # an FC row's operator norm is its L2 norm: exact already
@@ -68,6 +72,14 @@ def _exact(layer: Layer, w: np.ndarray, sizes: dict[str, tuple[int, ...]]) -> np
     nd = w.ndim - 2
     strides = tuple(attr(layer.node, "strides", [1] * nd))
     dilations = tuple(attr(layer.node, "dilations", [1] * nd))
+    if len(strides) != nd or len(dilations) != nd or min((*strides, *dilations), default=1) < 1:
+        raise OnnxclpError(
+            f"layer {layer.key!r}: strides {list(strides)} and dilations {list(dilations)} do not fit a {nd}-D kernel"
+        )
+    if len(size) != nd or min(size, default=1) < 1:
+        return f"exact score: shape inference gives the input spatial size {list(size)}, the kernel is {nd}-D"
+    if w.shape[1] * int(np.prod(size, dtype=object)) > _EXACT_MAX_ELEMS:
+        return f"exact score: an input of {w.shape[1]} x {list(size)} is too large for the DFT of one channel"
     if layer.op == "ConvTranspose" and any(s != 1 for s in strides):
         return "exact score of a strided ConvTranspose is not implemented"
     if any(n % s for n, s in zip(size, strides, strict=True)):
