@@ -125,6 +125,8 @@ class GraphIndex:
                 raise OnnxclpError(f"{who}: weight {node.input[1]!r} has rank {len(dims)} (dims {dims}), not {want}")
             if 0 in dims:
                 raise OnnxclpError(f"{who}: weight {node.input[1]!r} is empty (dims {dims})")
+            if rule is None:
+                _check_conv_attributes(node, who, len(dims) - 2)
 
     def _check_order(self, nodes: list[NodeProto], defined: set[str]) -> None:
         """Kahn's algorithm over data dependencies: finds reads of undefined names and cycles."""
@@ -273,3 +275,14 @@ def _check_declared_shapes(graph: onnx.GraphProto) -> None:
         if numel > 2**63 - 1:
             dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
             raise OnnxclpError(f"tensor {vi.name!r} is declared with {numel} elements (dims {dims})")
+
+
+def _check_conv_attributes(node: NodeProto, who: str, nd: int) -> None:
+    """strides, dilations, pads, kernel_shape and group of a convolution with an ``nd``-D kernel."""
+    values = {a.name: list(a.ints) if a.type == a.INTS else a.i for a in node.attribute}
+    for name, length, low in (("strides", nd, 1), ("dilations", nd, 1), ("pads", 2 * nd, 0)):
+        v = values.get(name)
+        if v is not None and (len(v) != length or min(v, default=low) < low):
+            raise OnnxclpError(f"{who}: {name} {v[:8]} do not fit a {nd}-D kernel")
+    if values.get("group", 1) < 1:
+        raise OnnxclpError(f"{who}: group {values['group']} is not positive")

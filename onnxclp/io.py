@@ -154,6 +154,65 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
                     yield from attr.tensors
 
 
+# Floating-point layouts: (unsigned view, exponent mask, mantissa mask, quiet bit).
+_NAN_BITS = {
+    2: (np.uint16, 0x7C00, 0x03FF, 0x0200),  # float16
+    4: (np.uint32, 0x7F800000, 0x007FFFFF, 0x00400000),
+    8: (np.uint64, 0x7FF0000000000000, 0x000FFFFFFFFFFFFF, 0x0008000000000000),
+}
+_BF16_BITS = (np.uint16, 0x7F80, 0x007F, 0x0040)
+
+
+def _quiet_nans(arr: np.ndarray) -> np.ndarray:
+    """The array with signaling NaNs made quiet (same sign and payload otherwise).
+
+    numpy raises an 'invalid value' warning each time a signaling NaN is cast or compared, which a hostile
+    weight would turn into noise on stderr at every later step; a quiet NaN is refused or passed on like any
+    other NaN. Bit operations only: they never warn.
+    """
+    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+        return arr
+    bits = _BF16_BITS if arr.dtype.name == "bfloat16" else _NAN_BITS.get(arr.dtype.itemsize)
+    if bits is None or arr.size == 0:
+        return arr
+    utype, exp, mant, quiet = bits
+    u = arr.view(utype)
+    snan = ((u & utype(exp)) == exp) & ((u & utype(mant)) != 0) & ((u & utype(quiet)) == 0)
+    if not snan.any():
+        return arr
+    if not arr.flags.writeable:
+        arr = arr.copy()
+        u = arr.view(utype)
+    u[snan] |= utype(quiet)
+    return arr
+
+
+def _repeated(field) -> bool:
+    rep = getattr(field, "is_repeated", None)  # protobuf >= 5; older ones have label
+    return bool(rep) if rep is not None else field.label == field.LABEL_REPEATED
+
+
+def check_text(message, where: str = "model") -> None:
+    """Every string field of the message, recursively, is valid UTF-8 (the ONNX spec requires it).
+
+    protobuf's parser does not check this for ONNX's proto2 messages: it hands such a field to Python as
+    ``bytes`` instead of ``str``, which any name handling would then trip over.
+    """
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            for v in value if _repeated(field) else (value,):
+                if not isinstance(v, str):
+                    raise OnnxclpError(f"{where}.{field.name} is not valid UTF-8 text ({bytes(v)[:40]!r})")
+        elif field.type == field.TYPE_MESSAGE:
+            if _repeated(field):
+                if field.message_type.GetOptions().map_entry:
+                    continue
+                for i, item in enumerate(value):
+                    check_text(item, f"{where}.{field.name}[{i}]")
+            else:
+                check_text(value, f"{where}.{field.name}")
+
+
 def _check_external(tensor: TensorProto, base_dir: Path) -> ExternalRef:
     info = {e.key: e.value for e in tensor.external_data}
     name = tensor.name or "<unnamed>"
@@ -235,6 +294,7 @@ class TensorStore:
     def __init__(self, model: onnx.ModelProto, base_dir: Path, source: Path | None = None) -> None:
         self.base_dir = base_dir
         self.source = source
+        check_text(model)
         self._external: dict[tuple, ExternalRef] = {}
         self.edited_external: set[str] = set()
         # Serialized size of the model as loaded (None when unknown); tensors copied on write add to it.
@@ -272,7 +332,8 @@ class TensorStore:
     def read(self, tensor: TensorProto, writable: bool = True) -> np.ndarray:
         """The tensor's value as a numpy array, never a view of the model: editing it changes nothing.
 
-        ``writable=False`` may return a read-only array (one copy less, for scoring).
+        ``writable=False`` may return a read-only array (one copy less, for scoring). Signaling NaNs come
+        back quiet (:func:`_quiet_nans`).
         """
         name = tensor.name or "<unnamed>"
         ref = self.external_ref(tensor)
@@ -294,7 +355,7 @@ class TensorStore:
                 got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
             if got != ref.length:
                 raise OnnxclpError(f"tensor {name!r}: external data file changed while reading")
-            return arr if arr.dtype == dtype else arr.astype(dtype)
+            return _quiet_nans(arr if arr.dtype == dtype else arr.astype(dtype))
         if tensor.HasField("raw_data"):
             raw = tensor.raw_data
             if len(raw) != _nbytes(tensor.data_type, count):
@@ -304,14 +365,14 @@ class TensorStore:
                 )
             if dtype.kind in "fiub" and dtype.isbuiltin:  # plain numpy types: read the bytes directly
                 arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
-                return arr.astype(dtype) if writable or not dtype.isnative else arr
+                return _quiet_nans(arr.astype(dtype) if writable or not dtype.isnative else arr)
         try:
             arr = onnx.numpy_helper.to_array(tensor)
         except Exception as exc:  # onnx raises bare ValueError/TypeError on inconsistent protos
             raise OnnxclpError(f"tensor {name!r}: cannot be read ({exc})") from exc
         if arr.size != count:
             raise OnnxclpError(f"tensor {name!r}: {arr.size} values for dims {list(shape)}")
-        return np.array(arr, copy=True)
+        return _quiet_nans(np.array(arr, copy=True))
 
 
 def write_array(tensor: TensorProto, value: np.ndarray) -> None:
