@@ -104,6 +104,53 @@ def exact(
     return out
 
 
+def exact_transposed(
+    w: np.ndarray,
+    input_size: tuple[int, ...],
+    strides: tuple[int, ...] | None = None,
+    dilations: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """Exact Lipschitz constant of ``x -> conv_transpose(x)_k`` with circular padding (ConvTranspose).
+
+    ``w`` is the canonical ``(K, C, *kernel)`` view (output channel first). A transposed convolution with
+    stride ``s`` zero-upsamples its input of size ``N`` to ``M = s N`` and convolves; the upsampled signal's
+    spectrum repeats every ``N`` frequencies, so output frequencies ``g = f + a N`` (``a < s``) all read input
+    frequency ``f``. The map from ``X(f)`` (one value per input channel) to those ``S = prod(s)`` outputs is
+    the ``S x C`` matrix ``A_f[a, c] = DFT(W_kc)(f + a N) / sqrt(S)``; the norm is ``max_f sigma_max(A_f)``.
+    With stride 1 this is :func:`exact`.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    nd = w.ndim - 2
+    size = tuple(int(n) for n in input_size)
+    if len(size) != nd or any(n <= 0 for n in size):
+        raise ValueError(f"input size {size} does not match a {nd}-D kernel")
+    strides = tuple(strides or (1,) * nd)
+    dilations = tuple(dilations or (1,) * nd)
+    out_size = tuple(n * s for n, s in zip(size, strides, strict=True))
+    k, c = w.shape[:2]
+    idx = [(np.arange(kd) * d) % m for kd, d, m in zip(w.shape[2:], dilations, out_size, strict=True)]
+    s_total = int(np.prod(strides))
+    out = np.empty(k, dtype=np.float64)
+    step = max(1, _CHUNK_ELEMS // max(1, c * int(np.prod(out_size)) * 4))
+    for lo in range(0, k, step):
+        part = w[lo : lo + step]
+        grid = np.zeros(part.shape[:2] + out_size, dtype=np.float64)
+        np.add.at(grid, (slice(None), slice(None), *np.ix_(*idx)), part)
+        spec = np.fft.fftn(grid, axes=tuple(range(2, 2 + nd)))  # (k, C, *M)
+        # Split each axis M = s * N into (alias a, frequency f), then gather A_f: (k, *f, C, S).
+        shape = [spec.shape[0], c]
+        for n, st in zip(size, strides, strict=True):
+            shape += [st, n]
+        v = spec.reshape(shape)
+        alias_axes = [2 + 2 * i for i in range(nd)]
+        freq_axes = [3 + 2 * i for i in range(nd)]
+        v = np.transpose(v, [0, *freq_axes, 1, *alias_axes]).reshape(v.shape[0], -1, c, s_total)
+        gram = v.conj().transpose(0, 1, 3, 2) @ v if s_total <= c else v @ v.conj().transpose(0, 1, 3, 2)
+        top = np.linalg.eigvalsh(gram)[..., -1]
+        out[lo : lo + step] = np.sqrt(np.clip(top.max(axis=1), 0.0, None) / s_total)
+    return out
+
+
 def apply_scale(scores: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     """Multiply channel scores by ``|scale_k|``, the paired affine's per-channel scale (section 2)."""
     if scale is None:

@@ -285,3 +285,21 @@ def test_layers_in_subgraphs_and_functions_are_reported_as_skipped():
     assert any("inner_conv" in k and "subgraph" in v for k, v in reasons.items())
     assert any("fn_conv" in k and "function" in v for k, v in reasons.items())
     assert len(reasons) == 3  # then and else branches, and the function body
+
+
+def test_exact_score_on_conv_and_strided_conv_transpose():
+    from onnxclp import scores
+
+    w = _x((6, 4, 2, 2))  # ConvTranspose weight (C_in, C_out, kh, kw)
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="deconv", strides=[2, 2]),
+        helper.make_node("Relu", ["y"], ["z"]),
+    ]
+    m = model(nodes, [("x", [1, 6, 3, 3])], [("z", [1, 4, 6, 6])], [init("W", w)])
+    (layer,) = onnxclp.scan(m, score="exact").layers
+    canonical = np.swapaxes(w, 0, 1)
+    np.testing.assert_allclose(layer.scores, scores.exact_transposed(canonical, (3, 3), (2, 2)), rtol=1e-6)
+    conv = _hand_conv_bn()
+    (layer,) = onnxclp.scan(conv, score="exact", u=1.0).layers
+    # 1x1 kernels: the exact norm is the spectral one, times the BN scale.
+    np.testing.assert_allclose(layer.scores, [2.5, 1.0, 2.0, 5.0], rtol=1e-6)

@@ -87,3 +87,38 @@ def test_exact_rejects_bad_sizes():
         scores.exact(w, (5, 5), (2, 2))
     with pytest.raises(ValueError):
         scores.exact(w, (5,))
+
+
+def _dense_transposed_operator(wk: np.ndarray, size, strides, dilations) -> np.ndarray:
+    """Explicit matrix of x -> circular ConvTranspose(x) for one output channel (input C x size)."""
+    c = wk.shape[0]
+    kernel = wk.shape[1:]
+    nd = len(size)
+    out_size = [n * s for n, s in zip(size, strides, strict=True)]
+    cols = []
+    for ch in range(c):
+        for n in itertools.product(*[range(v) for v in size]):
+            col = np.zeros(out_size)
+            for t in itertools.product(*[range(kk) for kk in kernel]):
+                pos = tuple((n[i] * strides[i] + t[i] * dilations[i]) % out_size[i] for i in range(nd))
+                col[pos] += wk[(ch, *t)]
+            cols.append(col.reshape(-1))
+    return np.array(cols).T
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "strides", "dilations"),
+    [
+        ((3, 2, 3, 3), (4, 4), (1, 1), (1, 1)),
+        ((2, 3, 2, 2), (3, 4), (2, 2), (1, 1)),
+        ((2, 1, 4, 4), (3, 3), (2, 1), (1, 2)),
+        ((3, 4, 3), (5,), (3,), (1,)),
+    ],
+)
+def test_exact_transposed_equals_dense_operator_norm(shape, size, strides, dilations):
+    w = np.random.default_rng(4).normal(size=shape)
+    ref = [
+        np.linalg.svd(_dense_transposed_operator(w[k], size, strides, dilations), compute_uv=False).max()
+        for k in range(shape[0])
+    ]
+    np.testing.assert_allclose(scores.exact_transposed(w, size, strides, dilations), ref, rtol=1e-9)

@@ -80,8 +80,8 @@ def _exact(layer: Layer, w: np.ndarray, sizes: dict[str, tuple[int, ...]]) -> np
         return f"exact score: shape inference gives the input spatial size {list(size)}, the kernel is {nd}-D"
     if w.shape[1] * int(np.prod(size, dtype=object)) > _EXACT_MAX_ELEMS:
         return f"exact score: an input of {w.shape[1]} x {list(size)} is too large for the DFT of one channel"
-    if layer.op == "ConvTranspose" and any(s != 1 for s in strides):
-        return "exact score of a strided ConvTranspose is not implemented"
+    if layer.op == "ConvTranspose":
+        return S.exact_transposed(w, size, strides, dilations)
     if any(n % s for n, s in zip(size, strides, strict=True)):
         return f"exact score needs an input size {list(size)} divisible by the strides {list(strides)}"
     return S.exact(w, size, strides, dilations)
