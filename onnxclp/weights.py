@@ -45,6 +45,14 @@ def _const_value(index: GraphIndex, store: TensorStore, name: str) -> np.ndarray
     return read(index, store, src)
 
 
+def _int_values(index: GraphIndex, store: TensorStore, node: NodeProto, i: int) -> list[int]:
+    """A shape or axes input: the ONNX spec makes it int64; anything else (NaN included) is refused."""
+    value = _const_value(index, store, node.input[i])
+    if value.dtype.kind not in "iu":
+        raise OnnxclpError(f"{node.op_type} {node.name!r}: input {i} has type {value.dtype}, not an integer type")
+    return [int(v) for v in value.reshape(-1)]
+
+
 def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray) -> np.ndarray:
     op = node.op_type
     if op == "Identity":
@@ -55,7 +63,7 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
             raise OnnxclpError(f"Transpose {node.name!r}: perm {list(perm)} does not permute {x.ndim} axes")
         return np.transpose(x, perm if perm is not None else None)
     if op == "Reshape":
-        shape = [int(d) for d in _const_value(index, store, node.input[1]).reshape(-1)]
+        shape = _int_values(index, store, node, 1)
         if not _attr(node, "allowzero", 0):
             shape = [x.shape[i] if d == 0 and i < x.ndim else d for i, d in enumerate(shape)]
         try:
@@ -64,7 +72,7 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
             raise OnnxclpError(f"Reshape {node.name!r}: cannot reshape {list(x.shape)} to {shape}") from exc
     if op in ("Squeeze", "Unsqueeze"):
         if len(node.input) > 1 and node.input[1]:
-            axes = [int(a) for a in _const_value(index, store, node.input[1]).reshape(-1)]
+            axes = _int_values(index, store, node, 1)
         else:
             axes = list(_attr(node, "axes", []) or [])
         rank = x.ndim if op == "Squeeze" else x.ndim + len(axes)
