@@ -15,7 +15,7 @@ from onnx import NodeProto, TensorProto
 
 from onnxclp import weights
 from onnxclp.graph import ConstSource, GraphIndex
-from onnxclp.io import TensorStore
+from onnxclp.io import TensorStore, cast_checked
 from onnxclp.layers import Layer, PerChannel
 
 
@@ -112,7 +112,7 @@ class Editor:
         def on_stored(v: np.ndarray) -> None:
             c = layer.layout.to_channels(v).astype(np.float64)
             fn(c)
-            v[...] = layer.layout.from_channels(c, v.shape).astype(v.dtype)
+            v[...] = cast_checked(layer.layout.from_channels(c, v.shape), v.dtype, f"layer {layer.key!r}")
 
         self._update(layer.weight, layer.node, layer.weight_index, on_stored)
 

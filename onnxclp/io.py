@@ -375,14 +375,33 @@ class TensorStore:
         return _quiet_nans(np.array(arr, copy=True))
 
 
+def cast_checked(value: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """``value`` cast to ``dtype``; an edit whose finite result does not fit it (overflow to Inf) is refused.
+
+    A hostile BatchNormalization can make a folded weight exceed float32 (or float16): writing Inf would
+    break the model, and numpy would print an overflow warning on the way.
+    """
+    value = np.asarray(value)
+    if value.dtype == dtype:
+        return value
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = value.astype(dtype)
+    floats = [d.kind == "f" or d.name == "bfloat16" for d in (value.dtype, np.dtype(dtype))]
+    if all(floats) and not np.all(np.isfinite(out) | ~np.isfinite(value)):
+        raise OnnxclpError(f"{what}: the edited values do not fit {np.dtype(dtype).name} (overflow)")
+    return out
+
+
 def write_array(tensor: TensorProto, value: np.ndarray) -> None:
     """Replace a tensor's value in place, keeping its name, dtype, dims and doc string.
 
-    The value is cast to the tensor's own dtype (a float16 weight stays float16) and stored as raw_data;
-    any external-data entry is dropped (the saver decides where the tensor goes).
+    The value is cast to the tensor's own dtype (a float16 weight stays float16; an overflow is refused,
+    :func:`cast_checked`) and stored as raw_data; any external-data entry is dropped (the saver decides where
+    the tensor goes).
     """
     dtype = _dtype_of(tensor.data_type)
-    arr = np.ascontiguousarray(np.asarray(value).astype(dtype).reshape(tuple(tensor.dims)))
+    value = cast_checked(value, dtype, f"tensor {tensor.name or '<unnamed>'!r}")
+    arr = np.ascontiguousarray(value.reshape(tuple(tensor.dims)))
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)
     del tensor.external_data[:]
