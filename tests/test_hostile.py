@@ -591,6 +591,9 @@ CORPUS: dict[str, Builder] = {
     "weight-cast-unknown-type": _edit(_through("Cast", [], to=99)),
     "conv-strides-wrong-length": _edit(_strides_wrong_length),
     "conv-zero-dilation": _edit(_zero_dilation),
+    "weight-reshape-float-shape": _edit(
+        _through("Reshape", [numpy_helper.from_array(np.array([16, np.nan, 3, 3], np.float32), "shape")])
+    ),
 }
 
 
@@ -835,3 +838,15 @@ def test_error_line_escapes_control_characters(tmp_path: Path) -> None:
     result = invoke(["scan", str(tmp_path / "no\nsuch\x1b[31m.onnx")])
     line = assert_one_error_line(result)
     assert "\\n" in line and "\\x1b" in line and "\x1b" not in line
+
+
+def test_batchnorm_fold_that_overflows_is_refused(tmp_path: Path) -> None:
+    """Folding a BatchNormalization whose scale overflows float32 would write Inf weights: refused, no warning."""
+    m = small_model()
+    _set_array("gamma", np.full(16, 3e38, np.float32))(m)
+    _set_array("var", np.full(16, 1e-6, np.float32))(m)
+    src = write(tmp_path / "m.onnx", m)
+    before = snapshot(tmp_path)
+    line = assert_one_error_line(invoke(["sanitize", str(src), str(tmp_path / "out.onnx"), "--fuse-bn"]))
+    assert "overflow" in line
+    assert snapshot(tmp_path) == before
