@@ -87,6 +87,14 @@ def _exact(layer: Layer, w: np.ndarray, sizes: dict[str, tuple[int, ...]]) -> np
     return S.exact(w, size, strides, dilations)
 
 
+def _float64(layer: Layer, c: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Channels ``lo:hi`` of the canonical weight in float64, refused if any is NaN or Inf."""
+    part = c[lo:hi].astype(np.float64)
+    if not np.all(np.isfinite(part)):
+        raise OnnxclpError(f"layer {layer.key!r}: weight {layer.weight.tensor.name!r} contains NaN or Inf")
+    return part
+
+
 def score_layers(
     model: onnx.ModelProto, index: GraphIndex, layers: list[Layer], store: TensorStore, kind: str
 ) -> tuple[list[ScoredLayer], list[Skip]]:
@@ -104,16 +112,19 @@ def score_layers(
         )
         if tuple(w.shape) != layer.weight_shape:
             raise OnnxclpError(f"layer {layer.key!r}: weight shape {list(w.shape)} differs from its dims")
-        c = layer.layout.to_channels(w.astype(np.float64))
-        if not np.all(np.isfinite(c)):
-            raise OnnxclpError(f"layer {layer.key!r}: weight {layer.weight.tensor.name!r} contains NaN or Inf")
+        c = layer.layout.to_channels(w)  # a view of w, except for ConvTranspose
         if kind == "exact":
-            s = _exact(layer, c, sizes)
+            s = _exact(layer, _float64(layer, c, 0, c.shape[0]), sizes)
             if isinstance(s, str):
                 skipped.append(Skip(layer.key, layer.op, s, layer.weight.tensor.name))
                 continue
         else:
-            s = S.SCORERS[kind](c)
+            # A few channels at a time in float64: a large weight is never copied whole.
+            step = max(1, S._CHUNK_ELEMS // max(1, c[:1].size))
+            s = np.concatenate(
+                [S.SCORERS[kind](_float64(layer, c, lo, lo + step)) for lo in range(0, c.shape[0], step)]
+            )
+        del w, c  # before the next layer's weight is read
         scale = affine_scale(layer, index, store)
         if scale is not None and not np.all(np.isfinite(scale)):
             raise OnnxclpError(f"layer {layer.key!r}: its {layer.affine.kind} has NaN or Inf parameters")
