@@ -106,13 +106,18 @@ class Editor:
 
         self._update(pc.src, pc.node, pc.input_index, fn)
 
-    def _weight(self, layer: Layer, fn: Callable[[np.ndarray], None]) -> None:
-        """Apply ``fn`` to the canonical (K, C, ...) view of the layer's weight and write it back."""
+    def _weight(self, layer: Layer, channels, fn: Callable[[np.ndarray], None]) -> None:
+        """Apply ``fn`` to the rows ``channels`` of the canonical (K, C, ...) view of the layer's weight, in
+        float64, and write them back. Only those rows are converted: a large weight is not copied whole."""
+        idx = np.asarray(channels, dtype=np.int64)
 
         def on_stored(v: np.ndarray) -> None:
-            c = layer.layout.to_channels(v).astype(np.float64)
-            fn(c)
-            v[...] = cast_checked(layer.layout.from_channels(c, v.shape), v.dtype, f"layer {layer.key!r}")
+            c = layer.layout.to_channels(v)  # a view of v, except for ConvTranspose
+            rows = c[idx].astype(np.float64)
+            fn(rows)
+            c[idx] = cast_checked(rows, v.dtype, f"layer {layer.key!r}")
+            if not np.may_share_memory(c, v):
+                v[...] = layer.layout.from_channels(c, v.shape)
 
         self._update(layer.weight, layer.node, layer.weight_index, on_stored)
 
@@ -131,10 +136,10 @@ class Editor:
                 self._per_channel(aff.shift, channels, 0.0)
             return
 
-        def fn(c: np.ndarray) -> None:
-            c[channels] = 0.0
+        def fn(rows: np.ndarray) -> None:
+            rows[...] = 0.0
 
-        self._weight(layer, fn)
+        self._weight(layer, channels, fn)
         if layer.bias is not None:
             self._per_channel(layer.bias, channels, 0.0)
 
@@ -145,17 +150,17 @@ class Editor:
         idx = np.array(sorted(factors), dtype=np.int64)
         mult = np.array([factors[i] for i in idx.tolist()], dtype=np.float64)
 
-        def fn(c: np.ndarray) -> None:
-            c[idx] *= mult.reshape((-1,) + (1,) * (c.ndim - 1))
+        def fn(rows: np.ndarray) -> None:
+            rows *= mult.reshape((-1,) + (1,) * (rows.ndim - 1))
 
-        self._weight(layer, fn)
+        self._weight(layer, idx, fn)
 
     def zero_weights(self, layer: Layer, row: int, columns: list[int]) -> None:
         """Zero single weights ``W[row, columns]`` of an FC layer (LPP's classifier top-k step)."""
         if not columns:
             return
 
-        def fn(c: np.ndarray) -> None:
-            c[row, 0, columns] = 0.0
+        def fn(rows: np.ndarray) -> None:
+            rows[0, 0, columns] = 0.0
 
-        self._weight(layer, fn)
+        self._weight(layer, [row], fn)
