@@ -168,22 +168,30 @@ def _quiet_nans(arr: np.ndarray) -> np.ndarray:
 
     numpy raises an 'invalid value' warning each time a signaling NaN is cast or compared, which a hostile
     weight would turn into noise on stderr at every later step; a quiet NaN is refused or passed on like any
-    other NaN. Bit operations only: they never warn.
+    other NaN. Bit operations only (they never warn), a megabyte at a time (a large weight gets no
+    full-size temporaries), and nothing but a NaN check when there is no NaN.
     """
-    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
-        return arr
-    bits = _BF16_BITS if arr.dtype.name == "bfloat16" else _NAN_BITS.get(arr.dtype.itemsize)
+    bf16 = arr.dtype.name == "bfloat16"
+    bits = _BF16_BITS if bf16 else _NAN_BITS.get(arr.dtype.itemsize) if arr.dtype.kind == "f" else None
     if bits is None or arr.size == 0:
         return arr
-    utype, exp, mant, quiet = bits
-    u = arr.view(utype)
-    snan = ((u & utype(exp)) == exp) & ((u & utype(mant)) != 0) & ((u & utype(quiet)) == 0)
-    if not snan.any():
+    utype, exp, mant, quiet = (bits[0], *(bits[0](b) for b in bits[1:]))
+    step = 2**20 // arr.dtype.itemsize
+
+    def snan(u: np.ndarray) -> np.ndarray:
+        return ((u & exp) == exp) & ((u & mant) != 0) & ((u & quiet) == 0)
+
+    flat = arr.reshape(-1)
+    chunks = [slice(lo, lo + step) for lo in range(0, flat.size, step)]
+    # isnan never warns, except on bfloat16 (ml_dtypes widens it): there, look at the bits directly.
+    if not any(snan(flat[c].view(utype)).any() if bf16 else np.isnan(flat[c]).any() for c in chunks):
         return arr
-    if not arr.flags.writeable:
-        arr = arr.copy()
-        u = arr.view(utype)
-    u[snan] |= utype(quiet)
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr).copy()
+        flat = arr.reshape(-1)
+    for c in chunks:
+        u = flat[c].view(utype)
+        u[snan(u)] |= quiet
     return arr
 
 
