@@ -12,6 +12,7 @@ import typer
 from torch import nn
 from typer.testing import CliRunner
 
+from onnxclp.errors import OnnxclpError
 from onnxclp.eval.api import compare, evaluate
 from onnxclp.eval.attacks import build_attack, save_attack_config
 from onnxclp.eval.cli import register
@@ -91,9 +92,12 @@ def test_backdoor_is_seen_with_its_trigger_and_not_without(zoo) -> None:  # type
     assert with_trigger.asr is not None and with_trigger.asr >= 0.9
     assert with_trigger.n_samples == 400
     assert with_trigger.n_attacked == int((np.load(zoo / "test.npz")["y_test"] != TARGET).sum())
-    without = evaluate(zoo / "backdoored.onnx", zoo / "test.npz", "none")
+    without = evaluate(zoo / "backdoored.onnx", zoo / "test.npz", "none", attack_config=zoo / "attack.json")
     assert without.asr is not None and without.asr <= 0.1
     assert without.acc == with_trigger.acc
+    assert without.attack == {"attack": "none", "target": TARGET, "mode": "a2o", "seed": 0, "params": {}}
+    with pytest.raises(OnnxclpError, match="--attack sig differs from the attack config's 'badnets'"):
+        evaluate(zoo / "backdoored.onnx", zoo / "test.npz", "sig", attack_config=zoo / "attack.json")
     other_trigger = evaluate(zoo / "backdoored.onnx", zoo / "test.npz", "sig")
     assert other_trigger.asr is not None and other_trigger.asr <= 0.2
     clean_model = evaluate(zoo / "clean.onnx", zoo / "test.npz", attack_config=zoo / "attack.json")

@@ -146,14 +146,15 @@ def _resolve_attack(
     else:
         cfg = AttackConfig("none")
     if isinstance(attack, Attack):
-        if attack_config is not None and attack.name != cfg.attack:
+        if attack_config is not None and attack.name not in (cfg.attack, "none"):
             raise OnnxclpError(f"the attack given ({attack.name}) differs from the attack config's ({cfg.attack})")
         built = attack
     else:
         name = attack if isinstance(attack, str) else cfg.attack
-        if attack_config is not None and isinstance(attack, str) and attack != cfg.attack:
+        if attack_config is not None and isinstance(attack, str) and attack not in (cfg.attack, "none"):
             raise OnnxclpError(f"--attack {attack} differs from the attack config's {cfg.attack!r}")
-        merged = {**cfg.params, **(params or {})}
+        # "none" with a config: the baseline without trigger, keeping the config's target, mode and normalisation
+        merged = {**(cfg.params if name == cfg.attack else {}), **(params or {})}
         built = build_attack(name, merged, cfg.seed if seed is None else seed)
     if (mean is None) != (std is None):
         raise OnnxclpError("--mean and --std go together: give both or neither")
@@ -390,7 +391,8 @@ def evaluate(
     ``attack``: a name (``none``, ``badnets``, ``blended``, ``sig``, ``wanet``, ``bpp``, ``patch``), an
     :class:`Attack` or an :class:`AttackConfig`; ``attack_config`` a JSON file (the trainer's), which
     ``params``/``target``/``mode``/``seed``/``mean``/``std`` override. With ``none``, ASR and RA are measured on
-    the clean images of the attacked subset (the model's baseline rate of predicting the target).
+    the clean images of the attacked subset (the model's baseline rate of predicting the target); ``none`` with
+    an ``attack_config`` keeps the config's target, mode and normalisation.
     ``model`` may also be held in memory: serialized bytes or a ModelProto with no external data.
     Raises :class:`OnnxclpError` for anything the user can fix.
     """
