@@ -10,6 +10,7 @@ external-data entries point to outside the model's folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -850,3 +851,36 @@ def test_batchnorm_fold_that_overflows_is_refused(tmp_path: Path) -> None:
     line = assert_one_error_line(invoke(["sanitize", str(src), str(tmp_path / "out.onnx"), "--fuse-bn"]))
     assert "overflow" in line
     assert snapshot(tmp_path) == before
+
+
+def _lying_value_info_model() -> onnx.ModelProto:
+    """A value_info declaring 2**40 elements for an activation that feeds an Add."""
+    m = small_model()
+    m.graph.node.append(helper.make_node("Relu", ["r1"], ["lie"], name="lie"))
+    m.graph.node.append(helper.make_node("Add", ["lie", "lie"], ["z"], name="add"))
+    m.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    m.graph.value_info.append(helper.make_tensor_value_info("lie", TensorProto.FLOAT, [2**40]))
+    return m
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+
+def test_exact_score_survives_a_lying_value_info(tmp_path: Path) -> None:
+    """onnx's data propagation materialises a value_info of 2**40 elements until memory runs out (found by
+    bench/fuzz.py: 10 GB in a minute); the exact score's shape inference must not use it. Run under a 3 GiB
+    address-space limit, so that a regression fails fast instead of exhausting the machine."""
+    src = write(tmp_path / "m.onnx", _lying_value_info_model())
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxclp.cli", "scan", str(src), "--score", "exact", "--json", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limit_memory,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [layer["score"] for layer in report["layers"]] == ["exact", "exact"]
