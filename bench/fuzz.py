@@ -15,7 +15,7 @@ Each input is written as ``model.onnx`` into a scratch folder that also holds a 
 goes through ``load_model`` -> ``scan`` (method, score chosen from the input's hash) -> ``sanitize_file``
 (``fuse_bn`` too) -> the output is loaded back with onnxclp's own loader. The expected outcome for a broken
 input is :class:`~onnxclp.errors.OnnxclpError`. A *crash* is anything else: another exception, a warning
-(it would reach stderr), an input > 20 s, an output that onnxclp's loader refuses, a change to the input
+(it would reach stderr), a MemoryError under a 4 GiB address-space limit, an input > 20 s, an output that onnxclp's loader refuses, a change to the input
 folder, or a file opened outside the scratch folder's ``in/`` and ``out/`` (an audit hook watches every
 ``open``; a bait file sits next to ``in/``). Crashes are counted once per (kind, exception, innermost onnxclp
 frame) and their inputs saved under ``bench/_work/fuzz/crashes/``.
@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 WORK = Path(__file__).resolve().parent / "_work" / "fuzz"
 PER_INPUT_S = 20
+MEMORY_LIMIT = 4 * 2**30  # address space of the fuzzing process
 W_BIN = np.random.default_rng(1).standard_normal(4096).astype("<f4").tobytes()  # 16 KiB of weights
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -505,6 +507,9 @@ def _seed_bytes() -> list[bytes]:
 
 def child(mode: str, seconds: float, stats_path: Path, use_atheris: bool, seed: int) -> None:
     signal.signal(signal.SIGALRM, _alarm)
+    # An input that makes onnxclp (or a library under it) allocate without bound gets a MemoryError here,
+    # counted as a crash, instead of stopping the whole run (libFuzzer's RSS limit would).
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     scratch = Path(tempfile.mkdtemp(prefix=f"onnxclp-fuzz-{mode}-"))
     if use_atheris:
         import atheris
@@ -518,7 +523,7 @@ def child(mode: str, seconds: float, stats_path: Path, use_atheris: bool, seed: 
 
         corpus = WORK / f"corpus-{mode}"
         seed_dir = scratch / "seeds"
-        for d in (corpus, seed_dir):
+        for d in (corpus, seed_dir, WORK / "crashes"):
             d.mkdir(parents=True, exist_ok=True)
         for i, b in enumerate(base):
             (seed_dir / f"seed{i}.onnx").write_bytes(b)
@@ -542,7 +547,8 @@ def child(mode: str, seconds: float, stats_path: Path, use_atheris: bool, seed: 
         args = [
             sys.argv[0],
             f"-max_total_time={int(seconds)}",
-            "-rss_limit_mb=4096",
+            "-rss_limit_mb=8192",
+            f"-artifact_prefix={WORK / 'crashes'}/",
             f"-seed={seed}",
             "-max_len=65536",
             "-print_final_stats=1",
