@@ -69,11 +69,13 @@ def run_guarded(fn: Callable[[], T], debug: bool) -> T:
 Method = Annotated[
     str, typer.Option("--method", "-m", help="clp (CLP, ECCV 2022) or lpp (Lipschitzness precise pruning).")
 ]
-U = Annotated[float | None, typer.Option("--u", "-u", help="Upper threshold: mean + u*std per layer [clp: 3, lpp: 3].")]
+U = Annotated[
+    float | None, typer.Option("--u", "-u", help="Upper threshold: mean + u*std per layer [clp: 3, lpp: 2.5].")
+]
 ULow = Annotated[float | None, typer.Option("--u-low", help="LPP lower threshold: prune below mean + u_low*std [-3].")]
 Bias = Annotated[
     float | None,
-    typer.Option("--bias-rate", help="LPP: rescale channels in (mean+(u-b)*std, mean+u*std] [1.5]."),
+    typer.Option("--bias-rate", help="LPP: rescale channels in (mean+(u-b)*std, mean+u*std] [1]."),
 ]
 TopK = Annotated[
     int | None, typer.Option("--topk", help="LPP: classifier weights zeroed in the suspected target row [0].")
