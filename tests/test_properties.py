@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxclp import OnnxclpError, sanitize, scan
+from onnxclp import NothingToSanitize, OnnxclpError, sanitize, scan
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -201,7 +201,12 @@ def test_sanitize_raises_only_onnxclp_errors(chain: Chain, opts: dict) -> None:
 @given(chain=chains(), method=st.sampled_from(["clp", "lpp"]), score=st.sampled_from(["spectral", "l2", "exact"]))
 def test_huge_u_changes_nothing(chain: Chain, method: str, score: str) -> None:
     kw = {"u_low": -1e9, "bias_rate": 0.0} if method == "lpp" else {}
-    model, report = quiet(sanitize, chain.model, method, 1e9, score=score, include_fc=True, **kw)
+    try:
+        model, report = quiet(sanitize, chain.model, method, 1e9, score=score, include_fc=True, **kw)
+    except NothingToSanitize:  # the exact score skips layers whose input size the strides do not divide
+        assert score == "exact"
+        event("exact score: no layer could be scored")
+        return
     assert report.pruned_channels == 0 and report.rescaled_channels == 0
     before = {t.name: t.SerializeToString() for t in chain.model.graph.initializer}
     after = {t.name: t.SerializeToString() for t in model.graph.initializer}
