@@ -17,6 +17,8 @@ from onnx import NodeProto, TensorProto
 from onnxclp.errors import OnnxclpError
 from onnxclp.io import iter_graphs
 
+# How deep the other inputs of a transform (a Reshape's shape, ...) may themselves be transformed constants.
+MAX_NESTING = 8
 # Nodes a constant may pass through on its way to a layer and still count as that layer's constant weight.
 TRANSFORM_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "DequantizeLinear"})
 
@@ -166,13 +168,15 @@ class GraphIndex:
             return None
         return node
 
-    def constant(self, name: str) -> ConstSource | None:
+    def constant(self, name: str, _depth: int = 0) -> ConstSource | None:
         """The constant behind a tensor name; None if it is not constant.
 
         Walks back through Identity and through the value-preserving transforms exporters put between a
         stored weight and its reader (:data:`TRANSFORM_OPS`: Transpose, Reshape, Squeeze, Unsqueeze, Cast,
         DequantizeLinear), provided their other inputs are constants too. ``via`` lists those nodes from the
-        reader back to the stored constant.
+        reader back to the stored constant. Those other inputs (a shape, axes, a scale) may themselves come
+        through transforms, but at most :data:`MAX_NESTING` deep: a hostile graph nesting them thousands deep
+        overflowed the stack, and reading a value doubles its work at each level that reuses one.
         """
         via: list[NodeProto] = []
         seen: set[str] = set()
@@ -186,7 +190,7 @@ class GraphIndex:
             if node is None:
                 return None
             if node.op_type in TRANSFORM_OPS and node.domain in ("", "ai.onnx") and node.input and node.input[0]:
-                if any(x and self.constant(x) is None for x in node.input[1:]):
+                if _depth >= MAX_NESTING or any(x and self.constant(x, _depth + 1) is None for x in node.input[1:]):
                     return None
                 via.append(node)
                 name = node.input[0]
