@@ -884,3 +884,25 @@ def test_exact_score_survives_a_lying_value_info(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert [layer["score"] for layer in report["layers"]] == ["exact", "exact"]
+
+
+@pytest.mark.parametrize(("depth", "reuse"), [(3000, False), (60, True)])
+def test_deeply_nested_weight_chain_is_skipped_not_crashed(tmp_path: Path, depth: int, reuse: bool) -> None:
+    """A Reshape whose shape comes from a Reshape whose shape comes from ... (found while fuzzing): 3000 levels
+    overflowed the stack (RecursionError, exit 4); 60 levels each reusing the previous value twice would take
+    2**60 steps. Past onnxclp's nesting limit the weight is not a constant: that layer is skipped."""
+    m = small_model()
+    m.graph.initializer.append(numpy_helper.from_array(np.array([16, 3, 3, 3], np.int64), "s0"))
+    chain = [
+        helper.make_node("Reshape", [f"s{i - 1}" if reuse else "s0", f"s{i - 1}"], [f"s{i}"]) for i in range(1, depth)
+    ]
+    chain.append(helper.make_node("Reshape", ["W1", f"s{depth - 1}"], ["W1r"]))
+    for n in reversed(chain):
+        m.graph.node.insert(0, n)
+    node(m, "conv1").input[1] = "W1r"
+    src = write(tmp_path / "m.onnx", m)
+    result = invoke(["scan", str(src), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [layer["node"] for layer in report["layers"]] == ["conv2"]
+    assert "not a constant" in report["skipped"][0]["reason"]
