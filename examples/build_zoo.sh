@@ -6,7 +6,7 @@
 #
 # Environment: PYTHON (default python), DATA (default ../shared/data/cifar10.npz), THREADS (default 2),
 # EPOCHS (overrides every model's epochs), EXTRA (more arguments for every run), ONLY (e.g. "resnet-sig").
-# On 2 CPU cores each model takes roughly 5-10 minutes when the machine is otherwise idle (docs/evaluate.md).
+# On 2 idle CPU cores each model takes roughly 6-8 minutes (estimated from training-step throughput, docs/evaluate.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +34,7 @@ train() {
 for attack in badnets blended wanet sig bpp; do
     train resnet "$attack" 8
 done
-train vgg badnets 10
-train preact badnets 8
-train mobilenet badnets 8
+# epochs chosen from training-step throughput on an idle 2-core machine (docs/evaluate.md): about 6-8 minutes each
+train vgg badnets 12
+train preact badnets 10
+train mobilenet badnets 12
