@@ -17,6 +17,7 @@ __all__ = [
     "OnnxclpError",
     "Report",
     "__version__",
+    "compare",
     "evaluate",
     "sanitize",
     "sanitize_file",
