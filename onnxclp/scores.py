@@ -55,6 +55,25 @@ def l2(w: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("kab,kab->k", m, m))
 
 
+def _geometry(w, input_size, strides, dilations):
+    """Checked float64 weight, spatial rank, input size, strides and dilations of an ``exact`` score."""
+    w = np.asarray(w, dtype=np.float64)
+    nd = w.ndim - 2
+    size = tuple(int(n) for n in input_size)
+    if len(size) != nd or any(n <= 0 for n in size):
+        raise ValueError(f"input size {size} does not match a {nd}-D kernel")
+    return w, nd, size, tuple(strides or (1,) * nd), tuple(dilations or (1,) * nd)
+
+
+def _kernel_spectrum(part: np.ndarray, grid: tuple[int, ...], dilations: tuple[int, ...]) -> np.ndarray:
+    """DFT over a circular ``grid`` of each kernel slice, taps placed ``dilation`` apart (wrapping around)."""
+    idx = [(np.arange(kd) * d) % n for kd, d, n in zip(part.shape[2:], dilations, grid, strict=True)]
+    placed = np.zeros(part.shape[:2] + grid, dtype=np.float64)
+    # np.add.at accumulates taps that wrap onto the same grid point.
+    np.add.at(placed, (slice(None), slice(None), *np.ix_(*idx)), part)
+    return np.fft.fftn(placed, axes=tuple(range(2, 2 + len(grid))))
+
+
 def exact(
     w: np.ndarray,
     input_size: tuple[int, ...],
@@ -70,30 +89,16 @@ def exact(
     fall outside an input smaller than the kernel wrap around (circular convolution). ``input_size`` gives
     the spatial size of the input; each must be divisible by its stride.
     """
-    w = np.asarray(w, dtype=np.float64)
-    nd = w.ndim - 2
-    size = tuple(int(n) for n in input_size)
-    if len(size) != nd or any(n <= 0 for n in size):
-        raise ValueError(f"input size {size} does not match a {nd}-D kernel")
-    strides = tuple(strides or (1,) * nd)
-    dilations = tuple(dilations or (1,) * nd)
+    w, nd, size, strides, dilations = _geometry(w, input_size, strides, dilations)
     if any(n % s for n, s in zip(size, strides, strict=True)):
         raise ValueError(f"input size {size} is not divisible by strides {strides}")
     k, c = w.shape[:2]
-    kernel = w.shape[2:]
-    # Tap positions on the circular grid (dilated, wrapped).
-    idx = [(np.arange(kd) * d) % n for kd, d, n in zip(kernel, dilations, size, strict=True)]
     out = np.empty(k, dtype=np.float64)
     per_channel = c * int(np.prod(size)) * 2
     step = max(1, _CHUNK_ELEMS // max(1, per_channel))
-    axes = tuple(range(2, 2 + nd))
     s_total = float(np.prod(strides))
     for lo in range(0, k, step):
-        part = w[lo : lo + step]
-        grid = np.zeros(part.shape[:2] + size, dtype=np.float64)
-        # np.add.at accumulates taps that wrap onto the same grid point.
-        np.add.at(grid, (slice(None), slice(None), *np.ix_(*idx)), part)
-        spec = np.fft.fftn(grid, axes=axes)
+        spec = _kernel_spectrum(w[lo : lo + step], size, dilations)
         power = (spec.real**2 + spec.imag**2).sum(axis=1)  # (k, *size): sum over input channels
         # Fold the S aliases of each output frequency together: axis n -> (s, n/s), sum over s.
         shape = [power.shape[0]]
@@ -119,24 +124,14 @@ def exact_transposed(
     the ``S x C`` matrix ``A_f[a, c] = DFT(W_kc)(f + a N) / sqrt(S)``; the norm is ``max_f sigma_max(A_f)``.
     With stride 1 this is :func:`exact`.
     """
-    w = np.asarray(w, dtype=np.float64)
-    nd = w.ndim - 2
-    size = tuple(int(n) for n in input_size)
-    if len(size) != nd or any(n <= 0 for n in size):
-        raise ValueError(f"input size {size} does not match a {nd}-D kernel")
-    strides = tuple(strides or (1,) * nd)
-    dilations = tuple(dilations or (1,) * nd)
+    w, nd, size, strides, dilations = _geometry(w, input_size, strides, dilations)
     out_size = tuple(n * s for n, s in zip(size, strides, strict=True))
     k, c = w.shape[:2]
-    idx = [(np.arange(kd) * d) % m for kd, d, m in zip(w.shape[2:], dilations, out_size, strict=True)]
     s_total = int(np.prod(strides))
     out = np.empty(k, dtype=np.float64)
     step = max(1, _CHUNK_ELEMS // max(1, c * int(np.prod(out_size)) * 4))
     for lo in range(0, k, step):
-        part = w[lo : lo + step]
-        grid = np.zeros(part.shape[:2] + out_size, dtype=np.float64)
-        np.add.at(grid, (slice(None), slice(None), *np.ix_(*idx)), part)
-        spec = np.fft.fftn(grid, axes=tuple(range(2, 2 + nd)))  # (k, C, *M)
+        spec = _kernel_spectrum(w[lo : lo + step], out_size, dilations)  # (k, C, *M)
         # Split each axis M = s * N into (alias a, frequency f), then gather A_f: (k, *f, C, S).
         shape = [spec.shape[0], c]
         for n, st in zip(size, strides, strict=True):
