@@ -210,10 +210,12 @@ def sanitize(
     return loaded.model, report
 
 
-def _sanitize(model_or_path, method, u, u_low, bias_rate, topk, score, include_fc, exclude, fuse_bn, base_dir):
+def _sanitize(
+    model_or_path, method, u, u_low, bias_rate, topk, score, include_fc, exclude, fuse_bn, base_dir, edit=True
+):
     params = make_params(method, u, u_low, bias_rate, topk, score, include_fc)
     loaded = _load(model_or_path, base_dir)
-    report, _ = _run(loaded, params, exclude, fuse_bn, edit=True)
+    report, _ = _run(loaded, params, exclude, fuse_bn, edit=edit)
     _require_layers(report)
     return loaded, report
 
@@ -232,10 +234,9 @@ def scan(
     base_dir: str | None = None,
 ) -> Report:
     """The analysis of :func:`sanitize` (scores, thresholds, flagged channels) without editing anything."""
-    params = make_params(method, u, u_low, bias_rate, topk, score, include_fc)
-    loaded = _load(model_or_path, base_dir)
-    report, _ = _run(loaded, params, exclude, fuse_bn=False, edit=False)
-    _require_layers(report)
+    _, report = _sanitize(
+        model_or_path, method, u, u_low, bias_rate, topk, score, include_fc, exclude, False, base_dir, edit=False
+    )
     return report
 
 
