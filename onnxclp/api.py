@@ -100,9 +100,7 @@ def _load(model_or_path: onnx.ModelProto | str | os.PathLike[str], base_dir: str
     return _Loaded(model, store, str(model_or_path))
 
 
-def _run(
-    loaded: _Loaded, params: Params, exclude: Sequence[str], fuse_bn: bool, edit: bool
-) -> tuple[Report, list[Decision]]:
+def _run(loaded: _Loaded, params: Params, exclude: Sequence[str], fuse_bn: bool, edit: bool) -> Report:
     start = time.perf_counter()
     model, store = loaded.model, loaded.store
     fused = fuse_batchnorm(model, store) if fuse_bn else 0
@@ -143,7 +141,7 @@ def _run(
         report.copied_tensors = list(editor.copies)
         annotate(model, report)
     report.time_s = time.perf_counter() - start
-    return report, decisions
+    return report
 
 
 def _layer_report(d: Decision) -> LayerReport:
@@ -215,7 +213,7 @@ def _sanitize(
 ):
     params = make_params(method, u, u_low, bias_rate, topk, score, include_fc)
     loaded = _load(model_or_path, base_dir)
-    report, _ = _run(loaded, params, exclude, fuse_bn, edit=edit)
+    report = _run(loaded, params, exclude, fuse_bn, edit=edit)
     _require_layers(report)
     return loaded, report
 
