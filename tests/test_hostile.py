@@ -663,6 +663,22 @@ def test_hostile_input_exits_2_and_changes_nothing(tmp_path: Path, name: str, co
     assert snapshot(root) == before  # no new file (OUT, OUT.data, temporaries) and nothing changed
 
 
+@pytest.mark.parametrize(
+    "name", [*sorted(n for n in CORPUS if n.startswith("ext-")), "empty-file", "random-bytes", "truncated-half"]
+)
+def test_evaluate_checks_hostile_files_before_onnxruntime(tmp_path: Path, name: str) -> None:
+    """``evaluate`` hands the model to onnxruntime, which would follow a hostile external-data path: the safe
+    loader's checks run first, with the same one-line exit-2 error as sanitize."""
+    pytest.importorskip("onnxruntime")
+    model, root = build_case(tmp_path, name)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_test=np.zeros((4, 8, 8, 3), np.uint8), y_test=np.arange(4) % 4)
+    before = snapshot(root)
+    line = assert_one_error_line(invoke(["evaluate", str(model), "--data", str(data)]))
+    assert "onnxruntime" not in line, line
+    assert snapshot(root) == before
+
+
 @pytest.mark.parametrize("name", ["empty-file", "random-bytes", "ext-parent-dir", "cycle", "conv-group-is-a-string"])
 def test_hostile_input_in_a_real_process(tmp_path: Path, name: str) -> None:
     """The installed entry point, in its own process: exit 2, one line, no traceback."""

@@ -163,6 +163,12 @@ class OnnxClassifier:
             self.path = Path(path)
             if not self.path.is_file():
                 raise OnnxclpError(f"no such model file: {self.path}")
+            # The safe loader's checks first (external data inside the model's folder, no links or devices,
+            # sizes that fit the files, sane tensor headers): onnxruntime would otherwise follow whatever
+            # external-data paths a hostile file names. Raises OnnxclpError (exit 2).
+            from onnxclp.io import load_model
+
+            load_model(self.path)
             source = str(self.path)
         else:
             self.path = Path("<in-memory model>")
