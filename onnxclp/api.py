@@ -40,7 +40,7 @@ DEFAULTS = {
         "bias_rate": None,
         "topk": None,
     },
-    "lpp": {"u": 2.5, "score": "l2", "include_fc": True, "u_low": -3.0, "bias_rate": 1.0, "topk": 0},
+    "lpp": {"u": 3.0, "score": "l2", "include_fc": True, "u_low": -3.0, "bias_rate": 1.0, "topk": 0},
 }
 
 

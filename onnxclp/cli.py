@@ -70,7 +70,7 @@ Method = Annotated[
     str, typer.Option("--method", "-m", help="clp (CLP, ECCV 2022) or lpp (Lipschitzness precise pruning).")
 ]
 U = Annotated[
-    float | None, typer.Option("--u", "-u", help="Upper threshold: mean + u*std per layer [clp: 3, lpp: 2.5].")
+    float | None, typer.Option("--u", "-u", help="Upper threshold: mean + u*std per layer [3; both methods].")
 ]
 ULow = Annotated[float | None, typer.Option("--u-low", help="LPP lower threshold: prune below mean + u_low*std [-3].")]
 Bias = Annotated[
