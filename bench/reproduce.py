@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "cifar10.npz"
 DOCS = REPO / "docs"
 IMG = DOCS / "img"
+README = REPO / "README.md"
 
 # (folder, architecture, attack) in table order
 MODELS = [
@@ -52,12 +53,21 @@ MODELS = [
     ("preact-badnets", "PreAct ResNet", "BadNets"),
     ("mobilenet-badnets", "MobileNetV2-style", "BadNets"),
 ]
-SWEEP_MODELS = ("resnet-badnets", "resnet-wanet", "resnet-blended")
-TAC_MODELS = ("resnet-wanet", "resnet-badnets", "resnet-blended")
-DEFAULTS_MODELS = ("resnet-badnets", "resnet-blended", "resnet-wanet")
+SWEEP_MODELS = ("resnet-badnets", "resnet-wanet", "resnet-blended", "resnet-bpp", "resnet-sig")
+TAC_MODELS = ("resnet-wanet", "resnet-sig", "resnet-badnets", "resnet-blended", "resnet-bpp")
+DEFAULTS_MODELS = ("resnet-badnets", "resnet-blended", "resnet-wanet", "resnet-sig", "resnet-bpp")
 CALIBRATION_SEED = 12345
 CALIBRATION_SIZE = 500
 MAX_ACC_DROP = 1.0
+
+# Published after-defense figures for the headline table, ACC / ASR (%), ResNet-18, CIFAR-10 (the full ones below).
+PUBLISHED_SHORT = {
+    "BadNets": "CLP 93.46 / 1.38 [C]; CLP 84.82 / 3.97, LPP 85.51 / 2.81 [L]",
+    "Blended": "CLP 94.07 / 1.90 [C]",
+    "WaNet": "CLP 94.06 / 0.56 [C]; CLP 68.97 / 96.22, LPP 87.64 / 44.57 [L]",
+    "BPP": "CLP 90.31 / 2.86, LPP 90.32 / 2.79 [L]",
+    "SIG": "not reported",
+}
 
 # Published figures, CIFAR-10, ResNet-18, 10 % poisoning: "before -> after" ACC / ASR (ALGORITHMS.md section 7).
 PUBLISHED = {
@@ -168,6 +178,50 @@ def step_tac(name: str, folder: Path, data: Path, idx: dict[str, np.ndarray]) ->
     return out
 
 
+def prune_only(proto: Any, channels: list[tuple[str, int]]) -> Any:
+    """A copy of ``proto`` with exactly these (layer, channel) pairs pruned, as sanitize prunes them."""
+    import onnx
+
+    from onnxclp.edit import Editor
+    from onnxclp.graph import GraphIndex
+    from onnxclp.io import TensorStore
+    from onnxclp.layers import find_layers
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    store = TensorStore(model, Path("."))
+    index = GraphIndex(model.graph)
+    layers = {layer.key: layer for layer in find_layers(index, store).layers}
+    editor = Editor(index, store)
+    for key, k in channels:
+        editor.zero_channels(layers[key], [k])
+    return model
+
+
+def step_ablate(name: str, folder: Path, data: Path, idx: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Each channel CLP or LPP prunes at its default, pruned alone: which one carries the backdoor, which one
+    costs the accuracy (LPP's rescaled channels are left out: a pruned channel is the sharper question)."""
+    import onnxclp
+    from onnxclp.study.measure import load_inline, measure, prepare
+
+    proto = load_inline(folder / "model.onnx")
+    prepared = prepare(proto, data, attack_config=folder / "attack.json", indices=idx["sweep"])
+    out: dict[str, Any] = {"before": _metrics(measure(proto, prepared))}
+    for method in ("clp", "lpp"):
+        report = onnxclp.scan(proto, method)
+        rows, pruned = [], []
+        for layer in report.layers:
+            mean, std = layer.score_mean, layer.score_std
+            for k in layer.pruned:
+                pruned.append((layer.node, k))
+                z = (layer.scores[k] - mean) / std if std > 0 else 0.0
+                m = measure(prune_only(proto, [(layer.node, k)]), prepared)
+                rows.append({"node": layer.node, "channel": k, "score_z": z, **_metrics(m)})
+        together = _metrics(measure(prune_only(proto, pruned), prepared)) if pruned else None
+        out[method] = {"channels": rows, "together": together}
+    return out
+
+
 def defaults_grid() -> list[dict[str, Any]]:
     """One factor at a time around the provisional defaults (u 3, u_low -3, b 1.5, k 0), plus some pairs."""
     base = {"u": 3.0, "u_low": -3.0, "bias_rate": 1.5, "topk": 0}
@@ -202,7 +256,13 @@ def step_defaults(name: str, folder: Path, data: Path, idx: dict[str, np.ndarray
     return sweep_settings(proto, prepared, defaults_grid(), "lpp", name=str(folder / "model.onnx")).to_dict()
 
 
-STEPS = {"table": step_table, "sweep": step_sweep, "tac": step_tac, "defaults": step_defaults}
+STEPS = {
+    "table": step_table,
+    "sweep": step_sweep,
+    "tac": step_tac,
+    "defaults": step_defaults,
+    "ablate": step_ablate,
+}
 STEP_MODELS = {"sweep": SWEEP_MODELS, "tac": TAC_MODELS, "defaults": DEFAULTS_MODELS}
 
 
@@ -227,35 +287,41 @@ def _label(name: str) -> tuple[str, str]:
     return name, ""
 
 
+def _training(cache: dict[str, Any], folder: str) -> str:
+    tr = cache.get(folder, {}).get("train", {})
+    if not tr:
+        return "?"
+    return f"{tr.get('n_train', 0) / 1000:g}k images, {tr.get('epochs', '?')} epochs"
+
+
 def md_table(cache: dict[str, Any], headline: bool = False) -> str:
-    rows = [
-        "| model | attack | before | CLP | LPP | calibrated CLP (u) | sanitize time CLP / LPP |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    if not headline:
-        rows[0] += " calibrated LPP (u) |"
-        rows[1] += "---|"
+    """The results table; ``headline`` drops calibrated LPP and adds the training and the published figures."""
+    head = ["model", "attack", "before", "CLP", "LPP", "calibrated CLP (u)"]
+    head += ["training", "sanitize time CLP / LPP", "published (ResNet-18)"] if headline else ["calibrated LPP (u)"]
+    head += [] if headline else ["sanitize time CLP / LPP"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for folder, arch, attack in MODELS:
         r = cache.get(folder, {}).get("table")
         if not r:
             continue
-        cc, lc = r["clp_calibrated"], r["lpp_calibrated"]
-        cal = f"{pair(cc)} ({cc['u']:g})" if cc.get("u") is not None else "no u within budget"
-        row = (
-            f"| {arch} | {attack} | {pair(r['before'])} | {pair(r['clp'])} | {pair(r['lpp'])} | {cal} | "
-            f"{1000 * r['clp']['time_s']:.0f} / {1000 * r['lpp']['time_s']:.0f} ms |"
-        )
-        if not headline:
-            lcal = f"{pair(lc)} ({lc['u']:g})" if lc.get("u") is not None else "no u within budget"
-            row += f" {lcal} |"
-        rows.append(row)
+        cal = []
+        for method in ("clp", "lpp"):
+            c = r[f"{method}_calibrated"]
+            cal.append(f"{pair(c)} ({c['u']:g})" if c.get("u") is not None else "no u within budget")
+        cells = [arch, attack, pair(r["before"]), pair(r["clp"]), pair(r["lpp"]), cal[0]]
+        time_cell = f"{1000 * r['clp']['time_s']:.0f} / {1000 * r['lpp']['time_s']:.0f} ms"
+        if headline:
+            cells += [_training(cache, folder), time_cell, PUBLISHED_SHORT.get(attack, "")]
+        else:
+            cells += [cal[1], time_cell]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def md_details(cache: dict[str, Any]) -> str:
     rows = [
         "| model | test images (attacked) | CLP pruned | LPP pruned / rescaled | calibration ACC (500 clean) "
-        "before → CLP-cal / LPP-cal | training (ACC / ASR in torch, 10k test) |",
+        "before → CLP-cal / LPP-cal | training (ACC / ASR in torch, 10k test; time on 2 CPU cores) |",
         "|---|---|---|---|---|---|",
     ]
     for folder, arch, attack in MODELS:
@@ -270,7 +336,7 @@ def md_details(cache: dict[str, Any]) -> str:
             f"{r['clp']['pruned']} of {r['clp']['channels']} | {r['lpp']['pruned']} / {r['lpp']['rescaled']} of "
             f"{r['lpp']['channels']} | {pct(cc['calibration_acc_before'])} → {pct(cc.get('calibration_acc'))} / "
             f"{pct(lc.get('calibration_acc'))} | {tr.get('epochs', '?')} epochs on {tr.get('n_train', '?')} images: "
-            f"{pct(test.get('acc'))} / {pct(test.get('asr'))} |"
+            f"{pct(test.get('acc'))} / {pct(test.get('asr'))}, {tr.get('seconds_train', 0) / 60:.0f} min |"
         )
     some = next((cache[f]["table"] for f, _, _ in MODELS if cache.get(f, {}).get("table")), None)
     if some:
@@ -342,6 +408,26 @@ def md_tac(cache: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def md_ablate(cache: dict[str, Any]) -> str:
+    rows = [
+        "| model | method | pruned alone: layer, channel (score z): ACC / ASR | all of them |",
+        "|---|---|---|---|",
+    ]
+    for folder, arch, attack in MODELS:
+        a = cache.get(folder, {}).get("ablate")
+        if not a:
+            continue
+        rows.append(f"| {arch} {attack} | before | | {pair(a['before'])} |")
+        for method in ("clp", "lpp"):
+            r = a[method]
+            cells = "<br>".join(
+                f"`{c['node']}` {c['channel']} (z {c['score_z']:+.2f}): {pair(c)}" for c in r["channels"]
+            )
+            rows.append(f"| | {method.upper()} | {cells or 'nothing pruned'} | {pair(r['together'])} |")
+    n = next((cache[f]["ablate"]["before"]["n"] for f, _, _ in MODELS if cache.get(f, {}).get("ablate")), 0)
+    return "\n".join(rows) + f"\n\n({n} test images per model, outside the calibration set.)"
+
+
 def md_defaults(cache: dict[str, Any]) -> str:
     present = [f for f in DEFAULTS_MODELS if cache.get(f, {}).get("defaults")]
     if not present:
@@ -388,16 +474,22 @@ def write_docs(cache: dict[str, Any]) -> None:
         ("published", md_published()),
         ("sweeps", md_sweeps(cache)),
         ("tac", md_tac(cache)),
+        ("ablate", md_ablate(cache)),
         ("machine", f"{platform.machine()}, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}"),
     ):
         replace_block(res, name, body, "# Results\n")
     n = next((cache[f]["table"]["before"]["n"] for f, _, _ in MODELS if cache.get(f, {}).get("table")), 0)
-    (DOCS / "results-headline.md").write_text(
-        f"ACC / ASR (%) on {n:,} CIFAR-10 test images, small models trained on the CPU (`zoo/`, "
-        "[details](docs/results.md)); calibrated: u chosen on 500 other clean test images, budget 1 point.\n\n"
-        + md_table(cache, headline=True)
-        + "\n\nReproduce: `python bench/reproduce.py` (models: `examples/train_backdoored.py`).\n"
+    headline = (
+        f"ACC / ASR (%) on {n:,} CIFAR-10 test images; models trained on 2 CPU cores by "
+        "`examples/train_backdoored.py` (10 % poisoning, all-to-one, target 0); CLP and LPP with their defaults, "
+        "data-free; calibrated: u chosen on 500 other clean test images, budget 1 point. Published: after-defense "
+        "figures of the CLP paper [C] and the LPP paper [L] for ResNet-18 trained on a GPU "
+        "([details](docs/results.md)).\n\n" + md_table(cache, headline=True) + "\n\nReproduce: "
+        "`bash examples/build_zoo.sh && python bench/reproduce.py`.\n"
     )
+    (DOCS / "results-headline.md").write_text(headline)
+    if README.exists() and "<!-- BEGIN generated: headline -->" in README.read_text():
+        replace_block(README, "headline", headline, "")
     replace_block(DOCS / "lpp-defaults.md", "grid", md_defaults(cache), "# LPP defaults\n")
 
 
@@ -408,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", type=Path, default=REPO / "zoo")
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--steps", default="defaults,table,sweep,tac", help="comma-separated: " + ", ".join(STEPS))
+    ap.add_argument("--steps", default="defaults,table,sweep,tac,ablate", help="comma-separated: " + ", ".join(STEPS))
     ap.add_argument("--only", default=None, help="comma-separated zoo folders (default: all present)")
     ap.add_argument("--eval-limit", type=int, default=None, help="seeded subset of the 9,500 evaluation images")
     ap.add_argument("--sweep-limit", type=int, default=2000)
