@@ -27,7 +27,8 @@ from onnxclp.passes.decide import Decision, Params, decide
 from onnxclp.passes.fuse_bn import fuse_batchnorm
 from onnxclp.passes.prune import apply_decisions
 from onnxclp.passes.score import score_layers
-from onnxclp.report import LayerReport, Report, SkippedLayer
+from onnxclp.passes.streams import coupled_prunes, residual_streams
+from onnxclp.report import CoupledChannels, LayerReport, Report, SkippedLayer
 
 METHODS = ("clp", "lpp")
 # Per-method defaults. CLP: the paper's CIFAR-10 setting. LPP: docs/lpp-defaults.md.
@@ -135,6 +136,10 @@ def _run(loaded: _Loaded, params: Params, exclude: Sequence[str], fuse_bn: bool,
     report.input = loaded.path
     report.skipped = [SkippedLayer(s.key, s.op, s.reason, s.weight) for s in skipped]
     report.layers = [_layer_report(d) for d in decisions]
+    pruned = {d.scored.layer.key: d.selection.prune for d in decisions if d.selection.prune}
+    if sum(len(v) for v in pruned.values()) >= 2:
+        streams = residual_streams(index, [d.scored.layer for d in decisions])
+        report.coupled = [CoupledChannels(c.channel, list(c.layers), c.merge) for c in coupled_prunes(streams, pruned)]
     if edit:
         editor = Editor(index, store)
         apply_decisions(editor, decisions)

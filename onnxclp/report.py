@@ -48,6 +48,16 @@ class SkippedLayer:
 
 
 @dataclass
+class CoupledChannels:
+    """One channel pruned in several layers that write the same residual stream (:mod:`onnxclp.passes.streams`):
+    together those prunes remove the channel from the stream for every later layer."""
+
+    channel: int
+    layers: list[str]
+    merge: str
+
+
+@dataclass
 class Report:
     """Everything a scan or sanitize found and did."""
 
@@ -60,6 +70,7 @@ class Report:
     written: list[str] = field(default_factory=list)
     fused_batchnorms: int = 0
     copied_tensors: list[str] = field(default_factory=list)
+    coupled: list[CoupledChannels] = field(default_factory=list)
     time_s: float = 0.0
     version: str = ""
 
@@ -173,6 +184,14 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
         for s in report.skipped:
             skipped.add_row(_text(s.node), _text(s.op), _text(s.reason))
         console.print(skipped)
+    for c in report.coupled:
+        console.print(
+            _text(
+                f"note: channel {c.channel} is pruned in {len(c.layers)} layers that write the same residual "
+                f"stream ({', '.join(c.layers)}; summed at {c.merge}): together they remove that channel of the "
+                "stream for every later layer (docs/results.md, BPP)"
+            )
+        )
     t = report.totals()
     console.print(
         f"{t['scored_layers']} layers scored, {t['skipped_layers']} skipped; "
