@@ -1,7 +1,7 @@
 """Reproduce docs/results.md, docs/results-headline.md, the tables of docs/lpp-defaults.md and the figures in
 docs/img/ from the backdoored model zoo (``examples/train_backdoored.py``, one folder per model in ``zoo/``).
 
-    python bench/reproduce.py                       # everything, for every zoo model present
+    python bench/reproduce.py                       # everything, for every zoo model present (zoo/)
     python bench/reproduce.py --steps table,tac     # some steps; results of earlier runs are kept in the cache
     python bench/reproduce.py --only resnet-badnets,resnet-blended --steps defaults
 
@@ -15,6 +15,7 @@ Protocol (the same for every model and method):
   the defaults of ``onnxclp.api.DEFAULTS`` at the time of the run (written in the tables). Calibrated: CLP and LPP
   with u chosen by ``onnxclp.study.calibrate`` on the calibration set (budget 1.0 point, grid 0.5:8:0.25).
 - sanitize time: ``onnxclp.sanitize_file`` (load, score, edit, save), median of 3 runs, this machine.
+- ablation: each channel CLP or LPP prunes at its default, pruned alone, on the sweep images.
 
 Every number in the docs comes from a run of this script; ``zoo/reproduce-cache.json`` holds the raw results.
 Sections between ``<!-- BEGIN generated: NAME -->`` and ``<!-- END generated: NAME -->`` are rewritten; the text
@@ -53,8 +54,8 @@ MODELS = [
     ("preact-badnets", "PreAct ResNet", "BadNets"),
     ("mobilenet-badnets", "MobileNetV2-style", "BadNets"),
 ]
-SWEEP_MODELS = ("resnet-badnets", "resnet-wanet", "resnet-blended", "resnet-bpp", "resnet-sig")
-TAC_MODELS = ("resnet-wanet", "resnet-sig", "resnet-badnets", "resnet-blended", "resnet-bpp")
+SWEEP_MODELS = ("resnet-badnets", "resnet-wanet", "resnet-blended", "resnet-bpp", "resnet-sig", "vgg-badnets")
+TAC_MODELS = ("resnet-wanet", "resnet-sig", "vgg-badnets", "resnet-badnets", "resnet-blended", "resnet-bpp")
 DEFAULTS_MODELS = ("resnet-badnets", "resnet-blended", "resnet-wanet", "resnet-sig", "resnet-bpp")
 CALIBRATION_SEED = 12345
 CALIBRATION_SIZE = 500
@@ -311,7 +312,8 @@ def md_table(cache: dict[str, Any], headline: bool = False) -> str:
         cells = [arch, attack, pair(r["before"]), pair(r["clp"]), pair(r["lpp"]), cal[0]]
         time_cell = f"{1000 * r['clp']['time_s']:.0f} / {1000 * r['lpp']['time_s']:.0f} ms"
         if headline:
-            cells += [_training(cache, folder), time_cell, PUBLISHED_SHORT.get(attack, "")]
+            published = PUBLISHED_SHORT.get(attack, "") if arch == "ResNet-14" else "(ResNet-18 only)"
+            cells += [_training(cache, folder), time_cell, published]
         else:
             cells += [cal[1], time_cell]
         rows.append("| " + " | ".join(cells) + " |")
