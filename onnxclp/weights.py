@@ -97,7 +97,12 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
         return x.astype(dtype)
     if op == "DequantizeLinear":
         scale, zp, _ = _dq_params(index, store, node, x)
-        return ((x.astype(np.float64) - zp) * scale).astype(scale.dtype if scale.dtype.kind == "f" else np.float32)
+        dtype = scale.dtype if scale.dtype.kind == "f" else np.dtype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = ((x.astype(np.float64) - zp) * scale).astype(dtype)
+        if not np.all(np.isfinite(out)):
+            raise OnnxclpError(f"DequantizeLinear {node.name!r}: dequantized weight is NaN or Inf in {dtype.name}")
+        return out
     raise OnnxclpError(f"unsupported node {op!r} between a weight and its layer")
 
 

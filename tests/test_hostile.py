@@ -869,6 +869,43 @@ def test_batchnorm_fold_that_overflows_is_refused(tmp_path: Path) -> None:
     assert snapshot(tmp_path) == before
 
 
+def test_dequantized_weight_that_overflows_is_refused(tmp_path: Path) -> None:
+    """An int8 weight whose DequantizeLinear scale takes it past float32: refused with its name, no warning."""
+    m = small_model()
+    q = np.full((16, 3, 3, 3), 127, np.int8)
+    m.graph.initializer.extend(
+        [
+            numpy_helper.from_array(q, "W1_q"),
+            numpy_helper.from_array(np.array(1e38, np.float32), "W1_scale"),
+        ]
+    )
+    m.graph.node.insert(0, helper.make_node("DequantizeLinear", ["W1_q", "W1_scale"], ["W1_dq"], name="dq_w1"))
+    node(m, "conv1").input[1] = "W1_dq"
+    line = assert_one_error_line(invoke(["scan", str(write(tmp_path / "m.onnx", m)), "--method", "lpp"]))
+    assert "dq_w1" in line and "Inf" in line
+
+
+def test_scores_that_overflow_are_refused(tmp_path: Path) -> None:
+    """float64 weights near their limit: a channel's norm overflows to Inf; refused, not reported as Inf."""
+    rng = np.random.default_rng(0)
+    w = rng.uniform(1e307, 1e308, (16, 3, 3, 3))
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "W2"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "double",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, 4, 8, 8])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.standard_normal((4, 16, 1, 1)), "W2")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    line = assert_one_error_line(invoke(["scan", str(write(tmp_path / "m.onnx", m)), "--method", "lpp"]))
+    assert "'conv'" in line and "overflow" in line
+
+
 def _lying_value_info_model() -> onnx.ModelProto:
     """A value_info declaring 2**40 elements for an activation that feeds an Add."""
     m = small_model()

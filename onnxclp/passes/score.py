@@ -135,5 +135,7 @@ def score_layers(
         s = S.apply_scale(s, scale)
         if layer.op == "Gemm":
             s = s * abs(float(attr(layer.node, "alpha", 1.0)))
+        if not np.all(np.isfinite(s)):  # float64 weights near their limit: a norm overflows
+            raise OnnxclpError(f"layer {layer.key!r}: channel scores overflow (weights or scales too large)")
         scored.append(ScoredLayer(layer, s, kind))
     return scored, skipped
