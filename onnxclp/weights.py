@@ -24,10 +24,27 @@ from onnxclp.errors import OnnxclpError
 from onnxclp.graph import ConstSource, GraphIndex
 from onnxclp.io import TensorStore
 
+_ATTR_TYPES = {
+    "perm": onnx.AttributeProto.INTS,
+    "axes": onnx.AttributeProto.INTS,
+    "allowzero": onnx.AttributeProto.INT,
+    "to": onnx.AttributeProto.INT,
+    "axis": onnx.AttributeProto.INT,
+    "block_size": onnx.AttributeProto.INT,
+}
+_ATTR_NAMES = {v: k for k, v in onnx.AttributeProto.AttributeType.items()}
+
 
 def _attr(node: NodeProto, name: str, default=None):
+    """The attribute's value; one of the wrong type (a float ``axes``, from a hostile file) is refused."""
     for a in node.attribute:
         if a.name == name:
+            want = _ATTR_TYPES.get(name)
+            if want is not None and a.type != want:
+                got = _ATTR_NAMES.get(a.type, str(a.type))
+                raise OnnxclpError(
+                    f"{node.op_type} {node.name!r}: attribute {name!r} is {got}, not {_ATTR_NAMES[want]}"
+                )
             return onnx.helper.get_attribute_value(a)
     return default
 
@@ -94,7 +111,11 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
             raise OnnxclpError(f"Cast {node.name!r}: unsupported target type {to}") from exc
         if dtype.kind in "iub" and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
             raise OnnxclpError(f"Cast {node.name!r}: NaN or Inf cast to an integer type")
-        return x.astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = x.astype(dtype)
+        if dtype.kind == "f" and x.dtype.kind == "f" and not np.all(np.isfinite(out) | ~np.isfinite(x)):
+            raise OnnxclpError(f"Cast {node.name!r}: the weight does not fit {dtype.name} (overflow)")
+        return out
     if op == "DequantizeLinear":
         scale, zp, _ = _dq_params(index, store, node, x)
         dtype = scale.dtype if scale.dtype.kind == "f" else np.dtype(np.float32)

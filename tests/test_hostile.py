@@ -885,6 +885,28 @@ def test_dequantized_weight_that_overflows_is_refused(tmp_path: Path) -> None:
     assert "dq_w1" in line and "Inf" in line
 
 
+@pytest.mark.parametrize("case", ["float-axes", "cast-overflow"])
+def test_hostile_weight_chains_are_refused(tmp_path: Path, case: str) -> None:
+    """Two fuzzing finds in the weight chain: a Squeeze whose ``axes`` attribute is a float (a TypeError) and a
+    Cast of finite float64 values past float32 (a numpy RuntimeWarning). Both are one error line now."""
+    m = small_model()
+    w = numpy_helper.to_array(init(m, "W1"))
+    if case == "float-axes":
+        stored = numpy_helper.from_array(w[..., None], "W1_stored")
+        chain = helper.make_node("Squeeze", ["W1_stored"], ["W1_w"], name="sq")
+        chain.attribute.append(helper.make_attribute("axes", float("inf")))
+        expected = "attribute 'axes' is FLOAT, not INTS"
+    else:
+        stored = numpy_helper.from_array(np.full(w.shape, 1e300), "W1_stored")
+        chain = helper.make_node("Cast", ["W1_stored"], ["W1_w"], name="cast", to=TensorProto.FLOAT)
+        expected = "does not fit float32 (overflow)"
+    m.graph.initializer.append(stored)
+    m.graph.node.insert(0, chain)
+    node(m, "conv1").input[1] = "W1_w"
+    line = assert_one_error_line(invoke(["scan", str(write(tmp_path / "m.onnx", m))]))
+    assert expected in line, line
+
+
 def test_scores_that_overflow_are_refused(tmp_path: Path) -> None:
     """float64 weights near their limit: a channel's norm overflows to Inf; refused, not reported as Inf."""
     rng = np.random.default_rng(0)
