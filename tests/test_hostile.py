@@ -857,11 +857,18 @@ def test_error_line_escapes_control_characters(tmp_path: Path) -> None:
     assert "\\n" in line and "\\x1b" in line and "\x1b" not in line
 
 
-def test_batchnorm_fold_that_overflows_is_refused(tmp_path: Path) -> None:
-    """Folding a BatchNormalization whose scale overflows float32 would write Inf weights: refused, no warning."""
+@pytest.mark.parametrize("part", ["scale", "new-bias"])
+def test_batchnorm_fold_that_overflows_is_refused(tmp_path: Path, part: str) -> None:
+    """Folding a BatchNormalization whose scale (or, for a Conv without bias, whose shift, which becomes a new
+    bias) overflows float32 would write Inf: refused, no warning (the second was a graph-fuzzer find)."""
     m = small_model()
-    _set_array("gamma", np.full(16, 3e38, np.float32))(m)
-    _set_array("var", np.full(16, 1e-6, np.float32))(m)
+    if part == "scale":
+        _set_array("gamma", np.full(16, 3e38, np.float32))(m)
+        _set_array("var", np.full(16, 1e-6, np.float32))(m)
+    else:
+        del node(m, "conv1").input[2:]
+        _set_array("mean", np.full(16, 3e38, np.float32))(m)
+        _set_array("var", np.full(16, 1e-10, np.float32))(m)
     src = write(tmp_path / "m.onnx", m)
     before = snapshot(tmp_path)
     line = assert_one_error_line(invoke(["sanitize", str(src), str(tmp_path / "out.onnx"), "--fuse-bn"]))

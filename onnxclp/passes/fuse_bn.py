@@ -14,7 +14,7 @@ from onnxclp import weights
 from onnxclp.edit import Editor
 from onnxclp.errors import OnnxclpError
 from onnxclp.graph import GraphIndex
-from onnxclp.io import TensorStore
+from onnxclp.io import TensorStore, cast_checked
 from onnxclp.layers import Layer, attr, find_layers
 
 
@@ -56,7 +56,8 @@ def fuse_batchnorm(model: onnx.ModelProto, store: TensorStore) -> int:
         else:
             dtype = weights.read(index, store, layer.weight).dtype
             name = editor.unique_name(f"{layer.key}.bias")
-            bias = onnx.numpy_helper.from_array((shift / beta_attr).astype(dtype), name)
+            value = cast_checked(shift / beta_attr, dtype, f"layer {layer.key!r}: folded BatchNormalization bias")
+            bias = onnx.numpy_helper.from_array(value, name)
             model.graph.initializer.append(bias)
             while len(node.input) < 2:
                 node.input.append("")
