@@ -185,10 +185,11 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
             skipped.add_row(_text(s.node), _text(s.op), _text(s.reason))
         console.print(skipped)
     for c in report.coupled:
+        names = ", ".join(c.layers[:4]) + (f" and {len(c.layers) - 4} more" if len(c.layers) > 4 else "")
         console.print(
             _text(
                 f"note: channel {c.channel} is pruned in {len(c.layers)} layers that write the same residual "
-                f"stream ({', '.join(c.layers)}; summed at {c.merge}): together they remove that channel of the "
+                f"stream ({names}; summed at {c.merge}): together they remove that channel of the "
                 "stream for every later layer (docs/results.md, BPP)"
             )
         )

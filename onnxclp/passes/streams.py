@@ -112,9 +112,12 @@ def residual_streams(index: GraphIndex, layers: list[Layer]) -> list[Stream]:
     for layer in layers:
         if layer.output and not layer.is_output:
             groups.setdefault(sets.find(layer.output), []).append(layer)
+    merges_of: dict[str, list[str]] = {}
+    for _, key, out in sorted(merges):
+        merges_of.setdefault(sets.find(out), []).append(key)
     streams = []
     for root, members in groups.items():
-        via = tuple(key for _, key, out in sorted(merges) if sets.find(out) == root)
+        via = tuple(merges_of.get(root, ()))
         by_width: dict[int, list[str]] = {}
         for layer in members:
             by_width.setdefault(layer.channels, []).append(layer.key)
