@@ -303,3 +303,36 @@ def test_exact_score_on_conv_and_strided_conv_transpose():
     (layer,) = onnxclp.scan(conv, score="exact", u=1.0).layers
     # 1x1 kernels: the exact norm is the spectral one, times the BN scale.
     np.testing.assert_allclose(layer.scores, [2.5, 1.0, 2.0, 5.0], rtol=1e-6)
+
+
+def test_blocks_exported_as_functions_are_skipped_with_the_inlining_hint(tmp_path):
+    """torch's ``export_modules_as_functions``: the blocks' convolutions live in model-local functions; they are
+    skipped with a reason that names the workaround, and after ``inline_local_functions`` all are scored."""
+    import warnings
+
+    import onnx.inliner
+    import torch
+
+    from onnxclp.api import scan
+    from tests.torch_models import BasicBlock, SmallResNet
+
+    path = tmp_path / "fn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            SmallResNet(8).eval(),
+            (torch.randn(1, 3, 16, 16),),
+            str(path),
+            dynamo=False,
+            export_modules_as_functions={BasicBlock},
+            opset_version=17,
+        )
+    model = onnx.load(str(path))
+    assert model.functions
+    before = scan(model)
+    in_functions = [s for s in before.skipped if s.node.startswith("function ")]
+    body_convs = sum(n.op_type == "Conv" for f in model.functions for n in f.node)
+    assert len(before.layers) == 1 and len(in_functions) == body_convs == 5  # one skip per conv of each body
+    assert all("onnx.inliner.inline_local_functions" in s.reason for s in in_functions)
+    after = scan(onnx.inliner.inline_local_functions(model))
+    assert len(after.layers) == 9 and not [s for s in after.skipped if s.node.startswith("function ")]
