@@ -25,6 +25,7 @@ from onnxclp.layers import Skip, find_layers, find_nested
 from onnxclp.passes.annotate import annotate
 from onnxclp.passes.decide import Decision, Params, decide
 from onnxclp.passes.fuse_bn import fuse_batchnorm
+from onnxclp.passes.inline import inline_functions as _inline_functions
 from onnxclp.passes.prune import apply_decisions
 from onnxclp.passes.score import score_layers
 from onnxclp.passes.streams import coupled_prunes, residual_streams
@@ -199,26 +200,60 @@ def sanitize(
     exclude: Sequence[str] = (),
     fuse_bn: bool = False,
     base_dir: str | None = None,
+    inline_functions: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Sanitize a model with CLP (Zheng et al. 2022, section 3.4) or LPP (ALGORITHMS.md section 5).
 
     ``model_or_path`` is a ModelProto (not modified: a copy is edited; ``base_dir`` locates its external
     data) or a path (loaded safely). Returns the sanitized model and the report. Raises
     :class:`~onnxclp.errors.OnnxclpError` on bad input and
-    :class:`~onnxclp.errors.NothingToSanitize` when no layer can be scored.
+    :class:`~onnxclp.errors.NothingToSanitize` when no layer can be scored. ``inline_functions`` replaces
+    calls of model-local functions by their bodies first (:mod:`onnxclp.passes.inline`), so that the layers
+    inside them are scored; the returned model then has no local functions.
     """
     loaded, report = _sanitize(
-        model_or_path, method, u, u_low, bias_rate, topk, score, include_fc, exclude, fuse_bn, base_dir
+        model_or_path,
+        method,
+        u,
+        u_low,
+        bias_rate,
+        topk,
+        score,
+        include_fc,
+        exclude,
+        fuse_bn,
+        base_dir,
+        inline=inline_functions,
     )
     return loaded.model, report
 
 
 def _sanitize(
-    model_or_path, method, u, u_low, bias_rate, topk, score, include_fc, exclude, fuse_bn, base_dir, edit=True
+    model_or_path,
+    method,
+    u,
+    u_low,
+    bias_rate,
+    topk,
+    score,
+    include_fc,
+    exclude,
+    fuse_bn,
+    base_dir,
+    edit=True,
+    inline=False,
 ):
     params = make_params(method, u, u_low, bias_rate, topk, score, include_fc)
     loaded = _load(model_or_path, base_dir)
+    inlined: list[str] = []
+    if inline:
+        flat, inlined = _inline_functions(loaded.model)
+        if inlined:
+            store = TensorStore(flat, loaded.store.base_dir, loaded.store.source)
+            store.size_hint = loaded.store.size_hint
+            loaded.model, loaded.store = flat, store
     report = _run(loaded, params, exclude, fuse_bn, edit=edit)
+    report.inlined_functions = inlined
     _require_layers(report)
     return loaded, report
 
@@ -235,10 +270,23 @@ def scan(
     include_fc: bool | None = None,
     exclude: Sequence[str] = (),
     base_dir: str | None = None,
+    inline_functions: bool = False,
 ) -> Report:
     """The analysis of :func:`sanitize` (scores, thresholds, flagged channels) without editing anything."""
     _, report = _sanitize(
-        model_or_path, method, u, u_low, bias_rate, topk, score, include_fc, exclude, False, base_dir, edit=False
+        model_or_path,
+        method,
+        u,
+        u_low,
+        bias_rate,
+        topk,
+        score,
+        include_fc,
+        exclude,
+        False,
+        base_dir,
+        edit=False,
+        inline=inline_functions,
     )
     return report
 
@@ -257,6 +305,7 @@ def sanitize_file(
     exclude: Sequence[str] = (),
     fuse_bn: bool = False,
     force: bool = False,
+    inline_functions: bool = False,
 ) -> Report:
     """Sanitize ``src`` and write the result to ``dst`` atomically (``src`` is never modified).
 
@@ -268,7 +317,9 @@ def sanitize_file(
         raise OnnxclpError(f"{d}: output is the input file; use --force to overwrite it")
     if d.is_dir():
         raise OnnxclpError(f"{d}: is a directory")
-    loaded, report = _sanitize(s, method, u, u_low, bias_rate, topk, score, include_fc, exclude, fuse_bn, None)
+    loaded, report = _sanitize(
+        s, method, u, u_low, bias_rate, topk, score, include_fc, exclude, fuse_bn, None, inline=inline_functions
+    )
     report.output = str(d)
     report.written = save_model(loaded.model, loaded.store, d)
     report.time_s = time.perf_counter() - start

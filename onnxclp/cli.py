@@ -72,6 +72,13 @@ Method = Annotated[
 U = Annotated[
     float | None, typer.Option("--u", "-u", help="Upper threshold: mean + u*std per layer [3; both methods].")
 ]
+InlineFunctions = Annotated[
+    bool,
+    typer.Option(
+        "--inline-functions",
+        help="Inline model-local functions first so the layers inside them are scored (the output has none).",
+    ),
+]
 ULow = Annotated[float | None, typer.Option("--u-low", help="LPP lower threshold: prune below mean + u_low*std [-3].")]
 Bias = Annotated[
     float | None,
@@ -133,6 +140,7 @@ def sanitize(
     fuse_bn: Annotated[
         bool, typer.Option("--fuse-bn", help="Fold paired BatchNormalizations into their layers.")
     ] = False,
+    inline_functions: InlineFunctions = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write the report as JSON.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Allow OUTPUT to be INPUT.")] = False,
     calibrate: Annotated[
@@ -165,7 +173,8 @@ def sanitize(
             lpp = {"u_low": u_low, "bias_rate": bias_rate, "topk": topk}
             chosen = calibrate_for_sanitize(
                 input, calibrate, method, max_acc_drop, calibrate_grid, mean, std,
-                {**lpp, "score": score, "include_fc": include_fc, "exclude": exclude or ()},
+                {**lpp, "score": score, "include_fc": include_fc, "exclude": exclude or (),
+                 "inline_functions": inline_functions},
             )  # fmt: skip
         rep = sanitize_file(
             input,
@@ -180,6 +189,7 @@ def sanitize(
             exclude=exclude or (),
             fuse_bn=fuse_bn,
             force=force,
+            inline_functions=inline_functions,
         )
         _write_json(rep, report)
         _print(rep, quiet, verbose)
@@ -199,6 +209,7 @@ def scan(
     score: Score = None,
     include_fc: IncludeFC = None,
     exclude: Exclude = None,
+    inline_functions: InlineFunctions = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write score histograms per layer (PNG) into this folder.")
@@ -225,6 +236,7 @@ def scan(
             score=score,
             include_fc=include_fc,
             exclude=exclude or (),
+            inline_functions=inline_functions,
         )
         _write_json(rep, json_path)
         _print(rep, quiet, verbose)

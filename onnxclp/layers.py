@@ -459,9 +459,8 @@ def find_nested(model: onnx.ModelProto) -> list[Skip]:
                     Skip(
                         f"function {f.domain}.{f.name}/{key}",
                         node.op_type,
-                        "inside a model-local function (its weights are function inputs or shared by every call): "
-                        "functions are not sanitized yet; inline them first with "
-                        "onnx.inliner.inline_local_functions",
+                        "inside a model-local function (its weights are function inputs or shared by every call); "
+                        "use --inline-functions to inline the calls and score them",
                     )
                 )
     return skips

@@ -71,6 +71,7 @@ class Report:
     fused_batchnorms: int = 0
     copied_tensors: list[str] = field(default_factory=list)
     coupled: list[CoupledChannels] = field(default_factory=list)
+    inlined_functions: list[str] = field(default_factory=list)
     time_s: float = 0.0
     version: str = ""
 
@@ -184,6 +185,14 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
         for s in report.skipped:
             skipped.add_row(_text(s.node), _text(s.op), _text(s.reason))
         console.print(skipped)
+    if report.inlined_functions:
+        console.print(
+            _text(
+                f"inlined {len(report.inlined_functions)} model-local functions (--inline-functions): "
+                + ", ".join(report.inlined_functions[:6])
+                + (" ..." if len(report.inlined_functions) > 6 else "")
+            )
+        )
     for c in report.coupled:
         names = ", ".join(c.layers[:4]) + (f" and {len(c.layers) - 4} more" if len(c.layers) > 4 else "")
         console.print(

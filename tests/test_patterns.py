@@ -305,34 +305,110 @@ def test_exact_score_on_conv_and_strided_conv_transpose():
     np.testing.assert_allclose(layer.scores, [2.5, 1.0, 2.0, 5.0], rtol=1e-6)
 
 
-def test_blocks_exported_as_functions_are_skipped_with_the_inlining_hint(tmp_path):
-    """torch's ``export_modules_as_functions``: the blocks' convolutions live in model-local functions; they are
-    skipped with a reason that names the workaround, and after ``inline_local_functions`` all are scored."""
+def _resnet_with_functions(tmp_path):
     import warnings
 
-    import onnx.inliner
     import torch
 
-    from onnxclp.api import scan
     from tests.torch_models import BasicBlock, SmallResNet
 
+    net = SmallResNet(8).eval()
+    with torch.no_grad():  # a planted outlier in a block's convolution (inside a function once exported)
+        net.layer2.conv1.weight[3] *= 50.0
     path = tmp_path / "fn.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            SmallResNet(8).eval(),
+            net,
             (torch.randn(1, 3, 16, 16),),
             str(path),
             dynamo=False,
             export_modules_as_functions={BasicBlock},
             opset_version=17,
         )
+    return path
+
+
+def test_blocks_exported_as_functions_are_skipped_or_inlined(tmp_path):
+    """torch's ``export_modules_as_functions``: the blocks' convolutions live in model-local functions. They are
+    skipped with a reason that names ``--inline-functions``; with it, every one is scored, the planted channel
+    is pruned, and the output equals sanitizing the model inlined by onnx beforehand."""
+    import onnx.inliner
+
+    from onnxclp.api import sanitize, scan
+
+    path = _resnet_with_functions(tmp_path)
     model = onnx.load(str(path))
-    assert model.functions
     before = scan(model)
     in_functions = [s for s in before.skipped if s.node.startswith("function ")]
     body_convs = sum(n.op_type == "Conv" for f in model.functions for n in f.node)
     assert len(before.layers) == 1 and len(in_functions) == body_convs == 5  # one skip per conv of each body
-    assert all("onnx.inliner.inline_local_functions" in s.reason for s in in_functions)
-    after = scan(onnx.inliner.inline_local_functions(model))
-    assert len(after.layers) == 9 and not [s for s in after.skipped if s.node.startswith("function ")]
+    assert all("--inline-functions" in s.reason for s in in_functions)
+
+    out, report = sanitize(path, inline_functions=True)
+    assert len(report.layers) == 9 and not out.functions
+    assert report.inlined_functions == ["tests.torch_models.BasicBlock", "tests.torch_models.BasicBlock.1"]
+    assert report.pruned_channels >= 1
+    reference, ref_report = sanitize(onnx.inliner.inline_local_functions(model))
+    assert [layer.pruned for layer in report.layers] == [layer.pruned for layer in ref_report.layers]
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    name = model.graph.input[0].name
+    np.testing.assert_array_equal(run(out, {name: x})[0], run(reference, {name: x})[0])
+    # the original, unsanitized, still computes what the inlined one does before pruning
+    np.testing.assert_allclose(
+        run(model, {name: x})[0], run(onnx.inliner.inline_local_functions(model), {name: x})[0], rtol=1e-5
+    )
+
+
+def _fn(name: str, body_calls: list[str]) -> onnx.FunctionProto:
+    nodes = [helper.make_node("Relu", ["x"], ["t0"])]
+    prev = "t0"
+    for i, callee in enumerate(body_calls):
+        nodes.append(helper.make_node(callee, [prev], [f"t{i + 1}"], domain="local"))
+        prev = f"t{i + 1}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    return helper.make_function(
+        "local", name, ["x"], ["y"], nodes, [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    )
+
+
+@pytest.mark.parametrize("case", ["recursion", "explosion", "uncalled"])
+def test_inlining_refuses_hostile_functions_and_keeps_uncalled_ones(case):
+    from onnxclp.passes.inline import inline_functions
+
+    m = conv_bn(np.random.default_rng(0).standard_normal((16, 3, 3, 3)), np.ones(16))
+    m.opset_import.append(helper.make_opsetid("local", 1))
+    if case == "recursion":
+        m.functions.extend([_fn("A", ["B"]), _fn("B", ["A"])])
+    elif case == "explosion":  # each level calls the next twice: 2^30 nodes once inlined
+        m.functions.extend([_fn(f"F{i}", [f"F{i + 1}", f"F{i + 1}"]) for i in range(30)] + [_fn("F30", [])])
+    else:
+        m.functions.append(_fn("A", []))
+    if case != "uncalled":
+        first = "A" if case == "recursion" else "F0"
+        relu = next(n for n in m.graph.node if n.op_type == "Relu")
+        relu.op_type, relu.domain = first, "local"
+    if case == "uncalled":
+        out, called = inline_functions(m)
+        assert out is m and called == [] and len(out.functions) == 1
+        assert onnxclp.scan(m, inline_functions=True).inlined_functions == []
+        return
+    with pytest.raises(onnxclp.OnnxclpError, match="calls itself" if case == "recursion" else "expand to more"):
+        onnxclp.scan(m, inline_functions=True)
+
+
+def test_inline_functions_on_the_command_line(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnxclp.cli import app
+
+    path = _resnet_with_functions(tmp_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["sanitize", str(path), str(out), "--inline-functions", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "inlined 2 model-local functions" in " ".join(result.stdout.split())
+    data = json.loads(report.read_text())
+    assert len(data["inlined_functions"]) == 2 and data["totals"]["scored_layers"] == 9
+    assert not onnx.load(str(out)).functions
