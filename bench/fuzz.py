@@ -2,7 +2,7 @@
 
 Two fuzzers, each starting from a corpus of small valid models generated here (Conv/BN chains, grouped and
 depthwise Conv, ConvTranspose, Gemm, MatMul + Add, tf2onnx-style Mul + Add, weights behind Transpose and
-DequantizeLinear, an If subgraph, a model with external data):
+DequantizeLinear, an If subgraph, a model with external data, a model-local function called twice):
 
 - ``bytes``: libFuzzer (atheris), coverage-guided over onnxclp's code, mutates the serialized model file.
 - ``graph``: structure-aware. A model is parsed and changed by 1 to 4 random edits that keep it a valid
@@ -13,7 +13,7 @@ DequantizeLinear, an If subgraph, a model with external data):
 
 Each input is written as ``model.onnx`` into a scratch folder that also holds a valid external-data file, and
 goes through ``load_model`` -> ``scan`` (method, score chosen from the input's hash) -> ``sanitize_file``
-(``fuse_bn`` too) -> the output is loaded back with onnxclp's own loader. The expected outcome for a broken
+(``fuse_bn`` and ``inline_functions`` too) -> the output is loaded back with onnxclp's own loader. The expected outcome for a broken
 input is :class:`~onnxclp.errors.OnnxclpError`. A *crash* is anything else: another exception, a warning
 (it would reach stderr), a MemoryError under a 4 GiB address-space limit, an input > 20 s, an output that onnxclp's loader refuses, a change to the input
 folder, or a file opened outside the scratch folder's ``in/`` and ``out/`` (an audit hook watches every
@@ -165,6 +165,25 @@ def seeds() -> list[onnx.ModelProto]:
             t.data_location = TensorProto.EXTERNAL
             offset += n
     out.append(m)
+    # a model-local function (Conv -> BN -> Relu) called twice with different weights, as torch's
+    # export_modules_as_functions writes blocks; exercised with --inline-functions
+    body = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"]),
+        helper.make_node("Relu", ["n"], ["y"]),
+    ]
+    fn = helper.make_function(
+        "local", "blk", ["x", "w", "g", "b", "m", "v"], ["y"], body, [helper.make_opsetid("", 17)]
+    )
+    inits = [_t(rng, "Wa", 12, 3, 3, 3), *_bn(rng, "bna", 12), _t(rng, "Wb", 12, 12, 3, 3), *_bn(rng, "bnb", 12)]
+    nodes = [
+        helper.make_node("blk", ["x", "Wa", "bna.g", "bna.b", "bna.m", "bna.v"], ["h1"], domain="local", name="b1"),
+        helper.make_node("blk", ["h1", "Wb", "bnb.g", "bnb.b", "bnb.m", "bnb.v"], ["y"], domain="local", name="b2"),
+    ]
+    m = _model(nodes, inits, [1, 3, 8, 8])
+    m.opset_import.append(helper.make_opsetid("local", 1))
+    m.functions.append(fn)
+    out.append(m)
     return out
 
 
@@ -266,7 +285,21 @@ def mutate_graph(m: onnx.ModelProto, r: random.Random) -> None:
     """Apply one random edit to the model (main graph, or a subgraph / tensor inside it)."""
     g = m.graph
     names = _names(m)
-    choice = r.randrange(16)
+    choice = r.randrange(17)
+    if choice == 16 and m.functions:  # a node inside a function body: op, domain, inputs, or a call to itself
+        f = r.choice(list(m.functions))
+        if f.node:
+            fnode = r.choice(list(f.node))
+            pick = r.randrange(4)
+            if pick == 0:
+                fnode.op_type = r.choice([*OPS, f.name])
+            elif pick == 1:
+                fnode.op_type, fnode.domain = f.name, f.domain
+            elif pick == 2 and fnode.input:
+                fnode.input[r.randrange(len(fnode.input))] = r.choice([*f.input, "", "undefined"])
+            else:
+                fnode.domain = r.choice(["", "local", "x"])
+        return
     nodes = list(g.node)
     node = r.choice(nodes) if nodes else None
     if choice == 0 and node is not None:
@@ -408,6 +441,7 @@ class Harness:
         method = ("clp", "lpp")[h & 1]
         score = ("spectral", "l2", "exact")[(h >> 1) % 3]
         fuse = bool(h >> 3 & 1)
+        inline = bool(h >> 5 & 1)
         self.escapes = []
         outcome, crash = "ok", None
         signal.alarm(PER_INPUT_S)
@@ -422,8 +456,11 @@ class Harness:
                 self.watching = True
                 try:
                     load_model(model_path)
-                    scan(model_path, method, score=score, include_fc=bool(h >> 4 & 1))
-                    sanitize_file(model_path, self.outdir / "out.onnx", method, score=score, fuse_bn=fuse)
+                    scan(model_path, method, score=score, include_fc=bool(h >> 4 & 1), inline_functions=inline)
+                    sanitize_file(
+                        model_path, self.outdir / "out.onnx", method, score=score, fuse_bn=fuse,
+                        inline_functions=inline,
+                    )  # fmt: skip
                 finally:
                     self.watching = False
                 try:
@@ -459,7 +496,7 @@ class Harness:
                 (WORK / "crashes").mkdir(parents=True, exist_ok=True)
                 (WORK / "crashes" / name).write_bytes(data)
                 entry["first_input"] = name
-                entry["options"] = {"method": method, "score": score, "fuse_bn": fuse}
+                entry["options"] = {"method": method, "score": score, "fuse_bn": fuse, "inline_functions": inline}
         now = time.monotonic()
         if now - self.last_dump > 1.0:
             self.dump()

@@ -112,8 +112,14 @@ class GraphIndex:
             if rule is False or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
                 continue
             name = node.input[1]
-            while name not in self.initializers and name in self.producer and self.producer[name].op_type == "Identity":
-                name = self.producer[name].input[0]
+            seen: set[str] = set()
+            while name not in self.initializers and name not in seen and name in self.producer:
+                producer = self.producer[name]
+                # only the standard Identity (another domain's "Identity" is unchecked and may have no input)
+                if producer.op_type != "Identity" or producer.domain not in ("", "ai.onnx") or not producer.input:
+                    break
+                seen.add(name)
+                name = producer.input[0]
             tensor = self.initializers.get(name)
             producer = self.producer.get(name)
             if tensor is None and producer is not None and producer.op_type == "Constant":

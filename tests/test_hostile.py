@@ -914,6 +914,18 @@ def test_hostile_weight_chains_are_refused(tmp_path: Path, case: str) -> None:
     assert expected in line, line
 
 
+def test_an_identity_of_another_domain_without_input_is_not_followed(tmp_path: Path) -> None:
+    """A graph-fuzzer find: a custom-domain node named Identity, with no input, in front of a weight. It is not
+    the standard Identity (not checked, not followed): the layer is skipped with a reason, nothing crashes."""
+    m = small_model()
+    m.graph.node.insert(0, helper.make_node("Identity", [], ["W1x"], name="custom", domain="x"))
+    node(m, "conv1").input[1] = "W1x"
+    m.opset_import.append(helper.make_opsetid("x", 1))
+    result = invoke(["scan", str(write(tmp_path / "m.onnx", m))])
+    assert result.exit_code == 0, result.stderr
+    assert "conv1" in result.stdout and "not a constant" in " ".join(result.stdout.split())
+
+
 def test_scores_that_overflow_are_refused(tmp_path: Path) -> None:
     """float64 weights near their limit: a channel's norm overflows to Inf; refused, not reported as Inf."""
     rng = np.random.default_rng(0)
