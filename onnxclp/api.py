@@ -202,7 +202,7 @@ def sanitize(
     base_dir: str | None = None,
     inline_functions: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
-    """Sanitize a model with CLP (Zheng et al. 2022, section 3.4) or LPP (ALGORITHMS.md section 5).
+    """Sanitize a model with CLP (Zheng et al. 2022, section 4.5, Algorithm 1) or LPP (ALGORITHMS.md section 5).
 
     ``model_or_path`` is a ModelProto (not modified: a copy is edited; ``base_dir`` locates its external
     data) or a path (loaded safely). Returns the sanitized model and the report. Raises

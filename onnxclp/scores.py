@@ -5,7 +5,7 @@ ALGORITHMS.md section 3. Every function takes the canonical weight ``w`` of shap
 and returns a float64 vector of length ``K``, before the per-channel affine scale is applied
 (:func:`apply_scale`).
 
-- :func:`spectral` (CLP paper, section 3.3, eq. 8): largest singular value of ``W_k`` reshaped to
+- :func:`spectral` (CLP paper, section 4.1: the UCLC; 4.4 for BatchNorm): largest singular value of ``W_k`` reshaped to
   ``(C, prod(kernel))``, computed for all channels at once from the smaller Gram matrix.
 - :func:`l2` (LPP paper, section 3.2): Frobenius norm of ``W_k``.
 - :func:`exact` (Sedghi, Gupta & Long 2019): the operator norm of the circular convolution from the

@@ -1,6 +1,6 @@
 """Selection rules: scores in, channel index sets out. Pure numpy, no graph.
 
-- :func:`select_clp`: CLP (Zheng et al., ECCV 2022, section 3.4): flag ``score > mean + u * std``.
+- :func:`select_clp`: CLP (Zheng et al., ECCV 2022, section 4.5, Algorithm 1): flag ``score > mean + u * std``.
 - :func:`select_lpp`: LPP (ALGORITHMS.md section 5, onnxclp's reading of the paper's section 3.3): prune both
   tails, rescale the band just below the upper threshold by ``mean / score``.
 - :func:`classifier_topk`: LPP's step on the classifier layer: zero the ``k`` weights that most separate the

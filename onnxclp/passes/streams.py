@@ -2,10 +2,11 @@
 
 Not in either paper. In a ResNet with identity shortcuts, channel k of the stem's output and channel k of each
 block's last convolution are summed into one channel of the residual stream (``y = x + F(x)``). CLP and LPP
-decide per layer (CLP paper section 3.3: mean and spread of one layer's scores), so they can prune channel k
-in two of those layers on two independent decisions; together the two prunes remove channel k of the stream
-for every layer after them, which neither prune alone does (measured on the zoo's BPP model: pruning either of
-two such channels removes the backdoor for 8 or 16 points of accuracy, pruning both costs 50; docs/results.md).
+decide per layer (CLP paper section 4.5: a threshold on the mean and spread of one layer's scores), so they
+can prune channel k in two of those layers on two independent decisions; together the two prunes remove
+channel k of the stream for every layer after them, which neither prune alone does (measured on the zoo's BPP
+model: pruning either of two such channels removes the backdoor for 8 or 16 points of accuracy, pruning both
+costs 50; docs/results.md).
 
 :func:`residual_streams` groups the scored layers that write the same stream; :func:`coupled_prunes` (pure)
 lists the channels pruned in more than one layer of a group, so that the report can say so.
