@@ -211,39 +211,21 @@ def sanitize(
     calls of model-local functions by their bodies first (:mod:`onnxclp.passes.inline`), so that the layers
     inside them are scored; the returned model then has no local functions.
     """
-    loaded, report = _sanitize(
-        model_or_path,
-        method,
-        u,
-        u_low,
-        bias_rate,
-        topk,
-        score,
-        include_fc,
-        exclude,
-        fuse_bn,
-        base_dir,
-        inline=inline_functions,
-    )
+    params = make_params(method, u, u_low, bias_rate, topk, score, include_fc)
+    loaded, report = _sanitize(model_or_path, params, exclude, fuse_bn, base_dir, inline=inline_functions)
     return loaded.model, report
 
 
 def _sanitize(
-    model_or_path,
-    method,
-    u,
-    u_low,
-    bias_rate,
-    topk,
-    score,
-    include_fc,
-    exclude,
-    fuse_bn,
-    base_dir,
-    edit=True,
-    inline=False,
-):
-    params = make_params(method, u, u_low, bias_rate, topk, score, include_fc)
+    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    params: Params,
+    exclude: Sequence[str],
+    fuse_bn: bool,
+    base_dir: str | None,
+    *,
+    edit: bool = True,
+    inline: bool = False,
+) -> tuple[_Loaded, Report]:
     loaded = _load(model_or_path, base_dir)
     inlined: list[str] = []
     if inline:
@@ -273,21 +255,8 @@ def scan(
     inline_functions: bool = False,
 ) -> Report:
     """The analysis of :func:`sanitize` (scores, thresholds, flagged channels) without editing anything."""
-    _, report = _sanitize(
-        model_or_path,
-        method,
-        u,
-        u_low,
-        bias_rate,
-        topk,
-        score,
-        include_fc,
-        exclude,
-        False,
-        base_dir,
-        edit=False,
-        inline=inline_functions,
-    )
+    params = make_params(method, u, u_low, bias_rate, topk, score, include_fc)
+    _, report = _sanitize(model_or_path, params, exclude, False, base_dir, edit=False, inline=inline_functions)
     return report
 
 
@@ -317,9 +286,8 @@ def sanitize_file(
         raise OnnxclpError(f"{d}: output is the input file; use --force to overwrite it")
     if d.is_dir():
         raise OnnxclpError(f"{d}: is a directory")
-    loaded, report = _sanitize(
-        s, method, u, u_low, bias_rate, topk, score, include_fc, exclude, fuse_bn, None, inline=inline_functions
-    )
+    params = make_params(method, u, u_low, bias_rate, topk, score, include_fc)
+    loaded, report = _sanitize(s, params, exclude, fuse_bn, None, inline=inline_functions)
     report.output = str(d)
     report.written = save_model(loaded.model, loaded.store, d)
     report.time_s = time.perf_counter() - start

@@ -383,11 +383,12 @@ class TensorStore:
         return _quiet_nans(np.array(arr, copy=True))
 
 
-def cast_checked(value: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
-    """``value`` cast to ``dtype``; an edit whose finite result does not fit it (overflow to Inf) is refused.
+def cast_checked(value: np.ndarray, dtype: np.dtype, what: str, noun: str = "edited values") -> np.ndarray:
+    """``value`` cast to ``dtype``; a finite value that does not fit it (overflow to Inf) is refused.
 
-    A hostile BatchNormalization can make a folded weight exceed float32 (or float16): writing Inf would
-    break the model, and numpy would print an overflow warning on the way.
+    A hostile BatchNormalization can make a folded weight exceed float32 (or float16), and a hostile Cast in a
+    weight chain can do the same: writing or scoring Inf would break the model, and numpy would print an
+    overflow warning on the way. ``noun`` names the values in the message.
     """
     value = np.asarray(value)
     if value.dtype == dtype:
@@ -396,7 +397,8 @@ def cast_checked(value: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
         out = value.astype(dtype)
     floats = [d.kind == "f" or d.name == "bfloat16" for d in (value.dtype, np.dtype(dtype))]
     if all(floats) and not np.all(np.isfinite(out) | ~np.isfinite(value)):
-        raise OnnxclpError(f"{what}: the edited values do not fit {np.dtype(dtype).name} (overflow)")
+        verb = "do" if noun.endswith("s") else "does"
+        raise OnnxclpError(f"{what}: the {noun} {verb} not fit {np.dtype(dtype).name} (overflow)")
     return out
 
 

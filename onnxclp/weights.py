@@ -22,7 +22,7 @@ from onnx import NodeProto
 
 from onnxclp.errors import OnnxclpError
 from onnxclp.graph import ConstSource, GraphIndex
-from onnxclp.io import TensorStore
+from onnxclp.io import TensorStore, cast_checked
 
 _ATTR_TYPES = {
     "perm": onnx.AttributeProto.INTS,
@@ -111,11 +111,7 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
             raise OnnxclpError(f"Cast {node.name!r}: unsupported target type {to}") from exc
         if dtype.kind in "iub" and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
             raise OnnxclpError(f"Cast {node.name!r}: NaN or Inf cast to an integer type")
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = x.astype(dtype)
-        if dtype.kind == "f" and x.dtype.kind == "f" and not np.all(np.isfinite(out) | ~np.isfinite(x)):
-            raise OnnxclpError(f"Cast {node.name!r}: the weight does not fit {dtype.name} (overflow)")
-        return out
+        return cast_checked(x, dtype, f"Cast {node.name!r}", noun="weight")
     if op == "DequantizeLinear":
         scale, zp, _ = _dq_params(index, store, node, x)
         dtype = scale.dtype if scale.dtype.kind == "f" else np.dtype(np.float32)
