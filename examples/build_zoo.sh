@@ -43,3 +43,33 @@ train resnet wanet 10 --cross-ratio 0 --param s=2.0
 train preact badnets 8
 train mobilenet badnets 8
 train vgg badnets 8
+
+# Clean models, the null for `scan`'s model-level verdict (docs/detect.md): the same architectures and budgets,
+# no poisoned image (--poison-rate 0; attack.json then records the BadNets trigger, so `evaluate` measures the
+# natural rate at which the trigger flips a clean model's prediction). Several seeds of the ResNet.
+train_clean() {
+    local arch=$1 seed=$2 epochs=$3
+    local name="$arch-clean-s$seed" out="zoo/$arch-clean-s$seed"
+    if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
+        return
+    fi
+    if [[ -f "$out/train.json" && -z "${FORCE:-}" ]]; then
+        echo "skip $name (exists; FORCE=1 rebuilds it)"
+        return
+    fi
+    mkdir -p "$out"
+    echo "=== $name"
+    # shellcheck disable=SC2086
+    "$PYTHON" examples/train_backdoored.py --arch "$arch" --attack badnets --poison-rate 0 --seed "$seed" \
+        --data "$DATA" --threads "$THREADS" --epochs "${EPOCHS:-$epochs}" --out "$out" ${EXTRA:-} 2>&1 \
+        | tee "$out/train.log"
+}
+
+if [[ -z "${NO_CLEAN:-}" ]]; then
+    for seed in 0 1 2; do
+        train_clean resnet "$seed" 8
+    done
+    train_clean preact 0 8
+    train_clean mobilenet 0 8
+    train_clean vgg 0 8
+fi
