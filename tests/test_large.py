@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -116,37 +117,51 @@ def tensor_digests(path: Path) -> dict[str, str]:
     return out
 
 
+@pytest.fixture
+def big_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder for the 2.1 GiB model and its output, emptied when the test ends, pass or fail.
+
+    pytest keeps the temporary folders of the last three runs: without this, each run would leave 4.3 GB.
+    """
+    folder = tmp_path / "big"
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_sanitize_a_model_over_2gib_streams_unedited_weights(tmp_path: Path) -> None:
-    free = shutil.disk_usage(tmp_path).free
+def test_sanitize_a_model_over_2gib_streams_unedited_weights(big_dir: Path) -> None:
+    free = shutil.disk_usage(big_dir).free
     if free < 6 * 10**9:
-        pytest.skip(f"needs 6 GB free in {tmp_path} for a 2.1 GiB model and its output, {free / 1e9:.1f} GB free")
+        pytest.skip(f"needs 6 GB free in {big_dir} for a 2.1 GiB model and its output, {free / 1e9:.1f} GB free")
     start = time.perf_counter()
-    src = build_model(tmp_path)
+    src = build_model(big_dir)
     generated = time.perf_counter() - start
-    data_size = (tmp_path / "model.onnx.data").stat().st_size
+    data_size = (big_dir / "model.onnx.data").stat().st_size
     assert data_size > 2 * 2**30
 
-    baseline, code, err = peak_rss([sys.executable, "-c", "import onnxclp.api, onnxclp.cli"], tmp_path)
+    baseline, code, err = peak_rss([sys.executable, "-c", "import onnxclp.api, onnxclp.cli"], big_dir)
     assert code == 0, err
     t0 = time.perf_counter()
     peak, code, err = peak_rss(
         [sys.executable, "-m", "onnxclp.cli", "sanitize", str(src), "out.onnx", "-u", "6", "--report", "r.json"],
-        tmp_path,
+        big_dir,
     )
     took = time.perf_counter() - t0
     assert code == 0, err
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((big_dir / "r.json").read_text())
     pruned = {layer["node"]: layer["pruned"] for layer in report["layers"] if layer["pruned"]}
     assert pruned == {f"conv{i}": [k] for i, k in OUTLIERS.items()}
 
     # Unedited weights: the same bytes in the output. conv0 is pruned through its BatchNormalization (W0 is
     # untouched); conv5 has none, so W5 is edited: channel 11 zeroed, every other channel unchanged.
-    before, after = tensor_digests(src), tensor_digests(tmp_path / "out.onnx")
-    assert (tmp_path / "out.onnx").stat().st_size < 2**20
+    before, after = tensor_digests(src), tensor_digests(big_dir / "out.onnx")
+    assert (big_dir / "out.onnx").stat().st_size < 2**20
     changed = {name for name in before if before[name] != after[name]}
     assert changed == {"W5"}
-    out_model, store = load_model(tmp_path / "out.onnx")
+    out_model, store = load_model(big_dir / "out.onnx")
     tensors = {t.name: t for t in out_model.graph.initializer}
     w5 = store.read(tensors["W5"], writable=False)
     assert not w5[11].any()
@@ -154,7 +169,7 @@ def test_sanitize_a_model_over_2gib_streams_unedited_weights(tmp_path: Path) -> 
     assert store.read(tensors["bn0.gamma"])[7] == 0.0
     assert store.read(tensors["bn0.beta"])[7] == 0.0
     del w5
-    onnx.checker.check_model(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(str(big_dir / "out.onnx"))
 
     over = peak - baseline
     print(
