@@ -221,9 +221,26 @@ def check_text(message, where: str = "model") -> None:
                 check_text(value, f"{where}.{field.name}")
 
 
+# The keys an external-data entry may have: ONNX's spec (onnx.proto, TensorProto.external_data) names location,
+# offset, length and checksum; onnx's own Python reader also accepts basepath. onnxclp reads location, offset
+# and length, and writes only those.
+EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+
+
 def _check_external(tensor: TensorProto, base_dir: Path) -> ExternalRef:
-    info = {e.key: e.value for e in tensor.external_data}
     name = tensor.name or "<unnamed>"
+    keys = [e.key for e in tensor.external_data]
+    unknown = [k for k in keys if k not in EXTERNAL_KEYS]
+    if unknown:
+        raise OnnxclpError(
+            f"tensor {name!r}: unknown external data key {unknown[0][:40]!r} "
+            f"(ONNX knows {', '.join(sorted(EXTERNAL_KEYS))})"
+        )
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        # Readers disagree on which of two entries wins: the file checked here could differ from the one read.
+        raise OnnxclpError(f"tensor {name!r}: external data key {dup!r} appears more than once")
+    info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location")
     if not location:
         raise OnnxclpError(f"tensor {name!r}: external data without a location")
@@ -423,8 +440,9 @@ def load_model(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, TensorSto
     """Parse an untrusted ONNX file without following its external-data references.
 
     Returns the model (external tensors left as references) and the store that reads tensor values.
-    Raises :class:`OnnxclpError` (exit 2) for a missing file, a file that is not ONNX, or an unsafe
-    external-data entry.
+    Raises :class:`OnnxclpError` (exit 2) for a missing file, a file that is not ONNX, an unsafe
+    external-data entry, or a model that onnx's checker or onnxclp's channel checks refuse
+    (:func:`onnxclp.validate.check_model`).
     """
     p = Path(path)
     if not p.exists():
@@ -444,6 +462,9 @@ def load_model(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, TensorSto
         raise OnnxclpError(f"{p}: not an ONNX model (no graph or no ir_version)")
     store = TensorStore(model, p.parent, p)
     store.size_hint = size
+    from onnxclp.validate import check_model  # validate imports this module
+
+    check_model(model, str(p))
     return model, store
 
 
