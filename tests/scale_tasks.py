@@ -42,3 +42,9 @@ def scan_report(path: str) -> dict[str, Any]:
     import onnxclp
 
     return onnxclp.scan(path).to_dict(timings=False)
+
+
+def worker_pid(x: int) -> int:
+    """The id of the process that ran the task."""
+    time.sleep(0.02)
+    return os.getpid()

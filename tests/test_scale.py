@@ -112,6 +112,11 @@ def test_keyboard_interrupt_cancels_pending_tasks(backend, request):
     assert time.monotonic() - start < 30  # the 60 s tasks were cancelled or killed, not waited for
 
 
+def test_pool_keeps_its_workers_across_tasks():
+    pids = {o.value for o in run_tasks(scale_tasks.worker_pid, range(12), workers=2)}
+    assert 1 <= len(pids) <= 2  # two processes served the 12 tasks: no new pool per batch
+
+
 def test_progress_callback_counts_completed_tasks():
     seen: list[tuple[int, int]] = []
     run_tasks(scale_tasks.square, range(4), workers=1, progress=lambda d, t: seen.append((d, t)))

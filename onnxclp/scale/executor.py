@@ -335,51 +335,49 @@ def _run_pool(
         else:
             queue.appendleft(i)
 
+    def collect(fut: cf.Future[Any], suspects: list[int]) -> None:
+        """Record a finished future, or add its item to the suspects of a broken pool."""
+        i = running.pop(fut)
+        exc = fut.exception()
+        if isinstance(exc, BrokenProcessPool):
+            suspects.append(i)
+            return
+        attempts[i] += 1
+        if exc is not None:  # e.g. the item or the result could not be pickled
+            finish(i, False, None, error_line(exc))
+        else:
+            finish(i, *fut.result())
+
     try:
         while todo or isolate or running:
             if pool is None:
                 pool = _new_pool(workers, shared)
             isolated = bool(isolate)
-            if isolated:
-                if not running:
-                    i = isolate.popleft()
+            queue, limit = (isolate, 1) if isolated else (todo, workers)
+            submit_failed = False
+            while queue and len(running) < limit:
+                i = queue.popleft()
+                try:
                     running[pool.submit(_invoke, fn, items[i])] = i
-            else:
-                while todo and len(running) < workers:
-                    i = todo.popleft()
-                    running[pool.submit(_invoke, fn, items[i])] = i
-            done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+                except BrokenProcessPool:  # a worker died while we were submitting: handled below
+                    queue.appendleft(i)
+                    submit_failed = True
+                    break
             suspects: list[int] = []
-            for fut in done:
-                i = running.pop(fut)
-                exc = fut.exception()
-                if isinstance(exc, BrokenProcessPool):
-                    suspects.append(i)
-                elif exc is not None:  # e.g. the item or the result could not be pickled
-                    attempts[i] += 1
-                    finish(i, False, None, error_line(exc))
-                else:
-                    attempts[i] += 1
-                    finish(i, *fut.result())
-            if not suspects:
+            if running:
+                done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    collect(fut, suspects)
+            if not suspects and not submit_failed:
                 continue
             # The pool is broken: every other future fails too (or has just succeeded); collect them all.
             for fut in list(running):
-                i = running.pop(fut)
-                exc = fut.exception()
-                if isinstance(exc, BrokenProcessPool):
-                    suspects.append(i)
-                elif exc is not None:
-                    attempts[i] += 1
-                    finish(i, False, None, error_line(exc))
-                else:
-                    attempts[i] += 1
-                    finish(i, *fut.result())
+                collect(fut, suspects)
             pool.shutdown(wait=True)
             pool = None
             if len(suspects) == 1:
                 crashed(suspects[0], isolate if isolated else todo)
-            else:
+            elif suspects:
                 isolate.extend(sorted(suspects))
     except BaseException:
         if pool is not None:
