@@ -17,7 +17,7 @@ A model that onnx's checker rejects, or whose layers contradict their own weight
    ``weight.shape[1] * group`` equals the channels of its input; a ConvTranspose's ``group`` divides its
    weight's input channels, which equal those of its input; a BatchNormalization's scale, bias, mean and
    variance have one value per channel of its input. Channel counts come from the layer that produced the
-   input (through ops that keep the channel count) or from a declared static shape; where neither is known,
+   input (through ops that keep the channel count) or from a graph input's static shape; where neither is known,
    nothing is assumed.
 
 Every failure raises :class:`onnxclp.errors.OnnxclpError` (exit 2) with one line naming the problem.
@@ -301,20 +301,18 @@ class _Shapes:
             for out in node.output:
                 if out:
                     self.producer.setdefault(out, node)
+        # Channel counts declared by graph inputs (onnxruntime refuses a feed of another shape). value_info is
+        # only a hint that runtimes override, so it is not used.
         self.declared: dict[str, int] = {}
-        for vi in list(graph.value_info) + [i for i in graph.input if i.name not in self.initializers]:
+        for vi in (i for i in graph.input if i.name not in self.initializers):
             tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
             if tt is not None and tt.HasField("shape") and len(tt.shape.dim) >= 2:
                 d = tt.shape.dim[1]
                 if d.HasField("dim_value") and d.dim_value > 0:
                     self.declared.setdefault(vi.name, int(d.dim_value))
-        self._channels: dict[str, int | None] = {}
 
-    def _follow(self, name: str, ops: frozenset[str], stop_declared: bool) -> tuple[str, NodeProto | None]:
-        """Walk back from ``name`` through producers in ``ops`` (first input); the name reached and its producer.
-
-        With ``stop_declared``, the walk stops at the first name with a declared channel count.
-        """
+    def _follow(self, name: str, ops: frozenset[str]) -> tuple[str, NodeProto | None]:
+        """Walk back from ``name`` through producers in ``ops`` (first input); the name reached and its producer."""
         seen: set[str] = set()
         node = self.producer.get(name)
         while (
@@ -324,7 +322,6 @@ class _Shapes:
             and node.input
             and node.input[0]
             and name not in seen
-            and not (stop_declared and name in self.declared)
         ):
             seen.add(name)
             name = node.input[0]
@@ -333,7 +330,7 @@ class _Shapes:
 
     def weight_dims(self, name: str) -> list[int] | None:
         """Dims of a constant (an initializer or Constant node, through shape-preserving ops), or None."""
-        name, node = self._follow(name, SHAPE_PRESERVING, stop_declared=False)
+        name, node = self._follow(name, SHAPE_PRESERVING)
         tensor = self.initializers.get(name)
         if tensor is None and node is not None and node.op_type == "Constant" and node.domain in _ONNX_DOMAINS:
             tensor = next((a.t for a in node.attribute if a.name == "value" and a.type == AttributeProto.TENSOR), None)
@@ -341,9 +338,9 @@ class _Shapes:
 
     def channels(self, name: str) -> tuple[int, str] | None:
         """Channel count (axis 1) of tensor ``name`` and where it comes from, when statically known."""
-        name, node = self._follow(name, CHANNEL_PRESERVING, stop_declared=True)
+        name, node = self._follow(name, CHANNEL_PRESERVING)
         if name in self.declared:
-            return self.declared[name], f"the declared shape of {name!r}"
+            return self.declared[name], f"graph input {name!r} is declared so"
         if node is None or node.domain not in _ONNX_DOMAINS or len(node.input) < 2:
             return None
         dims = self.weight_dims(node.input[1])
@@ -374,7 +371,7 @@ def check_channels(graph: GraphProto) -> None:
     """Conv/ConvTranspose ``group`` against the weight and the input; BatchNormalization parameter lengths.
 
     Only facts known without shape inference are compared: weights stored as constants (through Identity,
-    Cast, DequantizeLinear and the like) and channel counts from the producing layer or a declared shape.
+    Cast, DequantizeLinear and the like) and channel counts from the producing layer or a graph input's shape.
     """
     shapes = _Shapes(graph)
     for pos, node in enumerate(graph.node):

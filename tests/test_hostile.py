@@ -836,7 +836,7 @@ def test_error_messages_name_the_problem(tmp_path: Path) -> None:
         "batchnorm-after-relu-too-long": "scale has 20 values but its input has 16 channels",
         "conv-group-vs-input-channels": "its input has 16 channels",
         "conv-group-does-not-divide": "group 3 does not divide",
-        "conv-weight-vs-declared-input": "declared shape of 'x'",
+        "conv-weight-vs-declared-input": "graph input 'x' is declared so",
         "ext-unknown-key": "unknown external data key 'evil'",
         "ext-duplicate-location": "'location' appears more than once",
     }

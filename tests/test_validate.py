@@ -156,3 +156,15 @@ def test_skeleton_holds_no_weights_and_leaves_the_model_alone(tmp_path: Path) ->
     path = tmp_path / "m.onnx"
     path.write_bytes(before)
     load_model(path)
+
+
+def test_value_info_is_not_taken_for_a_channel_count() -> None:
+    """value_info is a hint runtimes override: a wrong one is not a reason to refuse a model."""
+    m = _model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Conv", ["r", "W"], ["y"])],
+        [_w("W", 4, 3, 1, 1)],
+        [1, 3, 8, 8],
+        [1, 4, 8, 8],
+    )
+    m.graph.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 5, 8, 8]))
+    check_model(m)
