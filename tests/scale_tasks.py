@@ -48,3 +48,12 @@ def worker_pid(x: int) -> int:
     """The id of the process that ran the task."""
     time.sleep(0.02)
     return os.getpid()
+
+
+def die_on_two_and_three(x: int) -> int:
+    """Kills its worker for 2 and for 3 (two culprits in flight at once on 2 workers); x + 1 otherwise."""
+    if x in (2, 3):
+        time.sleep(0.05)
+        os._exit(1)
+    time.sleep(0.05)
+    return x + 1

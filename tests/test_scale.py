@@ -41,24 +41,41 @@ def ray_local():
     ray.cloudpickle.unregister_pickle_by_value(scale_tasks)
 
 
-def test_backends_agree_with_a_raising_task(ray_local):
+BACKENDS = ["pool", "ray"]
+
+
+def backend_kwargs(backend: str, request: pytest.FixtureRequest) -> dict[str, object]:
+    """run_tasks arguments of a backend; "ray" starts the module's Ray instance (or skips without ray)."""
+    if backend == "ray":
+        request.getfixturevalue("ray_local")
+        return {"ray": "local"}
+    return {"workers": 2}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_with_a_raising_task(backend, request):
     items = list(range(6))
     inline = run_tasks(scale_tasks.square, items, workers=1)
     assert inline[3] == TaskOutcome(3, False, None, "ValueError: three is not allowed", 1)
     assert [o.value for o in inline if o.ok] == [0, 1, 4, 16, 25]
-    assert run_tasks(scale_tasks.square, items, workers=2) == inline
-    assert run_tasks(scale_tasks.square, items, ray="local") == inline
+    assert run_tasks(scale_tasks.square, items, **backend_kwargs(backend, request)) == inline
 
 
-def test_worker_crash_is_an_error_entry_and_the_others_complete(ray_local):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_worker_crash_is_an_error_entry_and_the_others_complete(backend, request):
+    kw = backend_kwargs(backend, request)
     items = list(range(6))
-    pool = run_tasks(scale_tasks.die_on_two, items, workers=2, retries=1)
-    assert pool[2] == TaskOutcome(2, False, None, CRASHED, 2)  # ran, retried once, reported
-    assert [(o.ok, o.value, o.attempts) for o in pool if o.index != 2] == [(True, i + 1, 1) for i in (0, 1, 3, 4, 5)]
-    assert run_tasks(scale_tasks.die_on_two, items, ray="local", retries=1) == pool
-    no_retry = run_tasks(scale_tasks.die_on_two, items, workers=2, retries=0)
-    assert no_retry[2].attempts == 1 and not no_retry[2].ok
-    assert run_tasks(scale_tasks.die_on_two, items, ray="local", retries=0) == no_retry
+    outcomes = run_tasks(scale_tasks.die_on_two, items, retries=1, **kw)
+    assert outcomes[2] == TaskOutcome(2, False, None, CRASHED, 2)  # ran, retried once, reported
+    others = [(o.ok, o.value, o.attempts) for o in outcomes if o.index != 2]
+    assert others == [(True, i + 1, 1) for i in (0, 1, 3, 4, 5)]
+    no_retry = run_tasks(scale_tasks.die_on_two, items, retries=0, **kw)
+    assert no_retry[2] == TaskOutcome(2, False, None, CRASHED, 1)
+    # Two culprits in flight together: each is charged its own crashes, the innocent items are not.
+    two = run_tasks(scale_tasks.die_on_two_and_three, items, retries=1, **kw)
+    assert [(o.ok, o.value, o.attempts) for o in two] == [
+        (True, 1, 1), (True, 2, 1), (False, None, 2), (False, None, 2), (True, 5, 1), (True, 6, 1)
+    ]  # fmt: skip
 
 
 def test_shared_object_is_put_once(ray_local, monkeypatch):
@@ -75,19 +92,24 @@ def test_shared_object_is_put_once(ray_local, monkeypatch):
     on_ray = run_tasks(scale_tasks.shared_stats, items, ray="local", shared={"images": images})
     assert len(puts) == 1 and puts[0]["images"] is images  # one put for 8 tasks
     total = float(images.sum())
-    assert [o.value for o in on_ray] == [{"x": i, "total": total + i, "writeable": False} for i in items]
     # Read-only: the tasks read the object store's copy in place (zero-copy), not a pickled copy per task.
-    local = run_tasks(scale_tasks.shared_stats, items, workers=2, shared={"images": images})
-    assert [o.value for o in local] == [{"x": i, "total": total + i, "writeable": True} for i in items]
+    assert [o.value for o in on_ray] == [{"x": i, "total": total + i, "writeable": False} for i in items]
 
 
-def test_scanning_golden_exports_is_identical_on_every_backend(ray_local):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shared_object_reaches_local_workers(workers):
+    images = np.ones((2, 3, 4, 4), np.float32)
+    outcomes = run_tasks(scale_tasks.shared_stats, range(4), workers=workers, shared={"images": images})
+    assert [o.value for o in outcomes] == [{"x": i, "total": 96.0 + i, "writeable": True} for i in range(4)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scanning_golden_exports_is_identical_on_every_backend(backend, request):
     assert len(GOLDEN) >= 4
     inline = run_tasks(scale_tasks.scan_report, GOLDEN, workers=1)
     assert all(o.ok for o in inline), [o.error for o in inline]
     assert inline[0].value == scale_tasks.scan_report(GOLDEN[0])
-    assert run_tasks(scale_tasks.scan_report, GOLDEN, workers=2) == inline
-    assert run_tasks(scale_tasks.scan_report, GOLDEN, ray="local") == inline
+    assert run_tasks(scale_tasks.scan_report, GOLDEN, **backend_kwargs(backend, request)) == inline
 
 
 def test_missing_ray_is_a_clear_error(monkeypatch):
@@ -97,11 +119,9 @@ def test_missing_ray_is_a_clear_error(monkeypatch):
     assert info.value.exit_code == 2
 
 
-@pytest.mark.parametrize("backend", ["pool", "ray"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_keyboard_interrupt_cancels_pending_tasks(backend, request):
-    kwargs = {"workers": 2} if backend == "pool" else {"ray": "local"}
-    if backend == "ray":
-        request.getfixturevalue("ray_local")
+    kwargs = backend_kwargs(backend, request)
 
     def interrupt(done: int, total: int) -> None:
         raise KeyboardInterrupt
