@@ -75,11 +75,11 @@ def run_ray(
     """:func:`onnxclp.scale.run_tasks` on Ray. Retries of crashed tasks are driven from here (each submission
     has ``max_retries=0``) so that ``attempts`` is exact, as in the local pool."""
     ray = import_ray()
+    if not items:
+        return []
     started = connect(ray, address, workers)
     pending: dict[Any, int] = {}
     try:
-        if not items:
-            return []
         cluster = ray.cluster_resources()
         res = (resources or TaskResources()).resolve(cluster)
         options: dict[str, Any] = {
