@@ -97,6 +97,32 @@ def test_torch_export_parity(arch, dynamo, tmp_path):
         assert torch.max(torch.abs(module(x) - model(x))) <= TOL
 
 
+@pytest.mark.parametrize("variant", ["initializers_as_inputs", "model_local_functions"])
+def test_torchscript_export_variants(variant, tmp_path):
+    """Old-style graphs that list every initializer as an input, and model-local functions (inlined first)."""
+    from torch_models import BasicBlock
+
+    torch.manual_seed(0)
+    model = SmallResNet(width=8).eval()
+    randomize_bn(model, seed=4)
+    path = tmp_path / "m.onnx"
+    kwargs = (
+        {"keep_initializers_as_inputs": True}
+        if variant == "initializers_as_inputs"
+        else {"export_modules_as_functions": {BasicBlock}, "opset_version": 15}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "n"}}, **kwargs)  # fmt: skip
+    model_proto, _ = load_model(path)
+    if variant == "initializers_as_inputs":
+        assert len(model_proto.graph.input) > 1
+    else:
+        assert len(model_proto.functions) > 0
+    _check_file(path)
+
+
 def _train_backdoored():
     spec = importlib.util.spec_from_file_location("train_backdoored", ROOT / "examples" / "train_backdoored.py")
     assert spec is not None and spec.loader is not None

@@ -11,7 +11,7 @@ inference: the largest statistic is tested against a null density fitted to the 
 distribution in the authors' code); the order-statistic p-value ``1 - H(r_max)^K`` below 0.05 flags the
 model, and the argmax class is the detected target.
 
-Where onnxclp's reading differs (docs/algorithms.md repeats this):
+Where onnxclp's reading differs (to be repeated in docs/algorithms.md):
 - The search runs projected Adam (the image is clamped to [lo, hi] after each step) instead of the public
   code's plain SGD (lr 0.01, 300 steps, 30 starts) on ``clamp(x)``, where a pixel pushed out of range gets
   no gradient and stays stuck. Adam is scale-free, so the same step size works for every model's logit scale.

@@ -18,7 +18,7 @@ fused layer is ``lam * aligned_pruned + (1 - lam) * original``. With uniform mas
 optimal plan is a permutation (Birkhoff-von Neumann), so :func:`fuse_layer` solves it exactly as an
 assignment problem with ``scipy.optimize.linear_sum_assignment``.
 
-Where onnxclp's reading differs (docs/algorithms.md repeats this):
+Where onnxclp's reading differs (to be repeated in docs/algorithms.md):
 - Masses: uniform on both sides (the issue's reading, an assignment problem). The authors' code puts masses
   proportional to each backdoored neuron's NWC on the target side, which is a general transport problem
   (solved with POT's ``ot.emd``); there a high-NWC neuron receives mass from several pruned neurons.
