@@ -121,7 +121,8 @@ def gamma_null_pvalue(margins: Sequence[float]) -> tuple[float, int, tuple[float
         shape, scale = m * m / v, v / m
     cdf = float(stats.gamma.cdf(r_max, shape, loc=loc, scale=scale))
     p = 1.0 if cdf <= 0.0 else float(-math.expm1(k * math.log(cdf)))
-    return min(max(p, 0.0), 1.0), target, (shape, loc, scale), fit
+    p = 0.0 if not p > 0.0 else min(p, 1.0)  # (also turns -0.0 into 0.0)
+    return p, target, (shape, loc, scale), fit
 
 
 def _search(
