@@ -12,7 +12,7 @@ Protocol (the same for every model and method):
   seeded 2,000 of those 9,500 (``--sweep-limit``). ASR counts the triggered images whose true label is not the
   target (ALGORITHMS.md section 1).
 - before: the model as exported (``model.onnx``, TorchScript exporter). CLP and LPP: ``onnxclp.sanitize`` with
-  the defaults of ``onnxclp.api.DEFAULTS`` at the time of the run (written in the tables). Calibrated: CLP and LPP
+  the defaults of the method registry (``onnxclp methods --json``) at the time of the run (written in the tables). Calibrated: CLP and LPP
   with u chosen by ``onnxclp.study.calibrate`` on the calibration set (budget 1.0 point, grid 0.5:8:0.25).
 - sanitize time: ``onnxclp.sanitize_file`` (load, score, edit, save), median of 3 runs, this machine.
 - ablation: each channel CLP or LPP prunes at its default, pruned alone, on the sweep images.
@@ -115,7 +115,9 @@ def _file_time(path: Path, method: str, **kw: Any) -> float:
 
 def step_table(name: str, folder: Path, data: Path, idx: dict[str, np.ndarray]) -> dict[str, Any]:
     import onnxclp
-    from onnxclp.api import DEFAULTS
+    from onnxclp import methods
+
+    DEFAULTS = {m: methods.get(m).defaults() for m in methods.names()}
     from onnxclp.eval.attacks import load_attack_config
     from onnxclp.study.calibrate import calibrate
     from onnxclp.study.measure import load_inline, measure, prepare

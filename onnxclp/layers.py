@@ -5,7 +5,7 @@ weight is a constant. Each output channel ``k`` has a kernel slice ``W_k``; this
 stored weight as ``(K, ...)`` with the output channel first (:class:`WeightLayout`) and back. Pairing is by
 data flow: a BatchNormalization that is the only consumer of the layer's output, or a Mul by per-channel
 constants (optionally followed by an Add of per-channel constants). A layer that cannot be handled is
-returned as a :class:`Skip` with the reason.
+returned as a :class:`SkippedLayer` with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from onnx import NodeProto
 from onnxclp import weights
 from onnxclp.graph import ConstSource, GraphIndex
 from onnxclp.io import TensorStore
+from onnxclp.report import SkippedLayer
 
 SCORED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ONNX_DOMAINS = ("", "ai.onnx")
@@ -132,21 +133,11 @@ class Layer:
 
 
 @dataclass
-class Skip:
-    """A layer that is not scored, and why."""
-
-    key: str
-    op: str
-    reason: str
-    weight: str | None = None
-
-
-@dataclass
 class LayerSet:
     """All scored layers of a graph, and everything skipped with its reason."""
 
     layers: list[Layer] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
 
 
 def _per_channel(
@@ -291,7 +282,7 @@ def _final_output(layer: Layer) -> str:
 
 
 def find_layers(index: GraphIndex, store: TensorStore) -> LayerSet:
-    """Every Conv/ConvTranspose/Gemm/MatMul of the graph, as a scored :class:`Layer` or a :class:`Skip`."""
+    """Every Conv/ConvTranspose/Gemm/MatMul of the graph, as a scored :class:`Layer` or a :class:`SkippedLayer`."""
     result = LayerSet()
     outputs = _output_layers(index)
     for node in index.graph.node:
@@ -299,7 +290,7 @@ def find_layers(index: GraphIndex, store: TensorStore) -> LayerSet:
             continue
         key = index.node_key(node)
         found = _make_layer(index, store, node, key)
-        if isinstance(found, Skip):
+        if isinstance(found, SkippedLayer):
             if node.op_type == "MatMul" and found.reason == _NO_CONST_MATMUL:
                 continue  # activation x activation (attention scores): not a layer with weights
             result.skipped.append(found)
@@ -315,7 +306,7 @@ def find_layers(index: GraphIndex, store: TensorStore) -> LayerSet:
 _NO_CONST_MATMUL = "neither operand is a constant"
 
 
-def _make_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | Skip:
+def _make_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | SkippedLayer:
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
         return _conv_layer(index, store, node, key)
@@ -324,39 +315,43 @@ def _make_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str
     return _matmul_layer(index, store, node, key)
 
 
-def _weight(index: GraphIndex, store: TensorStore, node: NodeProto, i: int, key: str) -> ConstSource | Skip:
+def _weight(index: GraphIndex, store: TensorStore, node: NodeProto, i: int, key: str) -> ConstSource | SkippedLayer:
     name = node.input[i] if i < len(node.input) else ""
     if not name:
-        return Skip(key, node.op_type, f"input {i} (weight) is missing")
+        return SkippedLayer(key, node.op_type, f"input {i} (weight) is missing")
     if index.is_graph_input_initializer(name):
-        return Skip(key, node.op_type, "weight is an initializer that is also a graph input (not constant)", name)
+        return SkippedLayer(
+            key, node.op_type, "weight is an initializer that is also a graph input (not constant)", name
+        )
     src = index.constant(name)
     if src is None:
         producer = index.producer.get(name)
         how = f"produced by {producer.op_type} node {index.node_key(producer)!r}" if producer else "not constant"
-        return Skip(key, node.op_type, f"weight {name!r} is not a constant ({how})", name)
+        return SkippedLayer(key, node.op_type, f"weight {name!r} is not a constant ({how})", name)
     _, is_float = value_info(index, store, src)
     if not is_float:
         dtype = onnx.TensorProto.DataType.Name(src.tensor.data_type)
-        return Skip(key, node.op_type, f"weight has data type {dtype}, not floating point", name)
+        return SkippedLayer(key, node.op_type, f"weight has data type {dtype}, not floating point", name)
     return src
 
 
-def _conv_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | Skip:
+def _conv_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | SkippedLayer:
     op = node.op_type
     src = _weight(index, store, node, 1, key)
-    if isinstance(src, Skip):
+    if isinstance(src, SkippedLayer):
         return src
     shape = value_info(index, store, src)[0]
     group = int(attr(node, "group", 1))
     if len(shape) < 3:
-        return Skip(key, op, f"weight of rank {len(shape)}: a convolution weight has rank >= 3", src.tensor.name)
+        return SkippedLayer(
+            key, op, f"weight of rank {len(shape)}: a convolution weight has rank >= 3", src.tensor.name
+        )
     if group < 1 or (op == "ConvTranspose" and shape[0] % group):
-        return Skip(key, op, f"group {group} does not divide the weight's shape {list(shape)}", src.tensor.name)
+        return SkippedLayer(key, op, f"group {group} does not divide the weight's shape {list(shape)}", src.tensor.name)
     if op == "Conv" and shape[0] % group:
-        return Skip(key, op, f"group {group} does not divide {shape[0]} output channels", src.tensor.name)
+        return SkippedLayer(key, op, f"group {group} does not divide {shape[0]} output channels", src.tensor.name)
     if 0 in shape:
-        return Skip(key, op, f"weight has an empty dimension {list(shape)}", src.tensor.name)
+        return SkippedLayer(key, op, f"weight has an empty dimension {list(shape)}", src.tensor.name)
     layout = WeightLayout("conv" if op == "Conv" else "convtranspose", group)
     k = layout.channel_count(shape)
     rank = len(shape)
@@ -364,53 +359,57 @@ def _conv_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str
     if len(node.input) > 2 and node.input[2]:
         bias = _per_channel(index, store, node, 2, k, -1, 1)
         if bias is None:
-            return Skip(key, op, "bias is not a constant vector with one value per channel", src.tensor.name)
+            return SkippedLayer(key, op, "bias is not a constant vector with one value per channel", src.tensor.name)
         layer.bias = bias
     layer.affine = _pair_affine(index, store, node.output[0], k, -(rank - 1), rank, allow_bn=True)
     return layer
 
 
-def _gemm_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | Skip:
+def _gemm_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | SkippedLayer:
     if attr(node, "transA", 0) not in (0, 1):
-        return Skip(key, "Gemm", "unsupported transA")
+        return SkippedLayer(key, "Gemm", "unsupported transA")
     src = _weight(index, store, node, 1, key)
-    if isinstance(src, Skip):
+    if isinstance(src, SkippedLayer):
         if index.constant(node.input[0]) is not None:
-            return Skip(key, "Gemm", "constant operand A with a variable B is not supported", node.input[0])
+            return SkippedLayer(key, "Gemm", "constant operand A with a variable B is not supported", node.input[0])
         return src
     shape = value_info(index, store, src)[0]
     if len(shape) != 2 or 0 in shape:
-        return Skip(key, "Gemm", f"weight B has shape {list(shape)}, not a 2-D matrix", src.tensor.name)
+        return SkippedLayer(key, "Gemm", f"weight B has shape {list(shape)}, not a 2-D matrix", src.tensor.name)
     layout = WeightLayout("rows" if attr(node, "transB", 0) else "cols")
     k = layout.channel_count(shape)
     layer = Layer(key, node, src, 1, layout, k, shape, is_fc=True, input_name=node.input[0])
     if len(node.input) > 2 and node.input[2]:
         bias = _per_channel(index, store, node, 2, k, -1, 2)
         if bias is None:
-            return Skip(key, "Gemm", "C is not a constant with one value per output channel", src.tensor.name)
+            return SkippedLayer(key, "Gemm", "C is not a constant with one value per output channel", src.tensor.name)
         layer.bias = bias
     layer.affine = _pair_affine(index, store, node.output[0], k, -1, 2, allow_bn=True)
     return layer
 
 
-def _matmul_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | Skip:
+def _matmul_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | SkippedLayer:
     if len(node.input) != 2:
-        return Skip(key, "MatMul", "MatMul without two inputs")
+        return SkippedLayer(key, "MatMul", "MatMul without two inputs")
     consts = [index.constant(x) is not None and not index.is_graph_input_initializer(x) for x in node.input]
     if consts[0] and consts[1]:
-        return Skip(key, "MatMul", "both operands are constant (constant folding left undone)")
+        return SkippedLayer(key, "MatMul", "both operands are constant (constant folding left undone)")
     if not (consts[0] or consts[1]):
         for x in node.input:
             if index.is_graph_input_initializer(x):
-                return Skip(key, "MatMul", "weight is an initializer that is also a graph input (not constant)", x)
-        return Skip(key, "MatMul", _NO_CONST_MATMUL)
+                return SkippedLayer(
+                    key, "MatMul", "weight is an initializer that is also a graph input (not constant)", x
+                )
+        return SkippedLayer(key, "MatMul", _NO_CONST_MATMUL)
     wi = 1 if consts[1] else 0
     src = _weight(index, store, node, wi, key)
-    if isinstance(src, Skip):
+    if isinstance(src, SkippedLayer):
         return src
     shape = value_info(index, store, src)[0]
     if len(shape) != 2 or 0 in shape:
-        return Skip(key, "MatMul", f"constant operand has shape {list(shape)}, not a 2-D matrix", src.tensor.name)
+        return SkippedLayer(
+            key, "MatMul", f"constant operand has shape {list(shape)}, not a 2-D matrix", src.tensor.name
+        )
     # MatMul(X, W[in, out]): output channel = column, on the last axis.
     # MatMul(W[out, in], X): output channel = row, on axis -2.
     layout = WeightLayout("cols" if wi == 1 else "rows")
@@ -430,18 +429,20 @@ def _matmul_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: s
     return layer
 
 
-def find_nested(model: onnx.ModelProto) -> list[Skip]:
+def find_nested(model: onnx.ModelProto) -> list[SkippedLayer]:
     """Scored-op nodes inside subgraphs (If/Loop/Scan bodies) and model-local functions, as skips.
 
     onnxclp sanitizes the main graph; a layer in a body or a function is reported, never silently ignored.
     """
-    skips: list[Skip] = []
+    skips: list[SkippedLayer] = []
 
     def walk(graph: onnx.GraphProto, where: str) -> None:
         for pos, node in enumerate(graph.node):
             if where and node.op_type in SCORED_OPS and node.domain in _ONNX_DOMAINS:
                 key = node.name or f"{node.op_type}#{pos}"
-                skips.append(Skip(f"{where}/{key}", node.op_type, f"inside {where}: subgraphs are not sanitized yet"))
+                skips.append(
+                    SkippedLayer(f"{where}/{key}", node.op_type, f"inside {where}: subgraphs are not sanitized yet")
+                )
             for a in node.attribute:
                 label = f"{node.op_type} {node.name or '#' + str(pos)!s} attribute {a.name}"
                 if a.type == onnx.AttributeProto.GRAPH:
@@ -456,7 +457,7 @@ def find_nested(model: onnx.ModelProto) -> list[Skip]:
             if node.op_type in SCORED_OPS and node.domain in _ONNX_DOMAINS:
                 key = node.name or f"{node.op_type}#{pos}"
                 skips.append(
-                    Skip(
+                    SkippedLayer(
                         f"function {f.domain}.{f.name}/{key}",
                         node.op_type,
                         "inside a model-local function (its weights are function inputs or shared by every call); "

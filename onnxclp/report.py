@@ -72,6 +72,8 @@ class Report:
     copied_tensors: list[str] = field(default_factory=list)
     coupled: list[CoupledChannels] = field(default_factory=list)
     inlined_functions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings a user must see (risky parameters, --force)
+    verdict: dict[str, Any] | None = None  # scan's model-level verdict (onnxclp.detect), when computed
     time_s: float = 0.0
     version: str = ""
 
@@ -148,7 +150,9 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
     from rich.table import Table
 
     console = console or Console(stderr=False)
-    lpp = report.method == "lpp"
+    from onnxclp import methods
+
+    lpp = methods.get(report.method).rescales  # the method may rescale channels: show that column
     table = Table(title=f"onnxclp {report.method} (score {report.params.get('score')}, u={report.params.get('u')})")
     for col in ("layer", "op", "ch", "affine", "min", "mean", "max", "thresh", "pruned"):
         table.add_column(col, justify="right" if col in ("ch", "min", "mean", "max", "thresh") else "left")

@@ -43,7 +43,7 @@ def test_sanitize_writes_model_and_report(suspicious, tmp_path):
 def test_scan_fail_on_outliers(suspicious, tmp_path):
     r = _cli("scan", suspicious, "--fail-on-outliers", "--json", tmp_path / "s.json")
     assert r.returncode == 1
-    assert json.loads((tmp_path / "s.json").read_text())["layers"][0]["pruned"] == [5]
+    assert json.loads((tmp_path / "s.json").read_text())[0]["report"]["layers"][0]["pruned"] == [5]
     assert _cli("scan", suspicious, "--fail-on-outliers", "--u", "50").returncode == 0
     assert not list(tmp_path.glob("*.onnx.*"))
 
@@ -94,7 +94,7 @@ def test_nothing_to_sanitize_exit_3(tmp_path):
 def test_lpp_and_exact_from_cli(suspicious, tmp_path):
     r = _cli("scan", suspicious, "--method", "lpp", "--score", "exact", "--json", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr
-    layer = json.loads((tmp_path / "r.json").read_text())["layers"][0]
+    layer = json.loads((tmp_path / "r.json").read_text())[0]["report"]["layers"][0]
     assert layer["score"] == "exact" and 5 in layer["pruned"]
 
 

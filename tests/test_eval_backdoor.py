@@ -12,10 +12,10 @@ import typer
 from torch import nn
 from typer.testing import CliRunner
 
+from onnxclp.cli.eval import register
 from onnxclp.errors import OnnxclpError
 from onnxclp.eval.api import compare, evaluate
 from onnxclp.eval.attacks import build_attack, save_attack_config
-from onnxclp.eval.cli import register
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
 

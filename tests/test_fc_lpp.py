@@ -132,7 +132,7 @@ def test_classifier_is_protected_and_topk_applies():
     for t in m.graph.initializer:
         if t.name == "Wc":
             t.CopyFrom(init("Wc", wc))
-    out, rep = onnxclp.sanitize(m, method="lpp", u=0.5, u_low=-0.5, bias_rate=0.2, topk=2)
+    out, rep = onnxclp.sanitize(m, method="lpp", u=0.5, u_low=-0.5, bias_rate=0.2, topk=2, force=True)
     cls = next(layer for layer in rep.layers if layer.node == "classifier")
     assert cls.role == "output" and cls.pruned == [] and cls.rescaled == {}
     assert cls.topk_target == 2 and cls.topk_zeroed == [1, 3]
@@ -141,7 +141,7 @@ def test_classifier_is_protected_and_topk_applies():
     expected[2, [1, 3]] = 0
     np.testing.assert_array_equal(new_wc, expected)
     # CLP never touches the classifier, even with --include-fc.
-    rep_clp = onnxclp.scan(m, include_fc=True, u=0.1)
+    rep_clp = onnxclp.scan(m, include_fc=True, u=0.1, force=True)
     assert next(layer for layer in rep_clp.layers if layer.node == "classifier").pruned == []
 
 

@@ -1104,7 +1104,7 @@ def test_exact_score_survives_a_lying_value_info(tmp_path: Path) -> None:
         preexec_fn=_limit_memory,
     )
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text())[0]["report"]
     assert [layer["score"] for layer in report["layers"]] == ["exact", "exact"]
 
 
@@ -1125,6 +1125,6 @@ def test_deeply_nested_weight_chain_is_skipped_not_crashed(tmp_path: Path, depth
     src = write(tmp_path / "m.onnx", m)
     result = invoke(["scan", str(src), "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.stderr
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text())[0]["report"]
     assert [layer["node"] for layer in report["layers"]] == ["conv2"]
     assert "not a constant" in report["skipped"][0]["reason"]

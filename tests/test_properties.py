@@ -224,7 +224,7 @@ def test_huge_u_changes_nothing(chain: Chain, method: str, score: str) -> None:
     include_fc=st.booleans(),
 )
 def test_pruned_channels_output_exactly_zero(chain: Chain, method: str, u: float, fuse: bool, include_fc: bool) -> None:
-    model, report = quiet(sanitize, chain.model, method, u, include_fc=include_fc, fuse_bn=fuse)
+    model, report = quiet(sanitize, chain.model, method, u, include_fc=include_fc, fuse_bn=fuse, force=True)
     pruned = {layer.node: layer.pruned for layer in report.layers if layer.pruned}
     event(f"layers with pruned channels: {min(len(pruned), 2)}")
     if not pruned:
@@ -240,8 +240,8 @@ def test_pruned_channels_output_exactly_zero(chain: Chain, method: str, u: float
 @SETTINGS
 @given(chain=chains(), method=st.sampled_from(["clp", "lpp"]), u=st.floats(0.3, 3.0), include_fc=st.booleans())
 def test_fused_and_unfused_make_the_same_decisions(chain: Chain, method: str, u: float, include_fc: bool) -> None:
-    _, plain = quiet(sanitize, chain.model, method, u, include_fc=include_fc, fuse_bn=False)
-    _, fused = quiet(sanitize, chain.model, method, u, include_fc=include_fc, fuse_bn=True)
+    _, plain = quiet(sanitize, chain.model, method, u, include_fc=include_fc, fuse_bn=False, force=True)
+    _, fused = quiet(sanitize, chain.model, method, u, include_fc=include_fc, fuse_bn=True, force=True)
     decisions = [
         {layer.node: (layer.pruned, sorted(layer.rescaled)) for layer in report.layers} for report in (plain, fused)
     ]

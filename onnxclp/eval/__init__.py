@@ -5,7 +5,7 @@
 - :mod:`onnxclp.eval.runner`: onnxruntime sessions, provider selection, batching.
 - :mod:`onnxclp.eval.metrics`: ACC / ASR / RA counts.
 - :mod:`onnxclp.eval.api`: :func:`evaluate` and :func:`compare`.
-- :mod:`onnxclp.eval.cli`: the ``evaluate`` and ``compare`` commands.
+- the ``evaluate`` and ``compare`` commands live in :mod:`onnxclp.cli.eval`.
 
 Importing this package is cheap: torch and onnxruntime load only when ``evaluate``/``compare`` (or a
 submodule that needs them) is first used.

@@ -1,33 +1,27 @@
-"""CLP and LPP decisions for every scored layer, from its scores (ALGORITHMS.md sections 4 and 5).
+"""The method's decisions for every scored layer (the method is a registered module, :mod:`onnxclp.methods`).
 
-Layers whose output is a model output (their channels are classes) are never pruned or rescaled; under LPP
-the classifier top-k step applies to them when they are fully connected.
+:func:`decide_by_scores` is the rule of the score-based methods (CLP, LPP and others that select channels from
+one score per channel): layers whose output is a model output (their channels are classes) are never pruned or
+rescaled; the method's classifier step may edit them when they are fully connected. Every hidden layer gets the
+method's :meth:`~onnxclp.methods.base.Method.select` of its scores.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from onnxclp import weights
-from onnxclp.graph import GraphIndex
-from onnxclp.io import TensorStore
 from onnxclp.passes.score import ScoredLayer
-from onnxclp.select import Selection, TopK, classifier_topk, select_clp, select_lpp
+from onnxclp.pipeline import PassResult, State
+from onnxclp.select import Selection, TopK
 
+if TYPE_CHECKING:
+    from onnxclp.methods import Method
 
-@dataclass
-class Params:
-    """Parameters of a method; the defaults are onnxclp's (README, docs/lpp-defaults.md)."""
-
-    method: str = "clp"
-    u: float = 3.0
-    u_low: float = -3.0
-    bias_rate: float = 1.5
-    topk: int = 0
-    score: str = "spectral"
-    include_fc: bool = False
+OUTPUT_NOTE = "produces a model output: its channels are classes, never pruned"
 
 
 @dataclass
@@ -40,22 +34,25 @@ class Decision:
     note: str | None = None
 
 
-def decide(scored: list[ScoredLayer], params: Params, index: GraphIndex, store: TensorStore) -> list[Decision]:
-    """One :class:`Decision` per scored layer."""
+def decide_by_scores(state: State, method: Method) -> None:
+    """One :class:`Decision` per scored layer, from its scores (pure numpy but for the classifier's weight)."""
+    assert state.index is not None
     decisions = []
-    for sl in scored:
+    for sl in state.scored:
         layer = sl.layer
         if layer.is_output:
-            d = Decision(sl, note="produces a model output: its channels are classes, never pruned")
-            if params.method == "lpp" and layer.is_fc and params.topk > 0:
-                w = layer.layout.to_channels(weights.read(index, store, layer.weight).astype(np.float64))[:, 0, :]
-                d.topk = classifier_topk(w, params.topk)
+            d = Decision(sl, note=OUTPUT_NOTE)
+            if layer.is_fc:
+                w = layer.layout.to_channels(weights.read(state.index, state.store, layer.weight).astype(np.float64))
+                d.topk = method.classifier_step(w[:, 0, :], state.params)
             decisions.append(d)
             continue
-        if params.method == "clp":
-            sel = select_clp(sl.scores, params.u)
-        else:
-            sel = select_lpp(sl.scores, params.u, params.u_low, params.bias_rate)
         note = None if sl.scores.size >= 2 else "a single channel has no spread: nothing selected"
-        decisions.append(Decision(sl, sel, note=note))
-    return decisions
+        decisions.append(Decision(sl, method.select(sl.scores, state.params), note=note))
+    state.decisions = decisions
+
+
+def run(state: State) -> PassResult:
+    """Pipeline pass: the method decides (score-based methods select per layer; others run the model)."""
+    state.method.decide(state)
+    return PassResult(sum(len(d.selection.prune) + len(d.selection.rescale) for d in state.decisions))

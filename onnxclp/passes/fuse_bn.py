@@ -7,6 +7,8 @@ BatchNormalization node is removed, and its constants too when nothing else read
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 
@@ -16,6 +18,9 @@ from onnxclp.errors import OnnxclpError
 from onnxclp.graph import GraphIndex
 from onnxclp.io import TensorStore, cast_checked
 from onnxclp.layers import Layer, attr, find_layers
+
+if TYPE_CHECKING:
+    from onnxclp.pipeline import PassResult, State
 
 
 def _bn_scale(layer: Layer, index: GraphIndex, store: TensorStore) -> tuple[np.ndarray, np.ndarray]:
@@ -99,3 +104,22 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
     kept = [t for t in model.graph.initializer if t.name not in unused]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
+
+
+def run(state: State) -> PassResult:
+    """Pipeline pass: with ``--fuse-bn``, fold every paired BatchNormalization (refused when the method or its
+    score reads BatchNorm statistics: folding would erase them before they are read)."""
+    from onnxclp import scoring
+    from onnxclp.pipeline import PassResult
+
+    if not state.options.fuse_bn:
+        return PassResult()
+    readers = [f"method {state.method.name!r}"] if getattr(state.method, "needs_batchnorm", False) else []
+    if state.params.score and scoring.get(state.params.score).needs_batchnorm:
+        readers.append(f"score {state.params.score!r}")
+    if readers:
+        raise OnnxclpError(
+            f"--fuse-bn folds the BatchNorm statistics that {' and '.join(readers)} reads: drop --fuse-bn"
+        )
+    state.fused_batchnorms = fuse_batchnorm(state.model, state.store)
+    return PassResult(state.fused_batchnorms)

@@ -13,10 +13,15 @@ or never end (a function that calls itself): the expanded size is counted first,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import onnx
 
 from onnxclp.errors import OnnxclpError
 from onnxclp.io import iter_graphs
+
+if TYPE_CHECKING:
+    from onnxclp.pipeline import PassResult, State
 
 # Refuse an expansion to more nodes than this (a ResNet-152 has about 500; a large ViT a few thousand), and
 # functions nested deeper than this (onnx's inliner recurses in C++; exporters nest a few levels).
@@ -87,3 +92,19 @@ def inline_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     except Exception as exc:  # onnx's C++ inliner raises bare RuntimeError/ValueError on malformed functions
         raise OnnxclpError(f"--inline-functions: onnx could not inline the functions ({type(exc).__name__})") from exc
     return flat, called
+
+
+def run(state: State) -> PassResult:
+    """Pipeline pass: with ``--inline-functions``, replace the model by its inlined copy (a new tensor store)."""
+    from onnxclp.io import TensorStore
+    from onnxclp.pipeline import PassResult
+
+    if not state.options.inline_functions:
+        return PassResult()
+    flat, called = inline_functions(state.model)
+    if called:
+        store = TensorStore(flat, state.store.base_dir, state.store.source)
+        store.size_hint = state.store.size_hint
+        state.model, state.store = flat, store
+    state.inlined_functions = called
+    return PassResult(len(called))

@@ -1,9 +1,11 @@
-"""Apply decisions to the model's constants (ALGORITHMS.md sections 4 and 5)."""
+"""Apply the decisions to the model's constants (docs/algorithms.md, "Editing"): zero pruned channels, rescale
+banded ones, zero the classifier step's weights. Shared tensors are copied first (:class:`onnxclp.edit.Editor`)."""
 
 from __future__ import annotations
 
 from onnxclp.edit import Editor
 from onnxclp.passes.decide import Decision
+from onnxclp.pipeline import PassResult, State
 
 
 def apply_decisions(editor: Editor, decisions: list[Decision]) -> int:
@@ -21,3 +23,14 @@ def apply_decisions(editor: Editor, decisions: list[Decision]) -> int:
             editor.zero_weights(layer, d.topk.target, d.topk.columns)
             edits += len(d.topk.columns)
     return edits
+
+
+def run(state: State) -> PassResult:
+    """Pipeline pass (only when editing: ``scan`` reports without it)."""
+    if not state.options.edit:
+        return PassResult()
+    assert state.index is not None
+    editor = Editor(state.index, state.store)
+    edits = apply_decisions(editor, state.decisions)
+    state.copied_tensors = list(editor.copies)
+    return PassResult(edits)

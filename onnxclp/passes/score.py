@@ -1,4 +1,4 @@
-"""Score every channel of every scored layer (ALGORITHMS.md sections 2 and 3).
+"""Score every channel of every scored layer with a registered score (docs/algorithms.md, "Scores").
 
 The score of channel k is ``|scale_k| * norm(W_k)``, with ``scale_k`` the paired affine's per-channel scale
 (BatchNormalization ``gamma / sqrt(var + eps)``, or the Mul constant) and, for a Gemm, ``|alpha|``. Weights are
@@ -13,11 +13,14 @@ import numpy as np
 import onnx
 
 from onnxclp import scores as S
-from onnxclp import weights
+from onnxclp import scoring, weights
 from onnxclp.errors import OnnxclpError
 from onnxclp.graph import GraphIndex
 from onnxclp.io import TensorStore
-from onnxclp.layers import Layer, Skip, attr
+from onnxclp.layers import Layer, attr
+from onnxclp.pipeline import PassResult, State
+from onnxclp.report import SkippedLayer
+from onnxclp.scoring import BatchNormStats, LayerView
 
 
 @dataclass
@@ -63,51 +66,27 @@ def _input_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return sizes
 
 
-# The exact score builds a (C_in, *input size) complex grid per channel: refuse sizes past ~1 GiB of it.
-_EXACT_MAX_ELEMS = 2**26
-
-
-def _exact(layer: Layer, w: np.ndarray, sizes: dict[str, tuple[int, ...]]) -> np.ndarray | str:
-    if layer.is_fc:
-        return S.spectral(w)  # an FC row's operator norm is its L2 norm: exact already
-    size = sizes.get(layer.input_name)
-    if size is None:
-        return "exact score needs the layer's input size, which shape inference could not determine"
-    nd = w.ndim - 2
-    strides = tuple(attr(layer.node, "strides", [1] * nd))
-    dilations = tuple(attr(layer.node, "dilations", [1] * nd))
-    if len(strides) != nd or len(dilations) != nd or min((*strides, *dilations), default=1) < 1:
-        raise OnnxclpError(
-            f"layer {layer.key!r}: strides {list(strides)} and dilations {list(dilations)} do not fit a {nd}-D kernel"
-        )
-    if len(size) != nd or min(size, default=1) < 1:
-        return f"exact score: shape inference gives the input spatial size {list(size)}, the kernel is {nd}-D"
-    if w.shape[1] * int(np.prod(size, dtype=object)) > _EXACT_MAX_ELEMS:
-        return f"exact score: an input of {w.shape[1]} x {list(size)} is too large for the DFT of one channel"
-    if layer.op == "ConvTranspose":
-        return S.exact_transposed(w, size, strides, dilations)
-    if any(n % s for n, s in zip(size, strides, strict=True)):
-        return f"exact score needs an input size {list(size)} divisible by the strides {list(strides)}"
-    return S.exact(w, size, strides, dilations)
-
-
-def _float64(layer: Layer, c: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Channels ``lo:hi`` of the canonical weight in float64, refused if any is NaN or Inf."""
-    part = c[lo:hi].astype(np.float64)
-    if not np.all(np.isfinite(part)):
-        raise OnnxclpError(f"layer {layer.key!r}: weight {layer.weight.tensor.name!r} contains NaN or Inf")
-    return part
+def _batchnorm(layer: Layer, index: GraphIndex, store: TensorStore) -> BatchNormStats | None:
+    """The kept BatchNormalization's statistics, for the scores that declare they read them."""
+    aff = layer.affine
+    if aff is None or aff.kind != "BatchNormalization":
+        return None
+    gamma, beta, mean, var = (
+        weights.read(index, store, pc.src).astype(np.float64).reshape(-1)
+        for pc in (aff.scale, aff.shift, aff.mean, aff.var)
+    )
+    return BatchNormStats(gamma, beta, mean, var, float(aff.epsilon))
 
 
 def score_layers(
     model: onnx.ModelProto, index: GraphIndex, layers: list[Layer], store: TensorStore, kind: str
-) -> tuple[list[ScoredLayer], list[Skip]]:
-    """Scores for each layer with the ``spectral``, ``l2`` or ``exact`` score."""
-    if kind not in ("spectral", "l2", "exact"):
-        raise OnnxclpError(f"unknown score {kind!r}: choose spectral, l2 or exact")
-    sizes = _input_sizes(model) if kind == "exact" else {}
+) -> tuple[list[ScoredLayer], list[SkippedLayer]]:
+    """Scores for each layer with the registered score ``kind`` (:mod:`onnxclp.scoring`), times the paired
+    affine's ``|scale_k|`` and a Gemm's ``|alpha|``; a layer the score cannot handle is skipped with its reason."""
+    score = scoring.get(kind)
+    sizes = _input_sizes(model) if score.needs_input_size else {}
     scored: list[ScoredLayer] = []
-    skipped: list[Skip] = []
+    skipped: list[SkippedLayer] = []
     for layer in layers:
         w = (
             store.read(layer.weight.tensor, writable=False)
@@ -117,19 +96,26 @@ def score_layers(
         if tuple(w.shape) != layer.weight_shape:
             raise OnnxclpError(f"layer {layer.key!r}: weight shape {list(w.shape)} differs from its dims")
         c = layer.layout.to_channels(w)  # a view of w, except for ConvTranspose
-        if kind == "exact":
-            s = _exact(layer, _float64(layer, c, 0, c.shape[0]), sizes)
-            if isinstance(s, str):
-                skipped.append(Skip(layer.key, layer.op, s, layer.weight.tensor.name))
-                continue
-        else:
-            # A few channels at a time in float64: a large weight is never copied whole.
-            step = max(1, S._CHUNK_ELEMS // max(1, c[:1].size))
-            s = np.concatenate(
-                [S.SCORERS[kind](_float64(layer, c, lo, lo + step)) for lo in range(0, c.shape[0], step)]
-            )
-        del w, c  # before the next layer's weight is read
+        nd = c.ndim - 2
         scale = affine_scale(layer, index, store)
+        view = LayerView(
+            key=layer.key,
+            op=layer.op,
+            weight_name=layer.weight.tensor.name,
+            weight=c,
+            is_fc=layer.is_fc,
+            strides=tuple(attr(layer.node, "strides", [1] * nd)),
+            dilations=tuple(attr(layer.node, "dilations", [1] * nd)),
+            group=int(attr(layer.node, "group", 1)),
+            scale=scale,
+            batchnorm=_batchnorm(layer, index, store) if score.needs_batchnorm else None,
+            input_size=sizes.get(layer.input_name),
+        )
+        s = score.compute(view)
+        if isinstance(s, str):
+            skipped.append(SkippedLayer(layer.key, layer.op, s, layer.weight.tensor.name))
+            continue
+        del w, c, view  # before the next layer's weight is read
         if scale is not None and not np.all(np.isfinite(scale)):
             raise OnnxclpError(f"layer {layer.key!r}: its {layer.affine.kind} has NaN or Inf parameters")
         s = S.apply_scale(s, scale)
@@ -139,3 +125,13 @@ def score_layers(
             raise OnnxclpError(f"layer {layer.key!r}: channel scores overflow (weights or scales too large)")
         scored.append(ScoredLayer(layer, s, kind))
     return scored, skipped
+
+
+def run(state: State) -> PassResult:
+    """Pipeline pass: score the kept layers with the method's score (a method without a score skips it)."""
+    if not state.params.score:
+        return PassResult()
+    assert state.index is not None
+    state.scored, skipped = score_layers(state.model, state.index, state.layers, state.store, state.params.score)
+    state.skipped.extend(skipped)
+    return PassResult(len(state.scored))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from onnxclp.graph import GraphIndex
 from onnxclp.layers import Layer
+from onnxclp.pipeline import PassResult, State
 
 # Element-wise on one computed input, channel k to channel k (pooling is spatial only).
 _PASS_UNARY = frozenset(
@@ -138,3 +139,16 @@ def coupled_prunes(streams: list[Stream], pruned: dict[str, list[int]]) -> list[
                 hits.setdefault(int(k), []).append(key)
         out += [Coupling(k, tuple(keys), stream.merges[0]) for k, keys in sorted(hits.items()) if len(keys) >= 2]
     return out
+
+
+def run(state: State) -> PassResult:
+    """Pipeline pass: record channels pruned in two or more layers of one residual stream (report ``coupled``)."""
+    from onnxclp.report import CoupledChannels
+
+    pruned = {d.scored.layer.key: d.selection.prune for d in state.decisions if d.selection.prune}
+    if sum(len(v) for v in pruned.values()) < 2:
+        return PassResult()
+    assert state.index is not None
+    streams = residual_streams(state.index, [d.scored.layer for d in state.decisions])
+    state.coupled = [CoupledChannels(c.channel, list(c.layers), c.merge) for c in coupled_prunes(streams, pruned)]
+    return PassResult(len(state.coupled))

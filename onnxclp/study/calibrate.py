@@ -88,7 +88,7 @@ def calibrate(
     result = Calibration(None, method, float(max_acc_drop), before, None, prepared.n_samples)
     accs: dict[float, float] = {}
     for u in candidates:
-        sanitized, report = sanitize(proto, method, u, **fixed)
+        sanitized, report = sanitize(proto, method, u, **{"force": True, **fixed})  # measured: risky u allowed
         acc = measure(sanitized, prepared).acc
         assert acc is not None
         accs[u] = acc
@@ -101,3 +101,73 @@ def calibrate(
     if result.u is not None:
         result.acc_after = accs[result.u]
     return result
+
+
+def calibrate_for_sanitize(
+    input: PathLike,
+    data: PathLike,
+    method: str,
+    max_acc_drop: float,
+    grid: str | None,
+    mean: str | None,
+    std: str | None,
+    given: Mapping[str, Any],
+    fixed: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``sanitize --calibrate DATA``: the method's parameters chosen on DATA's clean images, least invasive first.
+
+    1. Every parameter with a ``calibration`` list (LPP: ``u_low``, ``bias_rate``) that the user did not give is
+       set to its least invasive value; u is chosen by :func:`calibrate` (the rule of the module docstring).
+    2. With that u, each such parameter walks its list towards the more invasive values and keeps the last one
+       within the budget (the walk stops at the first over budget).
+    Prints the choice and the reason on stderr; returns the values to sanitize with (``u`` included).
+    """
+    import sys
+
+    from onnxclp import methods
+    from onnxclp.api import sanitize
+    from onnxclp.cli.eval import parse_numbers
+    from onnxclp.errors import OnnxclpError
+    from onnxclp.study.measure import load_inline, measure, prepare
+    from onnxclp.study.sweep import parse_grid
+
+    m = methods.get(method)
+    us = parse_grid(grid or DEFAULT_GRID)
+    proto = load_inline(input)
+    prepared = prepare(proto, data, attack="none", mean=parse_numbers(mean, "--mean"), std=parse_numbers(std, "--std"))
+    extra = {k: v for k, v in fixed.items() if v not in (None, ())}
+    tuned = [p for p in m.params if p.calibration is not None and p.name not in given]
+    values = {**given, **{p.name: p.calibration[0] for p in tuned}}  # type: ignore[index]
+    u_low = values.get("u_low")
+    if u_low is not None:  # a candidate u must stay above the lower threshold
+        us = [u for u in us if u > u_low]
+    result = calibrate(proto, prepared, method, max_acc_drop, us, **{**values, **extra, "force": True})
+    if result.u is None:
+        worst = result.tried[0]
+        raise OnnxclpError(
+            f"calibration: even u={worst['u']:g} drops accuracy by {worst['drop']:.2f} points on {data} "
+            f"(budget {max_acc_drop:g}"
+            + (f", with {', '.join(f'{p.name}={p.calibration[0]:g}' for p in tuned)} (least invasive)" if tuned else "")  # type: ignore[index]
+            + "); give --u explicitly or a larger --max-acc-drop"
+        )
+    values["u"] = result.u
+    before = result.acc_before
+    why = [f"u={result.u:g}: ACC {100 * (result.acc_after or 0):.2f}% (drop {result.drop:.2f} pt)"]
+    for p in tuned:
+        for v in p.calibration[1:]:  # type: ignore[index]
+            trial = {**values, p.name: v}
+            if "u_low" in trial and trial["u_low"] >= trial["u"]:
+                break
+            sanitized, _ = sanitize(proto, method, **{**trial, **extra, "force": True})
+            acc = measure(sanitized, prepared).acc or 0.0
+            drop = 100 * (before - acc)
+            if drop > max_acc_drop + 1e-9:
+                why.append(f"{p.name}={v:g} drops {drop:.2f} pt: kept {p.name}={values[p.name]:g}")
+                break
+            values[p.name] = v
+            why.append(f"{p.name}={v:g}: drop {drop:.2f} pt")
+    sys.stderr.write(
+        f"calibrated: u = {result.u:g} ({method}; budget {max_acc_drop:g} pt on {result.n_samples} clean images, "
+        f"ACC before {100 * before:.2f}%): " + "; ".join(why) + "\n"
+    )
+    return values

@@ -173,3 +173,21 @@ def plot_tac(result: Any, path: PathLike, per_page: int = PER_PAGE, hidden_only:
         plt.close(fig)
         written.append(out)
     return written
+
+
+def write_score_plots(report: Any, directory: PathLike) -> list[Path]:
+    """``scan --plot DIR``: score histograms per layer; prints the files written on stderr."""
+    import sys
+    from types import SimpleNamespace
+
+    from onnxclp.errors import OnnxclpError
+
+    if isinstance(report, dict):  # a scan's JSON entry: attribute access for plot_scores
+        report = SimpleNamespace(**{**report, "layers": [SimpleNamespace(**layer) for layer in report["layers"]]})
+    try:
+        written = plot_scores(report, directory)
+    except OSError as exc:
+        raise OnnxclpError(f"{directory}: cannot write the plots ({exc.strerror or exc})") from exc
+    for p in written:
+        sys.stderr.write(f"wrote {p}\n")
+    return written

@@ -170,7 +170,7 @@ def sweep_settings(
     for setting in settings:
         kwargs = {**fixed, **setting}
         try:
-            sanitized, report = sanitize(proto, method, **kwargs)
+            sanitized, report = sanitize(proto, method, force=True, **kwargs)  # measured: risky u allowed
         except NothingToSanitize as exc:
             raise OnnxclpError(f"nothing to sweep: {exc.message}") from exc
         m = measure(sanitized, prepared)

@@ -190,7 +190,7 @@ def tac(
     if not prepared.has_attack:
         raise OnnxclpError("TAC needs an attack (--attack or --attack-config): it compares triggered and clean")
     proto = model if isinstance(model, onnx.ModelProto) else load_inline(model)
-    report = scan(proto, method, **params)
+    report = scan(proto, method, **{"force": True, **params})  # a study tool: risky u allowed
     found = {layer.key: layer for layer in find_layers(GraphIndex(proto.graph), TensorStore(proto, Path("."))).layers}
     layers = [(lr, found[lr.node]) for lr in report.layers if lr.node in found]
     probe = onnx.ModelProto()

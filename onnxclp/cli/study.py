@@ -11,10 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from onnxclp.cli import Bias as BiasRate
-from onnxclp.cli import IncludeFC, Method, Score, TopK, ULow, run_guarded
-from onnxclp.errors import OnnxclpError
-from onnxclp.eval.cli import (
+from onnxclp.cli.common import require_extra, run_guarded, with_method_options
+from onnxclp.cli.eval import (
     AttackConfigOpt,
     AttackOpt,
     BatchOpt,
@@ -29,19 +27,15 @@ from onnxclp.eval.cli import (
     YKeyOpt,
     _common,
 )
+from onnxclp.errors import OnnxclpError
 
-__all__ = ["calibrate_for_sanitize", "register", "sweep_command", "tac_command", "write_score_plots"]
+__all__ = ["register", "sweep_command", "tac_command"]
 
 UGrid = Annotated[
     str, typer.Option("--u", "-u", help="Values of u: START:STOP:STEP (inclusive) or a comma-separated list.")
 ]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write the figure (PNG) here.")]
 JsonPath = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
-
-
-def _method_params(u_low, bias_rate, topk, score, include_fc) -> dict[str, Any]:
-    given = {"u_low": u_low, "bias_rate": bias_rate, "topk": topk, "score": score, "include_fc": include_fc}
-    return {k: v for k, v in given.items() if v is not None}
 
 
 def _prepare(model, data, attack, attack_config, param, mean, std, limit, batch_size, threads, x_key, y_key):
@@ -66,19 +60,18 @@ def _echo_table(rows: list[list[str]]) -> None:
         typer.echo("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
 
 
+@with_method_options(skip=("u",))
 def sweep_command(
     model: Annotated[Path, typer.Argument(help="ONNX classifier (backdoored).", show_default=False)],
     data: DataOpt,
+    method_values: dict[str, Any],
+    method: str = "clp",
+    score: str | None = None,
+    include_fc: bool | None = None,
     attack: AttackOpt = None,
     attack_config: AttackConfigOpt = None,
     param: ParamOpt = None,
-    method: Method = "clp",
     u: UGrid = "0.5:8:0.5",
-    u_low: ULow = None,
-    bias_rate: BiasRate = None,
-    topk: TopK = None,
-    score: Score = None,
-    include_fc: IncludeFC = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     x_key: XKeyOpt = None,
@@ -93,6 +86,7 @@ def sweep_command(
     """ACC, ASR and the fraction of channels pruned against u (sanitized in memory for each u)."""
 
     def go() -> None:
+        require_extra("eval", "onnxruntime", "torch")
         from onnxclp.study.measure import load_inline
         from onnxclp.study.sweep import parse_grid, sweep
 
@@ -101,8 +95,10 @@ def sweep_command(
         prepared = _prepare(
             proto, data, attack, attack_config, param, mean, std, limit, batch_size, threads, x_key, y_key
         )
-        fixed = _method_params(u_low, bias_rate, topk, score, include_fc)
-        result = sweep(proto, prepared, us, method, name=str(model), **fixed)
+        fixed = {**method_values, "score": score, "include_fc": include_fc}
+        result = sweep(
+            proto, prepared, us, method, name=str(model), **{k: v for k, v in fixed.items() if v is not None}
+        )
         typer.echo(
             f"{model}: {method} on {prepared.n_samples} samples ({prepared.n_attacked} attacked, "
             f"{prepared.attack['attack']})"
@@ -117,19 +113,17 @@ def sweep_command(
     run_guarded(go, debug)
 
 
+@with_method_options()
 def tac_command(
     model: Annotated[Path, typer.Argument(help="ONNX classifier (backdoored).", show_default=False)],
     data: DataOpt,
+    method_values: dict[str, Any],
+    method: str = "clp",
+    score: str | None = None,
+    include_fc: bool | None = None,
     attack: AttackOpt = None,
     attack_config: AttackConfigOpt = None,
     param: ParamOpt = None,
-    method: Method = "clp",
-    u: Annotated[float | None, typer.Option("--u", "-u", help="Threshold u for the decisions shown.")] = None,
-    u_low: ULow = None,
-    bias_rate: BiasRate = None,
-    topk: TopK = None,
-    score: Score = None,
-    include_fc: IncludeFC = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     x_key: XKeyOpt = None,
@@ -144,6 +138,7 @@ def tac_command(
     """Trigger-activated change per channel (CLP paper 4.2) beside each channel's score and the decision."""
 
     def go() -> None:
+        require_extra("eval", "onnxruntime", "torch")
         from onnxclp.study.measure import load_inline
         from onnxclp.study.tac import tac
 
@@ -151,9 +146,8 @@ def tac_command(
         prepared = _prepare(
             proto, data, attack, attack_config, param, mean, std, limit, batch_size, threads, x_key, y_key
         )
-        params = _method_params(u_low, bias_rate, topk, score, include_fc)
-        if u is not None:
-            params["u"] = u
+        given = {**method_values, "score": score, "include_fc": include_fc}
+        params = {k: v for k, v in given.items() if v is not None}
         result = tac(proto, prepared, method, batch_size=batch_size, name=str(model), **params)
         rows = [["layer", "ch", "rho", "top ch", "TAC/median", "score z", "pruned"]]
         for layer in result.layers:
@@ -183,55 +177,6 @@ def tac_command(
                 typer.echo(f"wrote {p}", err=True)
 
     run_guarded(go, debug)
-
-
-def write_score_plots(report: Any, directory: Path) -> list[Path]:
-    """``scan --plot DIR``: score histograms per layer; prints the files written on stderr."""
-    from onnxclp.study.plots import plot_scores
-
-    try:
-        written = plot_scores(report, directory)
-    except OSError as exc:
-        raise OnnxclpError(f"{directory}: cannot write the plots ({exc.strerror or exc})") from exc
-    for p in written:
-        typer.echo(f"wrote {p}", err=True)
-    return written
-
-
-def calibrate_for_sanitize(
-    input: Path,
-    data: Path,
-    method: str,
-    max_acc_drop: float,
-    grid: str | None,
-    mean: str | None,
-    std: str | None,
-    params: dict[str, Any],
-) -> float:
-    """``sanitize --calibrate DATA``: choose u on DATA's clean images; print the choice; return u."""
-    from onnxclp.study.calibrate import DEFAULT_GRID, calibrate
-    from onnxclp.study.measure import load_inline, prepare
-    from onnxclp.study.sweep import parse_grid
-
-    us = parse_grid(grid or DEFAULT_GRID)
-    proto = load_inline(input)
-    kwargs = _common(None, None, mean, std, None, {}, None)
-    prepared = prepare(proto, data, **kwargs)
-    fixed = {k: v for k, v in params.items() if v is not None}
-    result = calibrate(proto, prepared, method, max_acc_drop, us, **fixed)
-    if result.u is None:
-        worst = result.tried[0]
-        raise OnnxclpError(
-            f"calibration: even u={worst['u']:g} drops accuracy by {worst['drop']:.2f} points on {data} "
-            f"(budget {max_acc_drop:g}); give --u explicitly or a larger --max-acc-drop"
-        )
-    typer.echo(
-        f"calibrated: u = {result.u:g} ({method}); ACC {100 * result.acc_before:.2f}% -> "
-        f"{100 * (result.acc_after or 0):.2f}% on {result.n_samples} clean images "
-        f"(drop {result.drop:.2f} pt, budget {max_acc_drop:g}; {len(result.tried)} values of u tried)",
-        err=True,
-    )
-    return result.u
 
 
 def register(app: typer.Typer) -> None:

@@ -18,9 +18,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from onnxclp.cli.common import Device, require_extra, run_guarded
 from onnxclp.errors import OnnxclpError
 
-__all__ = ["compare_command", "evaluate_command", "register"]
+__all__ = ["compare_command", "evaluate_command", "parse_numbers", "register"]
 
 T = TypeVar("T")
 
@@ -47,12 +48,6 @@ class Mode(str, Enum):
 class Layout(str, Enum):
     nchw = "nchw"
     nhwc = "nhwc"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 # Which attack parameter each trigger option sets, per attack (ALGORITHMS.md section 6).
@@ -83,6 +78,11 @@ def _numbers(text: str, what: str, cast: Callable[[str], T]) -> list[T]:
         return [cast(part.strip()) for part in text.split(",") if part.strip()]
     except ValueError:
         raise OnnxclpError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_numbers(text: str | None, what: str) -> list[float] | None:
+    """``R,G,B``-style option text as floats (None stays None)."""
+    return None if text is None else _numbers(text, what, float)
 
 
 def _fraction(text: str) -> float:
@@ -185,20 +185,6 @@ def _norm_line(attack: dict[str, Any]) -> str:
     if not norm:
         return "none (model fed [0, 1] pixels)"
     return f"mean {','.join(f'{v:g}' for v in norm['mean'])}  std {','.join(f'{v:g}' for v in norm['std'])}"
-
-
-def _guard(debug: bool, body: Callable[[], None]) -> None:
-    """Run a command body; a user error becomes ``error: ...`` on stderr and its exit code."""
-    try:
-        body()
-    except OnnxclpError as exc:
-        if debug:
-            raise
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -342,7 +328,13 @@ BatchOpt = Annotated[
     int, typer.Option("--batch-size", min=1, help="Images per onnxruntime call.", rich_help_panel=RUN_PANEL)
 ]
 DeviceOpt = Annotated[
-    Device, typer.Option("--device", help="auto: CUDA when onnxruntime has it, else CPU.", rich_help_panel=RUN_PANEL)
+    Device,
+    typer.Option(
+        "--device",
+        case_sensitive=False,
+        help="auto: CUDA when onnxruntime has it, else CPU.",
+        rich_help_panel=RUN_PANEL,
+    ),
 ]
 ThreadsOpt = Annotated[
     int | None,
@@ -450,6 +442,7 @@ def evaluate_command(
     }  # fmt: skip
 
     def body() -> None:
+        require_extra("eval", "onnxruntime", "torch")
         from onnxclp.eval.api import evaluate
         from onnxclp.eval.runner import describe_input
 
@@ -486,7 +479,7 @@ def evaluate_command(
         for key, text in lines:
             typer.echo(f"{key:<11} {text}")
 
-    _guard(debug, body)
+    run_guarded(body, debug)
 
 
 def compare_command(
@@ -535,6 +528,7 @@ def compare_command(
     }  # fmt: skip
 
     def body() -> None:
+        require_extra("eval", "onnxruntime", "torch")
         from onnxclp.eval.api import compare
         from onnxclp.eval.runner import describe_input
 
@@ -570,7 +564,7 @@ def compare_command(
             f"{result.seconds:.2f} s; {result.total_seconds:.2f} s in all)"
         )
 
-    _guard(debug, body)
+    run_guarded(body, debug)
 
 
 def register(app: typer.Typer) -> None:

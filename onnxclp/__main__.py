@@ -1,0 +1,5 @@
+"""``python -m onnxclp``: the command-line interface."""
+
+from onnxclp.cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""``python -m onnxclp.cli``: the command-line interface (as ``python -m onnxclp``)."""
+
+from onnxclp.cli import main
+
+main()

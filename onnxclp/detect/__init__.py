@@ -1,0 +1,133 @@
+"""Model-level backdoor detectors: one module each, registered like the methods (docs/detect.md).
+
+A detector turns a scanned model (the pipeline's :class:`~onnxclp.pipeline.State`: scores, layers, weights) into
+one statistic and a p-value under its null hypothesis "no backdoor", plus the suspected target class where it
+yields one. :func:`verdict` combines the detectors that ran: the model is ``suspicious`` when the smallest p-value,
+Bonferroni-corrected for the number of detectors, is below the false-positive rate ``fpr``. The p-values are
+computed within the model (no clean reference model is needed at scan time); how well they hold on real clean
+models is measured in docs/detect.md (bench/detect_roc.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from onnxclp.errors import OnnxclpError
+
+if TYPE_CHECKING:
+    from onnxclp.pipeline import State
+
+__all__ = ["Detector", "DetectorResult", "default_names", "get", "names", "register", "run_detectors", "verdict"]
+
+
+@dataclass
+class DetectorResult:
+    """One detector's finding on one model."""
+
+    statistic: float
+    p_value: float | None
+    target: int | None = None
+    detail: str = ""
+    threshold: float | None = None  # the p-value threshold applied (fpr / number of detectors)
+    suspicious: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("statistic", "p_value", "threshold"):
+            if isinstance(d[k], float) and not math.isfinite(d[k]):
+                d[k] = None
+        return d
+
+
+class Detector:
+    """Base class of a registered detector."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    default: ClassVar[bool] = True  # run by ``scan`` unless ``--detector`` names others
+    extra: ClassVar[str | None] = None  # optional extra it imports (None: numpy only)
+
+    def run(self, state: State) -> DetectorResult | str:
+        """The finding, or a string: why the detector does not apply to this model."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Detector]] = {}
+_LOADED = False
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"detector {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load() -> None:
+    global _LOADED
+    if not _LOADED:
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
+        _LOADED = True
+
+
+def names() -> list[str]:
+    _load()
+    return sorted(_REGISTRY)
+
+
+def default_names() -> list[str]:
+    _load()
+    return [n for n in sorted(_REGISTRY) if _REGISTRY[n].default]
+
+
+def get(name: str) -> Detector:
+    _load()
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise OnnxclpError(f"unknown detector {name!r}: choose {', '.join(names())}")
+    return cls()
+
+
+def run_detectors(
+    state: State, chosen: tuple[str, ...] | list[str] = ()
+) -> tuple[dict[str, DetectorResult], dict[str, str]]:
+    """Run the chosen detectors (default: :func:`default_names`); returns results and the reasons of those that
+    did not apply."""
+    results: dict[str, DetectorResult] = {}
+    skipped: dict[str, str] = {}
+    for n in chosen or default_names():
+        out = get(n).run(state)
+        if isinstance(out, str):
+            skipped[n] = out
+        else:
+            results[n] = out
+    return results, skipped
+
+
+def verdict(results: dict[str, DetectorResult], fpr: float) -> tuple[str, int | None]:
+    """``suspicious`` when a detector's p-value is below ``fpr / len(results)`` (Bonferroni), else ``clean``;
+    the target class of the most significant suspicious detector. Marks each result with its threshold."""
+    if not results:
+        return "clean", None
+    threshold = fpr / len(results)
+    best: tuple[float, int | None] | None = None
+    for r in results.values():
+        r.threshold = threshold
+        r.suspicious = r.p_value is not None and r.p_value < threshold
+        if r.suspicious and (best is None or (r.p_value or 0.0) < best[0]):
+            best = (r.p_value or 0.0, r.target)
+    return ("suspicious", best[1]) if best is not None else ("clean", None)
+
+
+def max_normal_p(z: float, k: int) -> float:
+    """P(the largest of ``k`` independent standard normals exceeds ``z``) = 1 - Phi(z)^k (Sidak)."""
+    tail = 0.5 * math.erfc(z / math.sqrt(2.0))  # 1 - Phi(z), accurate in the far tail
+    if tail < 1e-12:
+        return min(1.0, k * tail)
+    return 1.0 - (1.0 - tail) ** k

@@ -1,0 +1,61 @@
+"""LPP: Lipschitzness Precise Pruning (docs/algorithms.md, "LPP"; the LPP paper's section 3).
+
+Scores each channel by the L2 norm of its kernel times its affine scale, prunes both tails of the layer's
+distribution (``> mean + u*std`` and ``< mean + u_low*std``), rescales the band just below the upper threshold
+by ``mean / score``, and may zero the ``topk`` classifier weights that most separate the suspected target class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from onnxclp.errors import OnnxclpError
+from onnxclp.methods import register
+from onnxclp.methods.base import Method, Params, ParamSpec
+from onnxclp.methods.clp import U
+from onnxclp.select import Selection, TopK, classifier_topk, select_lpp
+
+
+@register
+class LPP(Method):
+    name = "lpp"
+    order = 1
+    description = "Lipschitzness precise pruning: prune both score tails, rescale the band below the threshold."
+    paper = "Rethinking Lipschitzness for data-free backdoor defense (LPP), shared/papers, section 3"
+    score = "l2"
+    include_fc = True
+    output_fc = True
+    rescales = True
+    params = (
+        U,
+        ParamSpec(
+            "u_low",
+            float,
+            -3.0,
+            "Lower threshold: prune channels below mean + u_low*std.",
+            calibration=(-1000.0, -5.0, -4.0, -3.0),
+        ),
+        ParamSpec(
+            "bias_rate",
+            float,
+            1.0,
+            "Rescale channels in (mean+(u-b)*std, mean+u*std].",
+            minimum=0.0,
+            calibration=(0.0, 0.5, 1.0),
+        ),
+        ParamSpec("topk", int, 0, "Classifier weights zeroed in the suspected target row.", minimum=0),
+    )
+
+    def check(self, values: Mapping[str, Any]) -> None:
+        super().check(values)
+        if values["u_low"] >= values["u"]:
+            raise OnnxclpError(f"--u-low ({values['u_low']}) must be below --u ({values['u']})")
+
+    def select(self, scores: np.ndarray, params: Params) -> Selection:
+        return select_lpp(scores, params["u"], params["u_low"], params["bias_rate"])
+
+    def classifier_step(self, w: np.ndarray, params: Params) -> TopK | None:
+        return classifier_topk(w, params["topk"]) if params["topk"] > 0 else None

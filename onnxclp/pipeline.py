@@ -1,0 +1,107 @@
+"""The pass pipeline: one :class:`State` object, one :class:`PassResult` type, every pass ``run(state)``.
+
+:data:`PASSES` is the sanitize/scan pipeline in order; :func:`run` applies it. A pass reads and writes only the
+state; what it skips goes into ``state.skipped`` with a reason (one type: :class:`~onnxclp.report.SkippedLayer`).
+Nothing here imports torch or onnxruntime: a method that runs the model imports its extra inside ``decide``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from onnxclp.io import TensorStore
+from onnxclp.report import CoupledChannels, Report, SkippedLayer
+
+if TYPE_CHECKING:
+    from onnxclp.graph import GraphIndex
+    from onnxclp.layers import Layer
+    from onnxclp.methods import Method, Params
+    from onnxclp.passes.decide import Decision
+    from onnxclp.passes.score import ScoredLayer
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run the pipeline (everything but the method's own parameters).
+
+    ``context`` carries what methods that read data need (``clean_data``, ``input_shape``, ``mean``, ``std``,
+    ``device``...); weight-only methods ignore it.
+    """
+
+    exclude: Sequence[str] = ()
+    fuse_bn: bool = False
+    inline_functions: bool = False
+    edit: bool = True
+    force: bool = False
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    """What one pass did: a count of things it changed or produced, and an optional note."""
+
+    changed: int = 0
+    note: str | None = None
+
+
+@dataclass
+class State:
+    """Everything the passes share. ``path`` is the input file (None for an in-memory model)."""
+
+    model: onnx.ModelProto
+    store: TensorStore
+    method: Method
+    params: Params
+    options: Options = field(default_factory=Options)
+    path: str | None = None
+    index: GraphIndex | None = None
+    found: list[Layer] = field(default_factory=list)  # every scorable layer, before --exclude and the FC rule
+    layers: list[Layer] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    scored: list[ScoredLayer] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    coupled: list[CoupledChannels] = field(default_factory=list)
+    fused_batchnorms: int = 0
+    inlined_functions: list[str] = field(default_factory=list)
+    copied_tensors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    report: Report | None = None
+    log: list[tuple[str, PassResult, float]] = field(default_factory=list)
+
+
+Pass = Callable[[State], PassResult]
+
+
+def passes() -> tuple[Pass, ...]:
+    """The pipeline, in order: inline, fuse_bn, find, exclude, score, decide, streams, prune, report, annotate."""
+    from onnxclp.passes import annotate, decide, exclude, find, fuse_bn, inline, prune, report, score, streams
+
+    return (
+        inline.run,
+        fuse_bn.run,
+        find.run,
+        exclude.run,
+        score.run,
+        decide.run,
+        streams.run,
+        prune.run,
+        report.run,
+        annotate.run,
+    )
+
+
+def run(state: State, pipeline: Sequence[Pass] | None = None) -> Report:
+    """Apply every pass to ``state``; returns the report the ``report`` pass assembled."""
+    start = time.perf_counter()
+    for p in pipeline if pipeline is not None else passes():
+        t = time.perf_counter()
+        result = p(state)
+        state.log.append((p.__module__.rsplit(".", 1)[-1], result, time.perf_counter() - t))
+    assert state.report is not None, "the pipeline has no report pass"
+    state.report.time_s = time.perf_counter() - start
+    return state.report
