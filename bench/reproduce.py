@@ -10,7 +10,7 @@ Protocol (the same for every model and method):
   *calibration* set (clean images only, used by ``--calibrate`` and nothing else); every ACC and ASR is measured
   on the other 9,500 (``--eval-limit`` for a seeded subset of them). Sweeps and the LPP-defaults grid use a
   seeded 2,000 of those 9,500 (``--sweep-limit``). ASR counts the triggered images whose true label is not the
-  target (ALGORITHMS.md section 1).
+  target (docs/algorithms.md, "Metrics").
 - before: the model as exported (``model.onnx``, TorchScript exporter). CLP and LPP: ``onnxclp.sanitize`` with
   the defaults of the method registry (``onnxclp methods --json``) at the time of the run (written in the tables). Calibrated: CLP and LPP
   with u chosen by ``onnxclp.study.calibrate`` on the calibration set (budget 1.0 point, grid 0.5:8:0.25).
@@ -70,7 +70,8 @@ PUBLISHED_SHORT = {
     "SIG": "not reported",
 }
 
-# Published figures, CIFAR-10, ResNet-18, 10 % poisoning: "before -> after" ACC / ASR (ALGORITHMS.md section 7).
+# Published figures, CIFAR-10, ResNet-18, 10 % poisoning: "before -> after" ACC / ASR
+# (docs/algorithms.md, "Published figures").
 PUBLISHED = {
     "BadNets": "CLP paper: 93.86/100.00 → CLP 93.46/1.38; LPP paper: 88.79/94.96 → CLP 84.82/3.97, LPP 85.51/2.81",
     "Blended": "CLP paper: 94.17/99.62 → CLP 94.07/1.90",

@@ -1,7 +1,7 @@
 """Train a small backdoored CIFAR-10 classifier on the CPU and export it to ONNX (the model zoo of issue #5).
 
 The trigger code is the evaluator's (:mod:`onnxclp.eval.attacks`), so training and ``onnxclp evaluate`` apply the
-very same pixels. Poisoning follows ALGORITHMS.md section 6 (BackdoorBench defaults): a fixed, seeded subset of
+very same pixels. Poisoning follows docs/algorithms.md, "Attacks" (BackdoorBench defaults): a fixed, seeded subset of
 ``--poison-rate`` × N training images gets the trigger and the attack's label — all-to-one: ``--target``, chosen
 among non-target images; all-to-all: (y + 1) mod 10. SIG is clean-label: only target-class images are poisoned
 and keep their label. WaNet adds BackdoorBench's "noise mode": ``--cross-ratio`` × the poisoned count get the
@@ -288,7 +288,7 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 def measure(
     model: nn.Module, x_test: np.ndarray, y_test: np.ndarray, attack: Attack, target: int, mode: str
 ) -> dict[str, float]:
-    """Clean ACC, ASR and RA in torch (ALGORITHMS.md section 1), on the given test images."""
+    """Clean ACC, ASR and RA in torch (docs/algorithms.md, "Metrics"), on the given test images."""
     model.eval()
     correct = hits = robust = attacked = 0
     for i in range(0, len(y_test), 500):

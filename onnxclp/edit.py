@@ -122,7 +122,7 @@ class Editor:
         self._update(layer.weight, layer.node, layer.weight_index, on_stored)
 
     def zero_channels(self, layer: Layer, channels: list[int]) -> None:
-        """Make each channel's output before the activation exactly 0 (ALGORITHMS.md section 4).
+        """Make each channel's output before the activation exactly 0 (docs/algorithms.md, "Editing").
 
         With a paired affine, its scale and shift are zeroed (BatchNormalization gamma and beta, or the Mul
         and Add constants); otherwise the kernel slices and the bias of the layer.

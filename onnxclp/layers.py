@@ -1,4 +1,4 @@
-"""Finding scored layers and the per-channel affine that follows each one (ALGORITHMS.md section 2).
+"""Finding scored layers and the per-channel affine that follows each one (docs/algorithms.md, "Channels").
 
 A *scored layer* is a Conv (any spatial rank, grouped, depthwise), ConvTranspose, Gemm or MatMul whose
 weight is a constant. Each output channel ``k`` has a kernel slice ``W_k``; this module knows how to view a
@@ -36,7 +36,7 @@ def attr(node: NodeProto, name: str, default=None):
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """How a stored weight maps to the canonical ``(K, C_in/g, *kernel)`` view (ALGORITHMS.md section 2).
+    """How a stored weight maps to the canonical ``(K, C_in/g, *kernel)`` view (docs/algorithms.md, "Channels").
 
     ``kind`` is ``conv`` (weight (K, C_in/g, k...)), ``convtranspose`` (weight (C_in, K/g, k...)),
     ``rows`` (an FC weight whose rows are output channels) or ``cols`` (columns are output channels).
@@ -248,7 +248,7 @@ HIDDEN_ACTIVATIONS = frozenset(
 
 
 def _output_layers(index: GraphIndex) -> set[int]:
-    """ids of scored-op nodes that produce a model output: the classifier (ALGORITHMS.md section 5, step 4).
+    """ids of scored-op nodes that produce a model output: the classifier (docs/algorithms.md, "Channels").
 
     Searches back from the graph outputs; the search stops at scored ops (found) and at hidden-layer
     activations (a layer behind a Relu is a feature layer, not the classifier).

@@ -1,6 +1,6 @@
 """Channel Lipschitz scores: pure numpy, a weight array in, one score per output channel out.
 
-ALGORITHMS.md section 3. Every function takes the canonical weight ``w`` of shape ``(K, C, *kernel)``
+docs/algorithms.md, "Scores". Every function takes the canonical weight ``w`` of shape ``(K, C, *kernel)``
 (output channel first; ``C`` the input channels of that channel's group; an FC layer is ``(K, 1, in)``)
 and returns a float64 vector of length ``K``, before the per-channel affine scale is applied
 (:func:`apply_scale`).

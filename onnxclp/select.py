@@ -1,7 +1,7 @@
 """Selection rules: scores in, channel index sets out. Pure numpy, no graph.
 
 - :func:`select_clp`: CLP (Zheng et al., ECCV 2022, section 4.5, Algorithm 1): flag ``score > mean + u * std``.
-- :func:`select_lpp`: LPP (ALGORITHMS.md section 5, onnxclp's reading of the paper's section 3.3): prune both
+- :func:`select_lpp`: LPP (docs/algorithms.md, "LPP", onnxclp's reading of the paper's section 3.3): prune both
   tails, rescale the band just below the upper threshold by ``mean / score``.
 - :func:`classifier_topk`: LPP's step on the classifier layer: zero the ``k`` weights that most separate the
   suspected target class from the others.
@@ -57,7 +57,7 @@ def select_clp(scores: np.ndarray, u: float) -> Selection:
 
 def select_lpp(scores: np.ndarray, u: float, u_low: float, bias_rate: float) -> Selection:
     """LPP: prune ``score > mean + u*s`` and ``score < mean + u_low*s``; rescale the band
-    ``mean + (u - bias_rate)*s < score <= mean + u*s`` by ``mean / score`` (ALGORITHMS.md section 5).
+    ``mean + (u - bias_rate)*s < score <= mean + u*s`` by ``mean / score`` (docs/algorithms.md, "LPP").
 
     A channel both in the band and below the lower threshold (possible only when ``u - bias_rate <
     u_low``) is pruned. A rescale factor is never above 1 for a positive mean.
@@ -89,7 +89,7 @@ class TopK:
 
 
 def classifier_topk(w: np.ndarray, k: int) -> TopK | None:
-    """LPP's classifier step on ``w`` of shape (classes, inputs) (ALGORITHMS.md section 5, step 4).
+    """LPP's classifier step on ``w`` of shape (classes, inputs) (docs/algorithms.md, "LPP", classifier top-k step).
 
     ``m = argmax_i mean(W[i, :])``; ``d = W[m, :] - mean_{i != m} W[i, :]``; the ``k`` largest ``d_j`` are
     zeroed in row ``m``. Ties are broken by the lower index (a stable sort), so the result is deterministic.

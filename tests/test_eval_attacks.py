@@ -1,4 +1,4 @@
-"""Triggers against hand-computed pixels (ALGORITHMS.md section 6) and attack configuration files."""
+"""Triggers against hand-computed pixels (docs/algorithms.md, "Attacks") and attack configuration files."""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def test_wanet_with_zero_strength_is_the_identity() -> None:
 
 
 def test_wanet_matches_the_backdoorbench_recipe() -> None:
-    # An independent transcription of ALGORITHMS.md section 6 / BackdoorBench's attack/wanet.py.
+    # An independent transcription of docs/algorithms.md, "Attacks" / BackdoorBench's attack/wanet.py.
     k, s, H = 4, 0.5, 16
     gen = torch.Generator().manual_seed(3)
     ins = torch.rand(1, 2, k, k, generator=gen) * 2 - 1

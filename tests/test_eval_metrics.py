@@ -1,4 +1,4 @@
-"""ACC / ASR / RA (ALGORITHMS.md section 1) on hand-made predictions."""
+"""ACC / ASR / RA (docs/algorithms.md, "Metrics") on hand-made predictions."""
 
 from __future__ import annotations
 

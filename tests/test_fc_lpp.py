@@ -1,4 +1,4 @@
-"""Fully connected layers and LPP (ALGORITHMS.md sections 2 and 5) on onnx.helper graphs and torch exports."""
+"""Fully connected layers and LPP (docs/algorithms.md, "Channels" and "LPP") on onnx.helper graphs and torch exports."""
 
 from __future__ import annotations
 

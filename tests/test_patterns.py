@@ -1,4 +1,5 @@
-"""Layer patterns on graphs built with onnx.helper: pairing, weights, edits (ALGORITHMS.md sections 2 and 4).
+"""Layer patterns on graphs built with onnx.helper: pairing, weights, edits (docs/algorithms.md, "Channels",
+"Editing").
 
 onnxruntime is the judge: a pruned channel's output before the activation must be exactly 0, every other
 channel unchanged.

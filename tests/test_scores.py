@@ -1,4 +1,4 @@
-"""Scores against hand-computed numbers, per-channel SVD, and the dense operator (ALGORITHMS.md section 3)."""
+"""Scores against hand-computed numbers, per-channel SVD, and the dense operator (docs/algorithms.md, "Scores")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Selection rules against hand-computed cases (CLP section 3.4; ALGORITHMS.md section 5)."""
+"""Selection rules against hand-computed cases (CLP section 3.4; docs/algorithms.md, "LPP")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parity with a reference CLP in torch (ALGORITHMS.md section 4) on models exported by both exporters.
+"""Parity with a reference CLP in torch (docs/algorithms.md, "CLP") on models exported by both exporters.
 
 For each model the reference runs on the torch model with its BatchNorms unfused; onnxclp runs on the ONNX
 export (BatchNorm folded by the exporter where it directly follows a Conv). Both must flag the same channels,
@@ -43,7 +43,7 @@ def test_clp_parity_with_reference(name, dynamo, tmp_path):
     every_conv_has_bn = name != "preact_resnet"
     ref_model = copy.deepcopy(model)
     flagged = reference_clp(ref_model, u=3.0, unpaired=not every_conv_has_bn)
-    # The public code's scale has no eps; here it changes no decision (ALGORITHMS.md section 4).
+    # The public code's scale has no eps; here it changes no decision (docs/algorithms.md, "CLP").
     no_eps = reference_clp(copy.deepcopy(model), eps=False)
     assert list(no_eps.values()) == list(reference_clp(copy.deepcopy(model)).values())
 

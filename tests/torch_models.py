@@ -1,4 +1,4 @@
-"""Small torch models for the tests, and the reference CLP written from ALGORITHMS.md section 4.
+"""Small torch models for the tests, and the reference CLP written from docs/algorithms.md, "CLP".
 
 The reference mirrors the public CLP code's ``defense.py``: for each BatchNorm2d, with ``conv`` the Conv2d
 *that feeds it* (pairing by data flow, which is what module order gives for these models except the
@@ -141,7 +141,7 @@ def reference_clp(
 
     ``eps=False`` reproduces the public code exactly (no eps in the scale); ``eps=True`` uses the BN's eps as
     the exported, folded weights do. ``unpaired=True`` also scores Convs that feed no BN, with scale 1, and
-    zeroes their kernel slices and biases (ALGORITHMS.md section 2: what onnxclp does, since an export cannot
+    zeroes their kernel slices and biases (docs/algorithms.md, "Channels": what onnxclp does, since an export cannot
     tell such a Conv from one whose BN was folded into it).
     """
     flagged: dict[nn.Conv2d, list[int]] = {}

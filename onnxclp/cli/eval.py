@@ -50,7 +50,7 @@ class Layout(str, Enum):
     nhwc = "nhwc"
 
 
-# Which attack parameter each trigger option sets, per attack (ALGORITHMS.md section 6).
+# Which attack parameter each trigger option sets, per attack (docs/algorithms.md, "Attacks").
 OPTION_PARAMS: dict[str, dict[str, str]] = {
     "patch_size": {"badnets": "size", "patch": "size"},
     "position": {"badnets": "position", "patch": "position"},

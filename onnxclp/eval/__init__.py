@@ -1,4 +1,5 @@
-"""Evaluation of ONNX classifiers: clean accuracy, attack success rate and robust accuracy (ALGORITHMS.md §1, §6).
+"""Evaluation of ONNX classifiers: clean accuracy, attack success rate and robust accuracy
+(docs/algorithms.md, "Metrics" and "Attacks").
 
 - :mod:`onnxclp.eval.data`: local data sets (``.npz``, ImageFolder, CIFAR python batches).
 - :mod:`onnxclp.eval.attacks`: the backdoor triggers in torch, shared with the model-zoo trainer.

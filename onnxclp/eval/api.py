@@ -1,8 +1,8 @@
 """Python API of the evaluation side: :func:`evaluate` and :func:`compare`.
 
 Both read a local data set, build the attack set with the torch triggers of :mod:`onnxclp.eval.attacks`
-(trigger in [0, 1], then normalisation: ALGORITHMS.md section 6), run the model(s) with onnxruntime and report
-ACC, ASR and RA as defined in ALGORITHMS.md section 1, with sample counts and throughput. ``compare`` runs both
+(trigger in [0, 1], then normalisation: docs/algorithms.md, "Attacks"), run the model(s) with onnxruntime and report
+ACC, ASR and RA as defined in docs/algorithms.md, "Metrics", with sample counts and throughput. ``compare`` runs both
 models on the very same batches, so their numbers differ only by the models.
 """
 
@@ -386,7 +386,8 @@ def evaluate(
     threads: int | None = None,
     prefetch: int = 2,
 ) -> EvalResult:
-    """Clean accuracy, attack success rate and robust accuracy of an ONNX classifier (ALGORITHMS.md §1, §6).
+    """Clean accuracy, attack success rate and robust accuracy of an ONNX classifier (docs/algorithms.md,
+    "Metrics" and "Attacks").
 
     ``attack``: a name (``none``, ``badnets``, ``blended``, ``sig``, ``wanet``, ``bpp``, ``patch``), an
     :class:`Attack` or an :class:`AttackConfig`; ``attack_config`` a JSON file (the trainer's), which

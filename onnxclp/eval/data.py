@@ -1,7 +1,7 @@
 """Local image data sets for evaluation: ``.npz`` arrays, ImageFolder directories, CIFAR python batches.
 
 Every loader returns an :class:`ImageSet`: integer labels plus ``images(indices)``, which gives a batch as a
-float32 torch tensor (N, C, H, W) in [0, 1] — the space in which triggers are applied (ALGORITHMS.md section 6).
+float32 torch tensor (N, C, H, W) in [0, 1] — the space in which triggers are applied (docs/algorithms.md, "Attacks").
 Arrays stay in their stored dtype (uint8 usually) until a batch is asked for; folder images are decoded on
 demand, a batch at a time, so a large folder is never held in memory.
 

@@ -1,4 +1,4 @@
-"""ACC, ASR and RA as defined in ALGORITHMS.md section 1, computed from predicted labels (numpy only).
+"""ACC, ASR and RA as defined in docs/algorithms.md, "Metrics", computed from predicted labels (numpy only).
 
 - ACC: top-1 accuracy on the clean set.
 - ASR: fraction of triggered inputs classified as the attack's target label. All-to-one (target t): only samples

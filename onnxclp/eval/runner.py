@@ -5,7 +5,7 @@
 - :class:`InputSpec` reads the input's name, layout (NCHW/NHWC), element type and fixed dimensions from the
   model. A dynamic batch dimension takes whole batches; a fixed one gets batches cut and zero-padded to it.
 - :func:`prepared_batches` turns data-set indices into model-ready arrays (resize, trigger in [0, 1], then
-  normalise, as in training: ALGORITHMS.md section 6) on a background thread, so preparing batch i+1 overlaps
+  normalise, as in training: docs/algorithms.md, "Attacks") on a background thread, so preparing batch i+1 overlaps
   inference on batch i.
 """
 

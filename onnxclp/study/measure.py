@@ -1,4 +1,4 @@
-"""Measuring many variants of one model on one prepared data set (ACC / ASR / RA, ALGORITHMS.md section 1).
+"""Measuring many variants of one model on one prepared data set (ACC / ASR / RA, docs/algorithms.md, "Metrics").
 
 A sweep sanitizes the same model dozens of times; what must not be repeated is reading, resizing, triggering and
 normalising the images. :func:`prepare` does that once (with the evaluator's own loaders, triggers and

@@ -8,8 +8,8 @@ SeparableConv2D, Dense layers) with a planted high-norm channel in each layer, i
 - ``keras_cnn.onnx``: the model converted by tf2onnx (NHWC input; BN folded into regular Convs, left as
   Mul/Add after the depthwise Conv; Dense as MatMul + Add);
 - ``keras_cnn.npz``: an input batch; reference channel scores computed from the Keras weights
-  (spectral norm of each output channel's kernel slice times |gamma / sqrt(var + eps)|, ALGORITHMS.md
-  sections 2-3), keyed by Keras layer name; and, for each layer, the Keras model's output with one chosen
+  (spectral norm of each output channel's kernel slice times |gamma / sqrt(var + eps)|, docs/algorithms.md,
+  "Channels" and "Scores"), keyed by Keras layer name; and, for each layer, the Keras model's output with one chosen
   channel pruned in Keras (BN gamma and beta zeroed, or kernel slice and bias zeroed), keyed
   ``pruned/<layer>/<channel>``, plus the unpruned output.
 """
