@@ -24,7 +24,7 @@ class LPP(Method):
     name = "lpp"
     order = 1
     description = "Lipschitzness precise pruning: prune both score tails, rescale the band below the threshold."
-    paper = "Rethinking Lipschitzness for data-free backdoor defense (LPP), shared/papers, section 3"
+    paper = "Rethinking Lipschitzness Data-free Backdoor Defense, ICLR 2025 submission (rejected), section 3"
     score = "l2"
     include_fc = True
     output_fc = True
