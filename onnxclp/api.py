@@ -59,6 +59,10 @@ def run_method(
     """Load ``model_or_path`` and run the pipeline with ``params`` and ``options``; returns the final state
     (``state.model`` is the edited model when ``options.edit``, ``state.report`` the report)."""
     options = options or Options()
+    from onnxclp.passes.streams import STREAM_RULES
+
+    if options.streams not in STREAM_RULES:
+        raise OnnxclpError(f"--streams must be one of {', '.join(STREAM_RULES)}, got {options.streams!r}")
     notes = _check_risk(params, options)
     state = _state(model_or_path, params, options, base_dir)
     state.notes.extend(notes)
@@ -90,6 +94,7 @@ def sanitize(
     inline_functions: bool = False,
     force: bool = False,
     context: Mapping[str, Any] | None = None,
+    streams: str = "strongest",
     **method_params: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     """Sanitize a model with a registered method (``onnxclp methods`` lists them; CLP: Zheng et al., ECCV 2022,
@@ -97,13 +102,15 @@ def sanitize(
 
     ``model_or_path`` is a ModelProto (not modified: a copy is edited; ``base_dir`` locates its external data)
     or a path (loaded safely). ``method_params`` are the method's own parameters (``u_low``, ``bias_rate``,
-    ``topk`` for LPP...); unset ones take the method's defaults. ``context`` carries what a data-reading
+    ``topk`` for LPP...); unset ones take the method's defaults. ``streams``: the residual-stream rule
+    (:mod:`onnxclp.passes.streams`: ``strongest`` prunes a stream channel in one layer only, ``all`` keeps
+    every layer's decision). ``context`` carries what a data-reading
     method needs (``clean_data``...). Returns the sanitized model and the report. Raises
     :class:`~onnxclp.errors.OnnxclpError` on bad input and :class:`~onnxclp.errors.NothingToSanitize` when no
     layer can be scored. ``inline_functions`` inlines model-local functions first (:mod:`onnxclp.passes.inline`).
     """
     params = _params(method, {"u": u, **method_params}, score, include_fc)
-    options = Options(tuple(exclude), fuse_bn, inline_functions, True, force, dict(context or {}))
+    options = Options(tuple(exclude), fuse_bn, inline_functions, True, force, dict(context or {}), streams)
     state = run_method(model_or_path, params, options, base_dir)
     assert state.report is not None
     return state.model, state.report
@@ -121,11 +128,12 @@ def scan(
     inline_functions: bool = False,
     force: bool = False,
     context: Mapping[str, Any] | None = None,
+    streams: str = "strongest",
     **method_params: Any,
 ) -> Report:
     """The analysis of :func:`sanitize` (scores, thresholds, flagged channels) without editing anything."""
     params = _params(method, {"u": u, **method_params}, score, include_fc)
-    options = Options(tuple(exclude), False, inline_functions, False, force, dict(context or {}))
+    options = Options(tuple(exclude), False, inline_functions, False, force, dict(context or {}), streams)
     state = run_method(model_or_path, params, options, base_dir)
     assert state.report is not None
     return state.report
@@ -157,6 +165,7 @@ def sanitize_file(
     allow_risky: bool | None = None,
     inline_functions: bool = False,
     context: Mapping[str, Any] | None = None,
+    streams: str = "strongest",
     **method_params: Any,
 ) -> Report:
     """Sanitize ``src`` and write the result to ``dst`` atomically (``src`` is never modified).
@@ -168,7 +177,7 @@ def sanitize_file(
     check_output(src, dst, force)
     params = _params(method, {"u": u, **method_params}, score, include_fc)
     risky = force if allow_risky is None else allow_risky
-    options = Options(tuple(exclude), fuse_bn, inline_functions, True, risky, dict(context or {}))
+    options = Options(tuple(exclude), fuse_bn, inline_functions, True, risky, dict(context or {}), streams)
     state = run_method(Path(src), params, options)
     report = state.report
     assert report is not None

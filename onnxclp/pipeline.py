@@ -39,6 +39,7 @@ class Options:
     edit: bool = True
     force: bool = False
     context: Mapping[str, Any] = field(default_factory=dict)
+    streams: str = "strongest"  # residual-stream rule (onnxclp.passes.streams.STREAM_RULES)
 
 
 @dataclass

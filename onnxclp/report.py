@@ -55,6 +55,7 @@ class CoupledChannels:
     channel: int
     layers: list[str]
     merge: str
+    kept: str | None = None  # stream rule 'strongest': the one layer where the channel stays pruned
 
 
 @dataclass
@@ -199,13 +200,18 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
         )
     for c in report.coupled:
         names = ", ".join(c.layers[:4]) + (f" and {len(c.layers) - 4} more" if len(c.layers) > 4 else "")
-        console.print(
-            _text(
+        if c.kept is not None:
+            text = (
+                f"note: channel {c.channel} was flagged in {len(c.layers)} layers that write the same residual "
+                f"stream ({names}; summed at {c.merge}): pruned only in {c.kept} (--streams strongest)"
+            )
+        else:
+            text = (
                 f"note: channel {c.channel} is pruned in {len(c.layers)} layers that write the same residual "
                 f"stream ({names}; summed at {c.merge}): together they remove that channel of the "
-                "stream for every later layer (docs/results.md, BPP)"
+                'stream for every later layer (docs/algorithms.md, "Residual streams")'
             )
-        )
+        console.print(_text(text))
     t = report.totals()
     console.print(
         f"{t['scored_layers']} layers scored, {t['skipped_layers']} skipped; "

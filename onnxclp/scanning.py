@@ -29,6 +29,7 @@ class ScanConfig:
     detectors: tuple[str, ...] = ()
     fpr: float = 0.05
     force: bool = False
+    streams: str = "strongest"
 
     def check(self) -> None:
         """Refuse bad parameters once, before any model is read."""
@@ -78,7 +79,7 @@ def scan_model(path: str, config: ScanConfig) -> dict[str, Any]:
 
     try:
         params = make_params(config.method, config.values, score=config.score, include_fc=config.include_fc)
-        options = Options(config.exclude, False, config.inline_functions, False, config.force)
+        options = Options(config.exclude, False, config.inline_functions, False, config.force, streams=config.streams)
         state = run_method(path, params, options)
         results, skipped = detect.run_detectors(state, config.detectors)
     except OnnxclpError as exc:

@@ -110,6 +110,15 @@ Exclude = Annotated[
         "--exclude", help="Regex on layer or weight names to leave alone (repeatable).", rich_help_panel=METHOD_PANEL
     ),
 ]
+Streams = Annotated[
+    str,
+    typer.Option(
+        "--streams",
+        help="Residual-stream rule: strongest (a channel summed into one stream is pruned in its most outlying "
+        "layer only) or all (every layer decides alone).",
+        rich_help_panel=METHOD_PANEL,
+    ),
+]
 InlineFunctions = Annotated[
     bool,
     typer.Option(

@@ -15,6 +15,7 @@ from onnxclp.cli.common import (
     Exclude,
     InlineFunctions,
     Quiet,
+    Streams,
     Verbose,
     check_writable,
     one_line,
@@ -81,6 +82,7 @@ def sanitize(
     score: str | None = None,
     include_fc: bool | None = None,
     exclude: Exclude = None,
+    streams: Streams = "strongest",
     fuse_bn: Annotated[
         bool, typer.Option("--fuse-bn", help="Fold paired BatchNormalizations into their layers.")
     ] = False,
@@ -152,7 +154,8 @@ def sanitize(
             allow_risk = True  # a measured choice within the accuracy budget, reported as such
         rep = sanitize_file(
             input, output, method, score=score, include_fc=include_fc, exclude=exclude or (), fuse_bn=fuse_bn,
-            force=force, allow_risky=allow_risk, inline_functions=inline_functions, context=context, **values,
+            force=force, allow_risky=allow_risk, inline_functions=inline_functions, context=context, streams=streams,
+            **values,
         )  # fmt: skip
         if calibrate is not None:
             rep.notes.append(f"calibrated on {calibrate}: {', '.join(f'{k}={v:g}' for k, v in values.items())}")
@@ -174,6 +177,7 @@ def scan(
     score: str | None = None,
     include_fc: bool | None = None,
     exclude: Exclude = None,
+    streams: Streams = "strongest",
     inline_functions: InlineFunctions = False,
     fmt: FormatOpt = Format.text,
     output: OutputOpt = None,
@@ -225,7 +229,7 @@ def scan(
         config = scanning.ScanConfig(
             method=method, values=dict(method_values), score=score, include_fc=include_fc,
             exclude=tuple(exclude or ()), inline_functions=inline_functions, detectors=tuple(detector or ()),
-            fpr=fpr, force=force,
+            fpr=fpr, force=force, streams=streams,
         )  # fmt: skip
         config.check()
         results = scanning.scan_many(files, config, workers=workers, ray=ray) + missing

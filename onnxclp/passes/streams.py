@@ -141,8 +141,29 @@ def coupled_prunes(streams: list[Stream], pruned: dict[str, list[int]]) -> list[
     return out
 
 
+STREAM_RULES = ("strongest", "all")
+
+
+def strongest_only(couplings: list[Coupling], z: dict[str, dict[int, float]]) -> dict[str, list[int]]:
+    """Stream-aware decision (pure): for each channel pruned in several layers of one stream, keep the prune
+    only in the layer where that channel's score is the most outlying (largest z-score; ties: first layer).
+    Returns, per layer, the channels whose prune is withdrawn."""
+    withdrawn: dict[str, list[int]] = {}
+    for c in couplings:
+        keep = max(c.layers, key=lambda key: (z[key][c.channel], -c.layers.index(key)))
+        for key in c.layers:
+            if key != keep:
+                withdrawn.setdefault(key, []).append(c.channel)
+    return withdrawn
+
+
 def run(state: State) -> PassResult:
-    """Pipeline pass: record channels pruned in two or more layers of one residual stream (report ``coupled``)."""
+    """Pipeline pass: find channels pruned in two or more layers of one residual stream (report ``coupled``).
+
+    With the stream rule ``strongest`` (``Options.streams``, the default; docs/algorithms.md, "Residual
+    streams"), such a channel is one decision: it stays pruned only in the layer where it is the most outlying,
+    the other prunes are withdrawn (noted in the layer's report). ``all`` keeps every layer's decision.
+    """
     from onnxclp.report import CoupledChannels
 
     pruned = {d.scored.layer.key: d.selection.prune for d in state.decisions if d.selection.prune}
@@ -150,5 +171,23 @@ def run(state: State) -> PassResult:
         return PassResult()
     assert state.index is not None
     streams = residual_streams(state.index, [d.scored.layer for d in state.decisions])
-    state.coupled = [CoupledChannels(c.channel, list(c.layers), c.merge) for c in coupled_prunes(streams, pruned)]
+    couplings = coupled_prunes(streams, pruned)
+    state.coupled = [CoupledChannels(c.channel, list(c.layers), c.merge) for c in couplings]
+    if state.options.streams != "strongest" or not couplings:
+        return PassResult(len(state.coupled))
+    z = {}
+    for d in state.decisions:
+        th = d.selection.thresholds
+        if d.scored.layer.key in pruned and th is not None:
+            std = th.std if th.std > 0 else 1.0
+            z[d.scored.layer.key] = {k: (float(d.scored.scores[k]) - th.mean) / std for k in pruned[d.scored.layer.key]}
+    withdrawn = strongest_only(couplings, z)
+    for d in state.decisions:
+        gone = withdrawn.get(d.scored.layer.key)
+        if gone:
+            d.selection.prune = [k for k in d.selection.prune if k not in gone]
+            note = f"stream rule 'strongest': channel(s) {sorted(gone)} left to the stream's most outlying layer"
+            d.note = f"{d.note}; {note}" if d.note else note
+    for c in state.coupled:
+        c.kept = max(c.layers, key=lambda key: (z[key][c.channel], -c.layers.index(key)))
     return PassResult(len(state.coupled))
