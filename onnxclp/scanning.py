@@ -168,6 +168,18 @@ def render_text(
                     + (f", rescaled {sorted(int(k) for k in layer['rescaled'])}" if layer["rescaled"] else "")
                     + ("" if layer["threshold"] is None else f"; threshold {layer['threshold']:.4g}")
                 )
+        for c in r["report"]["coupled"]:
+            names = ", ".join(c["layers"])
+            if c.get("kept"):
+                lines.append(
+                    f"  note: channel {c['channel']} was flagged in {len(c['layers'])} layers that write the same "
+                    f"residual stream ({names}; summed at {c['merge']}): pruned only in {c['kept']} (--streams strongest)"
+                )
+            else:
+                lines.append(
+                    f"  note: channel {c['channel']} is pruned in {len(c['layers'])} layers that write the same "
+                    f"residual stream ({names}; summed at {c['merge']}): together they remove that channel of the stream"
+                )
         for s in r["report"]["skipped"]:
             lines.append(f"  skipped {s['node']} ({s['op']}): {s['reason']}")
         for n, why in r.get("detectors_skipped", {}).items():

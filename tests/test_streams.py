@@ -95,15 +95,30 @@ def test_coupled_prunes_is_per_channel_and_per_stream() -> None:
 
 def test_the_report_notes_a_channel_pruned_on_both_sides_of_a_sum() -> None:
     m = block()
-    report = onnxclp.scan(m, "clp")
+    report = onnxclp.scan(m, "clp", streams="all")
     assert {layer.node: layer.pruned for layer in report.layers if layer.pruned} == {"stem": [5], "c2": [5]}
     assert [(c.channel, c.layers, c.merge) for c in report.coupled] == [(5, ["stem", "c2"], "merge")]
-    assert json.loads(report.to_json())["coupled"] == [{"channel": 5, "layers": ["stem", "c2"], "merge": "merge"}]
+    assert json.loads(report.to_json())["coupled"] == [
+        {"channel": 5, "layers": ["stem", "c2"], "merge": "merge", "kept": None}
+    ]
     # different channels in the two layers: no shared channel of the stream, no note
     assert onnxclp.scan(block(plant_c2=9), "clp").coupled == []
-    # the note is a report, not an edit: sanitize still prunes what CLP selects
-    _, rep = onnxclp.sanitize(m, "clp")
+    # --streams all: the note is a report, not an edit: sanitize prunes what CLP selects in each layer
+    _, rep = onnxclp.sanitize(m, "clp", streams="all")
     assert rep.pruned_channels == 2 and len(rep.coupled) == 1
+
+
+def test_stream_rule_strongest_prunes_the_stream_channel_once() -> None:
+    """The default rule: channel 5 of the stream is one decision, taken in the layer where it is most outlying."""
+    m = block()
+    full = onnxclp.scan(m, "clp", streams="all")
+    z = {layer.node: (layer.scores[5] - layer.score_mean) / layer.score_std for layer in full.layers if layer.pruned}
+    strongest = max(z, key=z.get)
+    out, rep = onnxclp.sanitize(m, "clp")
+    assert {layer.node: layer.pruned for layer in rep.layers if layer.pruned} == {strongest: [5]}
+    assert rep.pruned_channels == 1 and rep.coupled[0].kept == strongest
+    other = next(layer for layer in rep.layers if layer.node in z and layer.node != strongest)
+    assert "stream rule 'strongest'" in other.note
 
 
 def test_the_note_is_printed(tmp_path: Path) -> None:
@@ -113,9 +128,11 @@ def test_the_note_is_printed(tmp_path: Path) -> None:
 
     path = tmp_path / "m.onnx"
     path.write_bytes(block().SerializeToString())
-    result = CliRunner().invoke(app, ["scan", str(path)])
+    result = CliRunner().invoke(app, ["scan", str(path), "--streams", "all"])
     assert result.exit_code == 0, result.stdout
     assert "channel 5 is pruned in 2 layers that write the same residual stream" in " ".join(result.stdout.split())
+    result = CliRunner().invoke(app, ["scan", str(path)])
+    assert "channel 5 was flagged in 2 layers that write the same residual stream" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])

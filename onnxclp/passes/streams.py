@@ -175,12 +175,13 @@ def run(state: State) -> PassResult:
     state.coupled = [CoupledChannels(c.channel, list(c.layers), c.merge) for c in couplings]
     if state.options.streams != "strongest" or not couplings:
         return PassResult(len(state.coupled))
-    z = {}
+    z: dict[str, dict[int, float]] = {}
     for d in state.decisions:
-        th = d.selection.thresholds
-        if d.scored.layer.key in pruned and th is not None:
-            std = th.std if th.std > 0 else 1.0
-            z[d.scored.layer.key] = {k: (float(d.scored.scores[k]) - th.mean) / std for k in pruned[d.scored.layer.key]}
+        key = d.scored.layer.key
+        if key in pruned:  # each flagged channel's z-score within its own layer
+            s = d.scored.scores.astype(float)
+            std = float(s.std(ddof=1)) if s.size > 1 else 0.0
+            z[key] = {k: (float(s[k]) - float(s.mean())) / (std if std > 0 else 1.0) for k in pruned[key]}
     withdrawn = strongest_only(couplings, z)
     for d in state.decisions:
         gone = withdrawn.get(d.scored.layer.key)

@@ -96,19 +96,22 @@ class SweepResult:
 
     def table(self, keys: Sequence[str] | None = None) -> list[list[str]]:
         """Rows of text (header first): the varied settings, ACC, ASR, RA, pruned (and rescaled for LPP)."""
+        from onnxclp import methods
+
+        rescales = methods.get(self.method).rescales  # the method may rescale: a column for it
         keys = list(keys) if keys is not None else _varied(self.points)
         head = [*keys, "ACC %", "ASR %", "RA %", "pruned", "pruned %"]
-        if self.method == "lpp":
+        if rescales:
             head.append("rescaled")
         rows = [head]
         base = ["before"] + [""] * (len(keys) - 1) if keys else []
         rows.append([*base, _pct(self.baseline_acc), _pct(self.baseline_asr), _pct(self.baseline_ra), "0", "0.0"])
-        if self.method == "lpp":
+        if rescales:
             rows[-1].append("0")
         for p in self.points:
             row = [_fmt(p.settings.get(k)) for k in keys]
             row += [_pct(p.acc), _pct(p.asr), _pct(p.ra), str(p.pruned), f"{100 * p.pruned_fraction:.1f}"]
-            if self.method == "lpp":
+            if rescales:
                 row.append(str(p.rescaled))
             rows.append(row)
         return rows
