@@ -316,7 +316,7 @@ def test_config_round_trip_with_relative_paths(tmp_path) -> None:
         "target": 3,
         "mode": "a2a",
         "seed": 5,
-        "params": {"k": 6, "s": 0.75, "grid_rescale": 1.0, "grid": "grid.npy"},
+        "params": {"k": 6, "s": 0.75, "grid_rescale": 1.0, "grid": "grid.npy", "grid_kind": "field"},
         "normalize": {"mean": [0.5], "std": [0.25]},
     }
     moved = tmp_path / "moved"

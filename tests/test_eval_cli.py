@@ -98,12 +98,14 @@ def test_device_cuda_without_cuda_is_one_line(app, files, monkeypatch) -> None: 
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    code, _, err = run(app, "evaluate", files / "m.onnx", "--data", files / "ok.npz", "--device", "cuda")
-    assert code == 2
-    assert err.strip() == (
-        "error: --device cuda: this onnxruntime has no CUDAExecutionProvider (available: CPUExecutionProvider); "
-        "install onnxruntime-gpu instead of onnxruntime"
-    )
+    for device in ("cuda", "CUDA"):  # the one device rule: case-insensitive, never a silent CPU run
+        code, _, err = run(app, "evaluate", files / "m.onnx", "--data", files / "ok.npz", "--device", device)
+        assert code == 2
+        assert err.strip() == (
+            "error: --device cuda: this onnxruntime has no CUDAExecutionProvider (available: CPUExecutionProvider); "
+            "install the 'eval-gpu' extra (onnxruntime-gpu) instead of 'eval': pip uninstall -y onnxruntime && "
+            "pip install 'onnxclp[eval-gpu]'"
+        )
 
 
 def test_json_to_stdout_resize_limit_and_trigger_options(app, files) -> None:  # type: ignore[no-untyped-def]
@@ -150,7 +152,7 @@ def test_every_attack_runs_from_the_command_line(app, files, tmp_path) -> None: 
         assert report["attack"]["attack"] == name
         assert (tmp_path / f"{name}_examples.png").is_file()
     wanet = json.loads((tmp_path / "wanet.json").read_text())["attack"]["params"]
-    assert wanet == {"k": 3, "s": 0.8, "grid_rescale": 1.0, "grid": None}
+    assert wanet == {"k": 3, "s": 0.8, "grid_rescale": 1.0, "grid": None, "grid_kind": None}
     sig = json.loads((tmp_path / "sig.json").read_text())["attack"]["params"]
     assert sig == {"delta": pytest.approx(20 / 255), "frequency": 2.0}
 

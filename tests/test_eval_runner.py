@@ -34,7 +34,7 @@ def test_select_providers_with_and_without_cuda() -> None:
     assert select_providers("AUTO", ["AzureExecutionProvider", CPU]) == [CPU]
     with pytest.raises(OnnxclpError, match="--device cuda: this onnxruntime has no CUDAExecutionProvider") as info:
         select_providers("cuda", [CPU])
-    assert "install onnxruntime-gpu" in info.value.message and "\n" not in info.value.message
+    assert "'eval-gpu' extra (onnxruntime-gpu)" in info.value.message and "\n" not in info.value.message
     with pytest.raises(OnnxclpError, match="--device must be one of auto, cpu, cuda"):
         select_providers("tpu", [CPU])
 

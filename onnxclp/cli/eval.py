@@ -1,7 +1,10 @@
-"""The ``evaluate`` and ``compare`` commands, added to the main Typer app by :func:`register`.
+"""The ``evaluate`` and ``compare`` commands, added to the main Typer app by :func:`register`, and the options
+every command that runs a model shares (:func:`with_run_options`: also ``sweep`` and ``tac``).
 
-This module imports nothing heavy at load time (no torch, onnxruntime, PIL or matplotlib): the commands
-import :mod:`onnxclp.eval.api` when they run, so ``onnxclp sanitize`` starts as fast as before.
+This module imports nothing heavy at load time (no torch, onnxruntime, PIL or matplotlib): the commands check
+the ``eval`` extra (one line naming it, exit 2, when it is missing) and import :mod:`onnxclp.eval` when they
+run, so ``onnxclp sanitize`` starts as fast as before. The ``--attack`` choices are the modules of the attack
+registry (:mod:`onnxclp.eval.attacks`), listed without importing them.
 
 Exit codes: 0 success; 2 bad input or usage (one line ``error: ...`` on stderr, a traceback only with
 ``--debug``).
@@ -9,19 +12,26 @@ Exit codes: 0 success; 2 bad input or usage (one line ``error: ...`` on stderr, 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import json
-import sys
+import pkgutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from onnxclp.cli.common import Device, require_extra, run_guarded
+from onnxclp.cli.common import Device, check_writable, require_extra, run_guarded, write_text
 from onnxclp.errors import OnnxclpError
 
-__all__ = ["compare_command", "evaluate_command", "parse_numbers", "register"]
+if TYPE_CHECKING:
+    from onnxclp.eval.options import RunOptions
+
+__all__ = ["RunArgs", "compare_command", "evaluate_command", "parse_numbers", "register", "with_run_options"]
 
 T = TypeVar("T")
 
@@ -30,14 +40,16 @@ DATA_PANEL = "Data and model input"
 RUN_PANEL = "Run and output"
 
 
-class AttackName(str, Enum):
-    none = "none"
-    badnets = "badnets"
-    blended = "blended"
-    sig = "sig"
-    wanet = "wanet"
-    bpp = "bpp"
-    patch = "patch"
+def attack_names() -> list[str]:
+    """The attacks of the registry, by module name (``none`` first), without importing torch: one module per
+    attack in :mod:`onnxclp.eval.attacks`, named as the attack."""
+    spec = importlib.util.find_spec("onnxclp.eval.attacks")
+    paths = list(spec.submodule_search_locations or []) if spec else []
+    found = sorted(m.name for m in pkgutil.iter_modules(paths) if m.name != "base" and not m.name.startswith("_"))
+    return sorted(found, key=lambda n: n != "none")
+
+
+AttackName = Enum("AttackName", {n: n for n in attack_names()}, type=str)  # type: ignore[misc]
 
 
 class Mode(str, Enum):
@@ -48,6 +60,12 @@ class Mode(str, Enum):
 class Layout(str, Enum):
     nchw = "nchw"
     nhwc = "nhwc"
+
+
+class GridKind(str, Enum):
+    field = "field"
+    noise = "noise"
+    sampling = "sampling"
 
 
 # Which attack parameter each trigger option sets, per attack (docs/algorithms.md, "Attacks").
@@ -65,6 +83,7 @@ OPTION_PARAMS: dict[str, dict[str, str]] = {
     "s": {"wanet": "s"},
     "grid_rescale": {"wanet": "grid_rescale"},
     "grid": {"wanet": "grid"},
+    "grid_kind": {"wanet": "grid_kind"},
     "levels": {"bpp": "levels"},
 }
 
@@ -144,7 +163,9 @@ def _attack_params(name: str, options: dict[str, Any], pairs: list[str] | None) 
         if key is None:
             users = ", ".join(OPTION_PARAMS[option])
             raise OnnxclpError(f"{flag} does not apply to the {name} attack (it is for: {users})")
-        if isinstance(value, Path):
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, str):
             value = _trigger_value(option, value)
@@ -162,14 +183,7 @@ def _pts(x: float | None) -> str:
 
 
 def _write_json(target: str, payload: dict[str, Any]) -> None:
-    text = json.dumps(payload, indent=2) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-        return
-    try:
-        Path(target).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise OnnxclpError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    write_text(target, json.dumps(payload, indent=2) + "\n", "results")
 
 
 def _attack_line(attack: dict[str, Any]) -> str:
@@ -188,7 +202,7 @@ def _norm_line(attack: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# shared options
+# option types
 
 DataOpt = Annotated[
     Path,
@@ -234,7 +248,11 @@ LimitOpt = Annotated[
 
 AttackOpt = Annotated[
     AttackName | None,
-    typer.Option("--attack", help="Trigger (default: the config's, else none).", rich_help_panel=ATTACK_PANEL),
+    typer.Option(
+        "--attack",
+        help="Trigger (default: the config's, else none); see the evaluate docs.",
+        rich_help_panel=ATTACK_PANEL,
+    ),
 ]
 AttackConfigOpt = Annotated[
     Path | None,
@@ -278,11 +296,15 @@ ValueOpt = Annotated[
 TriggerImageOpt = Annotated[
     Path | None,
     typer.Option(
-        "--trigger-image", help="badnets patch / blended pattern / patch image file.", rich_help_panel=ATTACK_PANEL
+        "--trigger-image",
+        help="badnets patch / blended pattern / patch image: an image file or a .npy array ((h, w), (h, w, C) or "
+        "(C, h, w); uint8 or float in [0, 1]).",
+        rich_help_panel=ATTACK_PANEL,
     ),
 ]
 MaskOpt = Annotated[
-    Path | None, typer.Option("--mask", help="patch: grey-level mask image.", rich_help_panel=ATTACK_PANEL)
+    Path | None,
+    typer.Option("--mask", help="patch: grey-level mask image (or .npy array).", rich_help_panel=ATTACK_PANEL),
 ]
 OpacityOpt = Annotated[
     float | None, typer.Option("--opacity", help="patch: mask multiplier in [0, 1].", rich_help_panel=ATTACK_PANEL)
@@ -308,7 +330,21 @@ GridRescaleOpt = Annotated[
 ]
 GridOpt = Annotated[
     Path | None,
-    typer.Option("--grid", help="wanet: saved field/grid .npy (else drawn from --seed).", rich_help_panel=ATTACK_PANEL),
+    typer.Option(
+        "--grid",
+        help="wanet: a saved .npy of the kind --grid-kind says (else the field is drawn from --seed).",
+        rich_help_panel=ATTACK_PANEL,
+    ),
+]
+GridKindOpt = Annotated[
+    GridKind | None,
+    typer.Option(
+        "--grid-kind",
+        help="wanet: what --grid holds: field (2, k, k); noise (BackdoorBench's upsampled noise_grid, H, W, 2); "
+        "sampling (the grid handed to grid_sample, H, W, 2). Default: read from the array when evident, else "
+        "refused.",
+        rich_help_panel=ATTACK_PANEL,
+    ),
 ]
 LevelsOpt = Annotated[
     int | None, typer.Option("--levels", help="bpp: levels per channel (default 8).", rich_help_panel=ATTACK_PANEL)
@@ -332,7 +368,7 @@ DeviceOpt = Annotated[
     typer.Option(
         "--device",
         case_sensitive=False,
-        help="auto: CUDA when onnxruntime has it, else CPU.",
+        help="auto: CUDA when onnxruntime has it, else CPU; cuda needs the 'eval-gpu' extra.",
         rich_help_panel=RUN_PANEL,
     ),
 ]
@@ -342,120 +378,171 @@ ThreadsOpt = Annotated[
         "--threads", min=1, help="onnxruntime intra-op threads (default: all cores).", rich_help_panel=RUN_PANEL
     ),
 ]
-JsonOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--json", metavar="PATH|-", help="Write the results as JSON to PATH ('-': stdout).", rich_help_panel=RUN_PANEL
-    ),
-]
 ProgressOpt = Annotated[
     bool,
     typer.Option(
         "--progress/--no-progress", help="Progress bar on stderr (only on a terminal).", rich_help_panel=RUN_PANEL
     ),
 ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the options every command that runs a model shares
+
+
+@dataclass
+class RunArgs:
+    """The shared options as typed on the command line; :meth:`options` turns them into a
+    :class:`~onnxclp.eval.options.RunOptions` (after checking the ``eval`` extra: reading an attack
+    configuration needs torch)."""
+
+    data: Path
+    values: dict[str, Any]
+
+    def options(self, **overrides: Any) -> RunOptions:
+        """The :class:`RunOptions` of these values (``overrides`` win); raises OnnxclpError for bad input."""
+        require_extra("eval", "onnxruntime", "torch", "PIL")
+        from onnxclp.eval.attacks import load_attack_config
+        from onnxclp.eval.options import RunOptions
+
+        v = self.values
+        attack, attack_config = v["attack"], v["attack_config"]
+        name = attack.value if attack is not None else None
+        if name is None:
+            name = load_attack_config(attack_config).attack if attack_config is not None else "none"
+        trigger = {k: v[k] for k in OPTION_PARAMS}
+        size = None
+        if v["input_size"] is not None:
+            size = _numbers(v["input_size"], "--input-size", int)
+            if len(size) != 2:
+                raise OnnxclpError(f"--input-size: expected H,W, got {v['input_size']!r}")
+        fields = {
+            "attack": name,
+            "params": _attack_params(name, trigger, v["param"]),
+            "attack_config": attack_config,
+            "target": v["target"],
+            "mode": None if v["mode"] is None else v["mode"].value,
+            "seed": v["seed"],
+            "mean": parse_numbers(v["mean"], "--mean"),
+            "std": parse_numbers(v["std"], "--std"),
+            "layout": None if v["layout"] is None else v["layout"].value,
+            "input_size": size,
+            "limit": v["limit"],
+            "batch_size": v["batch_size"],
+            "device": v["device"],
+            "threads": v["threads"],
+            "x_key": v["x_key"],
+            "y_key": v["y_key"],
+            "progress": v["progress"],
+        }
+        return RunOptions(**{**fields, **overrides})
+
+
+_RUN_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("data", DataOpt, inspect.Parameter.empty),
+    ("attack", AttackOpt, None),
+    ("attack_config", AttackConfigOpt, None),
+    ("target", TargetOpt, None),
+    ("mode", ModeOpt, None),
+    ("seed", SeedOpt, None),
+    ("patch_size", PatchSizeOpt, None),
+    ("position", PositionOpt, None),
+    ("value", ValueOpt, None),
+    ("trigger_image", TriggerImageOpt, None),
+    ("mask", MaskOpt, None),
+    ("opacity", OpacityOpt, None),
+    ("alpha", AlphaOpt, None),
+    ("delta", DeltaOpt, None),
+    ("frequency", FrequencyOpt, None),
+    ("k", KOpt, None),
+    ("s", SOpt, None),
+    ("grid_rescale", GridRescaleOpt, None),
+    ("grid", GridOpt, None),
+    ("grid_kind", GridKindOpt, None),
+    ("levels", LevelsOpt, None),
+    ("param", ParamOpt, None),
+    ("mean", MeanOpt, None),
+    ("std", StdOpt, None),
+    ("layout", LayoutOpt, None),
+    ("input_size", InputSizeOpt, None),
+    ("x_key", XKeyOpt, None),
+    ("y_key", YKeyOpt, None),
+    ("limit", LimitOpt, None),
+    ("batch_size", BatchOpt, 256),
+    ("device", DeviceOpt, Device.auto),
+    ("threads", ThreadsOpt, None),
+    ("progress", ProgressOpt, True),
+]
+
+
+def with_run_options(*, batch_size: int = 256) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: add the options every command that runs a model shares (``--data``, the attack and trigger
+    options, the data and input options, ``--batch-size``, ``--device``, ``--threads``, ``--progress``) to a
+    command, built once here. The command receives them as ``run``, a :class:`RunArgs`."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "run"]
+        added = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=batch_size if name == "batch_size" else default,
+                annotation=annotation,
+            )
+            for name, annotation, default in _RUN_OPTIONS
+        ]
+        params = sorted([*own, *added], key=lambda p: p.default is not inspect.Parameter.empty)
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+        names = [name for name, _, _ in _RUN_OPTIONS]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            values = {n: kwargs.pop(n) for n in names}
+            return fn(run=RunArgs(values.pop("data"), values), **kwargs)
+
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        return command
+
+    return wrap
+
+
+JsonOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--json", metavar="PATH|-", help="Write the results as JSON to PATH ('-': stdout).", rich_help_panel=RUN_PANEL
+    ),
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=RUN_PANEL)]
-
-
-def _common(
-    attack: AttackName | None,
-    attack_config: Path | None,
-    mean: str | None,
-    std: str | None,
-    input_size: str | None,
-    trigger_options: dict[str, Any],
-    params: list[str] | None,
-) -> dict[str, Any]:
-    """Keyword arguments shared by api.evaluate and api.compare, parsed from the options."""
-    from onnxclp.eval.attacks import load_attack_config
-
-    name = attack.value if attack is not None else None
-    if name is None:
-        name = load_attack_config(attack_config).attack if attack_config is not None else "none"
-    size = None
-    if input_size is not None:
-        size = _numbers(input_size, "--input-size", int)
-        if len(size) != 2:
-            raise OnnxclpError(f"--input-size: expected H,W, got {input_size!r}")
-    return {
-        "attack": name,
-        "params": _attack_params(name, trigger_options, params),
-        "attack_config": attack_config,
-        "mean": None if mean is None else _numbers(mean, "--mean", float),
-        "std": None if std is None else _numbers(std, "--std", float),
-        "input_size": size,
-    }
+SaveExamplesOpt = Annotated[
+    Path | None,
+    typer.Option("--save-examples", help="Write a PNG grid of clean/triggered images here.", rich_help_panel=RUN_PANEL),
+]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # commands
 
 
+@with_run_options()
 def evaluate_command(
     model: Annotated[Path, typer.Argument(help="ONNX classifier.", show_default=False)],
-    data: DataOpt,
-    attack: AttackOpt = None,
-    attack_config: AttackConfigOpt = None,
-    target: TargetOpt = None,
-    mode: ModeOpt = None,
-    seed: SeedOpt = None,
-    patch_size: PatchSizeOpt = None,
-    position: PositionOpt = None,
-    value: ValueOpt = None,
-    trigger_image: TriggerImageOpt = None,
-    mask: MaskOpt = None,
-    opacity: OpacityOpt = None,
-    alpha: AlphaOpt = None,
-    delta: DeltaOpt = None,
-    frequency: FrequencyOpt = None,
-    k: KOpt = None,
-    s: SOpt = None,
-    grid_rescale: GridRescaleOpt = None,
-    grid: GridOpt = None,
-    levels: LevelsOpt = None,
-    param: ParamOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    layout: LayoutOpt = None,
-    input_size: InputSizeOpt = None,
-    x_key: XKeyOpt = None,
-    y_key: YKeyOpt = None,
-    limit: LimitOpt = None,
-    batch_size: BatchOpt = 256,
-    device: DeviceOpt = Device.auto,
-    threads: ThreadsOpt = None,
-    save_examples: Annotated[
-        Path | None,
-        typer.Option(
-            "--save-examples", help="Write a PNG grid of clean/triggered images here.", rich_help_panel=RUN_PANEL
-        ),
-    ] = None,
+    run: RunArgs,
+    save_examples: SaveExamplesOpt = None,
     json_path: JsonOpt = None,
-    progress: ProgressOpt = True,
     debug: DebugOpt = False,
 ) -> None:
     """Clean accuracy (ACC), attack success rate (ASR) and robust accuracy (RA) of an ONNX classifier."""
-    trigger_options = {
-        "patch_size": patch_size, "position": position, "value": value, "trigger_image": trigger_image,
-        "mask": mask, "opacity": opacity, "alpha": alpha, "delta": delta, "frequency": frequency, "k": k, "s": s,
-        "grid_rescale": grid_rescale, "grid": grid, "levels": levels,
-    }  # fmt: skip
 
     def body() -> None:
-        require_extra("eval", "onnxruntime", "torch")
+        check_writable(json_path, "JSON results")
+        options = run.options()
         from onnxclp.eval.api import evaluate
         from onnxclp.eval.runner import describe_input
 
-        kwargs = _common(attack, attack_config, mean, std, input_size, trigger_options, param)
-        result = evaluate(
-            model, data, target=target, mode=None if mode is None else mode.value, seed=seed,
-            layout=None if layout is None else layout.value, batch_size=batch_size, limit=limit,
-            device=device.value, x_key=x_key, y_key=y_key, save_examples=save_examples, progress=progress,
-            threads=threads, **kwargs,
-        )  # fmt: skip
-        payload = result.to_dict()
+        result = evaluate(model, run.data, options=options, save_examples=save_examples)
         if json_path is not None:
-            _write_json(json_path, payload)
+            _write_json(json_path, result.to_dict())
             if json_path == "-":
                 return
         m = result.metrics
@@ -482,62 +569,23 @@ def evaluate_command(
     run_guarded(body, debug)
 
 
+@with_run_options()
 def compare_command(
     original: Annotated[Path, typer.Argument(help="The original ONNX model.", show_default=False)],
     sanitized: Annotated[Path, typer.Argument(help="The sanitized ONNX model.", show_default=False)],
-    data: DataOpt,
-    attack: AttackOpt = None,
-    attack_config: AttackConfigOpt = None,
-    target: TargetOpt = None,
-    mode: ModeOpt = None,
-    seed: SeedOpt = None,
-    patch_size: PatchSizeOpt = None,
-    position: PositionOpt = None,
-    value: ValueOpt = None,
-    trigger_image: TriggerImageOpt = None,
-    mask: MaskOpt = None,
-    opacity: OpacityOpt = None,
-    alpha: AlphaOpt = None,
-    delta: DeltaOpt = None,
-    frequency: FrequencyOpt = None,
-    k: KOpt = None,
-    s: SOpt = None,
-    grid_rescale: GridRescaleOpt = None,
-    grid: GridOpt = None,
-    levels: LevelsOpt = None,
-    param: ParamOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    layout: LayoutOpt = None,
-    input_size: InputSizeOpt = None,
-    x_key: XKeyOpt = None,
-    y_key: YKeyOpt = None,
-    limit: LimitOpt = None,
-    batch_size: BatchOpt = 256,
-    device: DeviceOpt = Device.auto,
-    threads: ThreadsOpt = None,
+    run: RunArgs,
     json_path: JsonOpt = None,
-    progress: ProgressOpt = True,
     debug: DebugOpt = False,
 ) -> None:
     """Both models on the same attack set: ACC, ASR, RA, their differences and prediction agreement."""
-    trigger_options = {
-        "patch_size": patch_size, "position": position, "value": value, "trigger_image": trigger_image,
-        "mask": mask, "opacity": opacity, "alpha": alpha, "delta": delta, "frequency": frequency, "k": k, "s": s,
-        "grid_rescale": grid_rescale, "grid": grid, "levels": levels,
-    }  # fmt: skip
 
     def body() -> None:
-        require_extra("eval", "onnxruntime", "torch")
+        check_writable(json_path, "JSON results")
+        options = run.options()
         from onnxclp.eval.api import compare
         from onnxclp.eval.runner import describe_input
 
-        kwargs = _common(attack, attack_config, mean, std, input_size, trigger_options, param)
-        result = compare(
-            original, sanitized, data, target=target, mode=None if mode is None else mode.value, seed=seed,
-            layout=None if layout is None else layout.value, batch_size=batch_size, limit=limit,
-            device=device.value, x_key=x_key, y_key=y_key, progress=progress, threads=threads, **kwargs,
-        )  # fmt: skip
+        result = compare(original, sanitized, run.data, options=options)
         if json_path is not None:
             _write_json(json_path, result.to_dict())
             if json_path == "-":

@@ -11,22 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from onnxclp.cli.common import require_extra, run_guarded, with_method_options
-from onnxclp.cli.eval import (
-    AttackConfigOpt,
-    AttackOpt,
-    BatchOpt,
-    DataOpt,
-    DebugOpt,
-    LimitOpt,
-    MeanOpt,
-    ParamOpt,
-    StdOpt,
-    ThreadsOpt,
-    XKeyOpt,
-    YKeyOpt,
-    _common,
-)
+from onnxclp.cli.common import check_writable, require_extra, run_guarded, with_method_options
+from onnxclp.cli.eval import DebugOpt, RunArgs, with_run_options
 from onnxclp.errors import OnnxclpError
 
 __all__ = ["register", "sweep_command", "tac_command"]
@@ -34,15 +20,21 @@ __all__ = ["register", "sweep_command", "tac_command"]
 UGrid = Annotated[
     str, typer.Option("--u", "-u", help="Values of u: START:STOP:STEP (inclusive) or a comma-separated list.")
 ]
-PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write the figure (PNG) here.")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write the figure (PNG) here (needs matplotlib).")]
 JsonPath = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
 
 
-def _prepare(model, data, attack, attack_config, param, mean, std, limit, batch_size, threads, x_key, y_key):
-    from onnxclp.study.measure import prepare
+def _start(run: RunArgs, model: Path, json_path: Path | None, plot: Path | None) -> tuple[Any, Any]:
+    """Check the extras and the outputs before any work, then load the model and prepare the data once."""
+    check_writable(json_path, "JSON results")
+    check_writable(plot, "plot")
+    options = run.options(prefetch=0)
+    if plot is not None:
+        require_extra("eval", "matplotlib")
+    from onnxclp.study.measure import load_inline, prepare
 
-    kwargs = _common(attack, attack_config, mean, std, None, {}, param)
-    return prepare(model, data, limit=limit, batch_size=batch_size, threads=threads, x_key=x_key, y_key=y_key, **kwargs)
+    proto = load_inline(model)
+    return proto, prepare(proto, run.data, options=options)
 
 
 def _write(path: Path | None, text: str) -> None:
@@ -61,24 +53,15 @@ def _echo_table(rows: list[list[str]]) -> None:
 
 
 @with_method_options(skip=("u",))
+@with_run_options()
 def sweep_command(
     model: Annotated[Path, typer.Argument(help="ONNX classifier (backdoored).", show_default=False)],
-    data: DataOpt,
+    run: RunArgs,
     method_values: dict[str, Any],
     method: str = "clp",
     score: str | None = None,
     include_fc: bool | None = None,
-    attack: AttackOpt = None,
-    attack_config: AttackConfigOpt = None,
-    param: ParamOpt = None,
     u: UGrid = "0.5:8:0.5",
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    x_key: XKeyOpt = None,
-    y_key: YKeyOpt = None,
-    limit: LimitOpt = None,
-    batch_size: BatchOpt = 256,
-    threads: ThreadsOpt = None,
     plot: PlotOpt = None,
     json_path: JsonPath = None,
     debug: DebugOpt = False,
@@ -86,15 +69,10 @@ def sweep_command(
     """ACC, ASR and the fraction of channels pruned against u (sanitized in memory for each u)."""
 
     def go() -> None:
-        require_extra("eval", "onnxruntime", "torch")
-        from onnxclp.study.measure import load_inline
         from onnxclp.study.sweep import parse_grid, sweep
 
         us = parse_grid(u)
-        proto = load_inline(model)
-        prepared = _prepare(
-            proto, data, attack, attack_config, param, mean, std, limit, batch_size, threads, x_key, y_key
-        )
+        proto, prepared = _start(run, model, json_path, plot)
         fixed = {**method_values, "score": score, "include_fc": include_fc}
         result = sweep(
             proto, prepared, us, method, name=str(model), **{k: v for k, v in fixed.items() if v is not None}
@@ -114,23 +92,14 @@ def sweep_command(
 
 
 @with_method_options()
+@with_run_options(batch_size=64)
 def tac_command(
     model: Annotated[Path, typer.Argument(help="ONNX classifier (backdoored).", show_default=False)],
-    data: DataOpt,
+    run: RunArgs,
     method_values: dict[str, Any],
     method: str = "clp",
     score: str | None = None,
     include_fc: bool | None = None,
-    attack: AttackOpt = None,
-    attack_config: AttackConfigOpt = None,
-    param: ParamOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    x_key: XKeyOpt = None,
-    y_key: YKeyOpt = None,
-    limit: LimitOpt = None,
-    batch_size: BatchOpt = 64,
-    threads: ThreadsOpt = None,
     plot: PlotOpt = None,
     json_path: JsonPath = None,
     debug: DebugOpt = False,
@@ -138,17 +107,12 @@ def tac_command(
     """Trigger-activated change per channel (CLP paper 4.2) beside each channel's score and the decision."""
 
     def go() -> None:
-        require_extra("eval", "onnxruntime", "torch")
-        from onnxclp.study.measure import load_inline
         from onnxclp.study.tac import tac
 
-        proto = load_inline(model)
-        prepared = _prepare(
-            proto, data, attack, attack_config, param, mean, std, limit, batch_size, threads, x_key, y_key
-        )
+        proto, prepared = _start(run, model, json_path, plot)
         given = {**method_values, "score": score, "include_fc": include_fc}
         params = {k: v for k, v in given.items() if v is not None}
-        result = tac(proto, prepared, method, batch_size=batch_size, name=str(model), **params)
+        result = tac(proto, prepared, method, name=str(model), **params)
         rows = [["layer", "ch", "rho", "top ch", "TAC/median", "score z", "pruned"]]
         for layer in result.layers:
             if layer.role == "output":

@@ -1,29 +1,57 @@
-"""ACC, ASR and RA as defined in docs/algorithms.md, "Metrics", computed from predicted labels (numpy only).
+"""ACC, ASR and RA (docs/algorithms.md, "Metrics"), computed from predicted labels (numpy only), and the label rules.
 
 - ACC: top-1 accuracy on the clean set.
 - ASR: fraction of triggered inputs classified as the attack's target label. All-to-one (target t): only samples
   whose true label is not t are triggered and counted. All-to-all: target (y + 1) mod C, every sample counts.
 - RA: fraction of the same triggered inputs still classified as their true label.
 
-:class:`MetricCounts` accumulates the counts batch by batch, so that a whole data set never has to be held in
-memory; the plain functions compute the same numbers from whole arrays (used by the tests as the reference).
+:class:`Metrics` is the one metrics type of evaluate, compare, sweep and calibrate: it accumulates the counts
+batch by batch (so that a whole data set never has to be held in memory) and gives the rates; the plain
+functions compute the same numbers from whole arrays (used by the tests as the reference).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from onnxclp.eval.attacks import attacked_mask, target_labels
+from onnxclp.errors import OnnxclpError
 
 __all__ = [
+    "MODES",
     "MetricCounts",
+    "Metrics",
     "accuracy",
     "agreement",
     "attack_success_rate",
+    "attacked_mask",
     "robust_accuracy",
+    "target_labels",
 ]
+
+MODES = ("a2o", "a2a")
+
+
+def attacked_mask(y: np.ndarray, target: int, mode: str) -> np.ndarray:
+    """Which samples are triggered and counted for ASR/RA: a2o excludes the target class, a2a keeps all."""
+    y = np.asarray(y)
+    if mode == "a2o":
+        return y != target
+    if mode == "a2a":
+        return np.ones(y.shape, dtype=bool)
+    raise OnnxclpError(f"unknown attack mode {mode!r} (expected one of {', '.join(MODES)})")
+
+
+def target_labels(y: np.ndarray, target: int, mode: str, num_classes: int) -> np.ndarray:
+    """The label a successful attack produces for each true label ``y``: ``target`` (a2o) or (y+1) mod C (a2a)."""
+    y = np.asarray(y, dtype=np.int64)
+    if mode == "a2o":
+        return np.full_like(y, target)
+    if mode == "a2a":
+        return (y + 1) % num_classes
+    raise OnnxclpError(f"unknown attack mode {mode!r} (expected one of {', '.join(MODES)})")
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -60,8 +88,12 @@ def agreement(pred_a: np.ndarray, pred_b: np.ndarray) -> float | None:
 
 
 @dataclass
-class MetricCounts:
-    """Running counts for one model; ``add_clean`` and ``add_triggered`` take one batch each."""
+class Metrics:
+    """ACC, ASR and RA of one model with the counts behind them (rates are None for an empty set).
+
+    Built empty for an attack's ``target``/``mode`` and a ``num_classes``-class model, then fed one batch at a
+    time with :meth:`add_clean` and :meth:`add_triggered`.
+    """
 
     target: int
     mode: str
@@ -73,6 +105,7 @@ class MetricCounts:
     attack_robust: int = 0
 
     def add_clean(self, pred: np.ndarray, y: np.ndarray) -> None:
+        """Predictions on clean samples with their labels."""
         self.clean_total += int(np.asarray(y).size)
         self.clean_correct += int((np.asarray(pred) == np.asarray(y)).sum())
 
@@ -94,3 +127,19 @@ class MetricCounts:
     @property
     def ra(self) -> float | None:
         return _ratio(self.attack_robust, self.attack_total)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rates and their counts (JSON-ready)."""
+        return {
+            "acc": self.acc,
+            "asr": self.asr,
+            "ra": self.ra,
+            "clean_correct": self.clean_correct,
+            "clean_total": self.clean_total,
+            "attack_hits": self.attack_hits,
+            "attack_robust": self.attack_robust,
+            "attack_total": self.attack_total,
+        }
+
+
+MetricCounts = Metrics  # the former name of the accumulator

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from onnxclp.errors import OnnxclpError
-from onnxclp.eval.attacks import Attack, attacked_mask
+from onnxclp.eval.attacks import Attack
 from onnxclp.eval.data import ImageSet
+from onnxclp.eval.metrics import attacked_mask
+from onnxclp.eval.options import resolve_device
 
 __all__ = [
     "CPU",
@@ -40,7 +42,6 @@ __all__ = [
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda")
 _ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -48,11 +49,10 @@ def select_providers(requested: str, available: Sequence[str]) -> list[str]:
     """Execution providers for ``--device`` given onnxruntime's ``available`` providers.
 
     ``auto``: CUDA (with CPU as fallback for unsupported nodes) when available, else CPU. ``cuda``: CUDA or a
-    one-line error. ``cpu``: CPU only.
+    one-line error naming the extra to install. ``cpu``: CPU only. ``requested`` follows the one device rule
+    (:func:`~onnxclp.eval.options.resolve_device`: case-insensitive, an unknown value is an error).
     """
-    requested = requested.lower()
-    if requested not in DEVICES:
-        raise OnnxclpError(f"--device must be one of {', '.join(DEVICES)}, got {requested!r}")
+    requested = resolve_device(requested)
     if requested == "cpu":
         return [CPU]
     if CUDA in available:
@@ -60,7 +60,8 @@ def select_providers(requested: str, available: Sequence[str]) -> list[str]:
     if requested == "cuda":
         raise OnnxclpError(
             "--device cuda: this onnxruntime has no CUDAExecutionProvider "
-            f"(available: {', '.join(available) or 'none'}); install onnxruntime-gpu instead of onnxruntime"
+            f"(available: {', '.join(available) or 'none'}); install the 'eval-gpu' extra (onnxruntime-gpu) "
+            "instead of 'eval': pip uninstall -y onnxruntime && pip install 'onnxclp[eval-gpu]'"
         )
     return [CPU]
 
@@ -158,6 +159,7 @@ class OnnxClassifier:
         held in the proto: external data is not followed from memory), named ``<in-memory model>`` in messages."""
         import onnxruntime as ort
 
+        device = resolve_device(device)
         source: str | bytes
         if isinstance(path, str | Path):
             self.path = Path(path)
@@ -226,19 +228,42 @@ class OnnxClassifier:
             )
         return out
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Scores for a batch in the model's layout; cut into and padded to the model's fixed batch size."""
+    def _chunks(self, x: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
+        """``x`` as the model takes it: whole (dynamic batch) or cut into and zero-padded to the fixed batch
+        size; with each chunk, how many of its rows are real."""
         fixed = self.input.batch
         if fixed is None or x.shape[0] == fixed:
-            return self._run(x)
-        outs = []
+            yield x, x.shape[0]
+            return
         for start in range(0, x.shape[0], fixed):
             chunk = x[start : start + fixed]
             n = chunk.shape[0]
             if n < fixed:
                 chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(self._run(chunk)[:n])
+            yield chunk, n
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Scores for a batch in the model's layout; cut into and padded to the model's fixed batch size."""
+        outs = [out[:n] if n < len(out) else out for out, n in ((self._run(c), n) for c, n in self._chunks(x))]
+        if len(outs) == 1:
+            return outs[0]
         return np.concatenate(outs) if outs else np.zeros((0, self.num_classes or 0), np.float32)
+
+    def outputs(self, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """The tensors ``names`` (graph outputs of the model) for a batch, batched as :meth:`logits` is."""
+        if x.dtype != self.input.dtype:
+            x = x.astype(self.input.dtype)
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for chunk, n in self._chunks(x):
+            try:
+                got = self.session.run(list(names), {self.input.name: chunk})
+            except _ort_errors() as exc:
+                raise OnnxclpError(
+                    f"onnxruntime failed on {self.path.name} with input {list(chunk.shape)}: {_first_line(exc)}"
+                ) from exc
+            for part, out in zip(parts, got, strict=True):
+                part.append(np.asarray(out)[:n])
+        return [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted class index (argmax of the first output) for each image of ``x``."""
@@ -287,6 +312,7 @@ class PreparedBatch:
     clean: np.ndarray
     y_attacked: np.ndarray
     triggered: np.ndarray | None
+    attacked: np.ndarray | None = None  # boolean mask of the attacked samples of the batch
     raw_clean: torch.Tensor | None = None
     raw_triggered: torch.Tensor | None = None
 
@@ -313,6 +339,7 @@ def _prepare(
         clean=pre.to_model(x),
         y_attacked=y_att,
         triggered=triggered,
+        attacked=mask,
         raw_clean=x[torch.from_numpy(mask)] if keep_raw else None,
         raw_triggered=raw_trig if keep_raw else None,
     )

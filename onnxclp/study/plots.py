@@ -54,7 +54,7 @@ def _sweep_axes(ax, result: Any, title: str | None) -> None:
     twin.set_ylim(bottom=0)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
-    ax.set_title(title or f"{result.method.upper()}: {_short(Path(result.model).parent.name or result.model)}")
+    ax.set_title(title or f"{result.method.upper()}: {_short(Path(result.model).name or result.model)}")
 
 
 def plot_sweep(result: Any, path: PathLike, title: str | None = None) -> Path:

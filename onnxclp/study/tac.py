@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -160,11 +159,32 @@ def feature_change(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
     return np.sqrt((d * d).sum(axis=2))
 
 
-def _padded(x: np.ndarray, size: int, fixed: Any) -> np.ndarray:
-    """A chunk zero-padded to the model's fixed batch size (unchanged for a dynamic batch)."""
-    if not isinstance(fixed, int) or fixed <= 0 or len(x) == size:
-        return x
-    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+def report_outputs(graph: onnx.GraphProto, layers: list[Any]) -> dict[str, tuple[str, int]]:
+    """The tensor TAC reads, and its channel axis (:func:`channel_axis`), for each layer of a scan's report (by node name): the layer's output after its
+    bias and paired affine (:attr:`onnxclp.layers.Layer.output`), found by following the report's ``affine``
+    nodes (names, or op types for unnamed nodes) down the layer's output chain; a MatMul's bias Add first."""
+    from onnxclp.graph import GraphIndex
+
+    index = GraphIndex(graph)
+    by_key = {index.node_key(n): n for n in graph.node}
+    out: dict[str, tuple[str, int]] = {}
+    for lr in layers:
+        node = by_key.get(lr.node)
+        if node is None or not node.output:
+            continue
+        tensor, axis = node.output[0], 1
+        if lr.op == "MatMul":
+            axis = -1 if index.constant(node.input[1]) is not None else -2
+            nxt = index.only_consumer(tensor)
+            if nxt is not None and nxt.op_type == "Add" and any(index.constant(x) is not None for x in nxt.input):
+                tensor = nxt.output[0]
+        for expected in lr.affine.split(", ") if lr.affine else []:
+            nxt = index.only_consumer(tensor)
+            if nxt is None or expected not in (nxt.name, nxt.op_type):
+                break
+            tensor = nxt.output[0]
+        out[lr.node] = (tensor, axis)
+    return out
 
 
 def tac(
@@ -172,56 +192,50 @@ def tac(
     prepared: Any,
     method: str = "clp",
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     name: str | None = None,
     **params: Any,
 ) -> TacResult:
     """TAC per channel of every scored layer on the attacked subset of ``prepared``
-    (:func:`onnxclp.study.measure.prepare` with an attack), with the scores and decisions of ``method``."""
-    import onnxruntime as ort
+    (:func:`onnxclp.study.measure.prepare` with an attack), with the scores and decisions of ``method``.
 
+    The layers are those of ``onnxclp.scan``'s report; the model runs through the evaluator's
+    :class:`~onnxclp.eval.runner.OnnxClassifier` (its device, threads and fixed-batch padding), over sub-batches
+    of ``batch_size`` images (default: the prepared batches) so that the feature maps of every layer fit."""
     from onnxclp.api import scan
     from onnxclp.errors import OnnxclpError
-    from onnxclp.graph import GraphIndex
-    from onnxclp.io import TensorStore
-    from onnxclp.layers import find_layers
+    from onnxclp.eval.runner import OnnxClassifier
     from onnxclp.study.measure import load_inline
 
     if not prepared.has_attack:
         raise OnnxclpError("TAC needs an attack (--attack or --attack-config): it compares triggered and clean")
+    if batch_size is not None and batch_size < 1:
+        raise OnnxclpError(f"--batch-size must be >= 1, got {batch_size}")
     proto = model if isinstance(model, onnx.ModelProto) else load_inline(model)
     report = scan(proto, method, **{"force": True, **params})  # a study tool: risky u allowed
-    found = {layer.key: layer for layer in find_layers(GraphIndex(proto.graph), TensorStore(proto, Path("."))).layers}
-    layers = [(lr, found[lr.node]) for lr in report.layers if lr.node in found]
+    outputs = report_outputs(proto.graph, report.layers)
+    layers = [(lr, *outputs[lr.node]) for lr in report.layers if lr.node in outputs]
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     present = {o.name for o in probe.graph.output}
-    for _, layer in layers:
-        if layer.output not in present:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(layer.output))
-            present.add(layer.output)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if prepared.threads:
-        options.intra_op_num_threads = prepared.threads
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feed = session.get_inputs()[0].name
-    fixed = session.get_inputs()[0].shape[0]
-    if isinstance(fixed, int) and fixed > 0:
-        batch_size = fixed
-    names = [layer.output for _, layer in layers]
-    sums = [np.zeros(lr.channels, np.float64) for lr, _ in layers]
-    axes = [channel_axis(layer) for _, layer in layers]
+    for _, tensor, _ in layers:
+        if tensor not in present:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
+            present.add(tensor)
+    runner = OnnxClassifier(probe, device=prepared.device, threads=prepared.threads)
+    names = [tensor for _, tensor, _ in layers]
+    sums = [np.zeros(lr.channels, np.float64) for lr, _, _ in layers]
+    axes = [axis for _, _, axis in layers]
     count = 0
     for clean, mask, trig in zip(prepared.clean, prepared.attacked, prepared.triggered, strict=True):
         x = clean[mask]
-        for start in range(0, len(x), batch_size):
-            n = len(x[start : start + batch_size])
-            a = session.run(names, {feed: _padded(x[start : start + batch_size], batch_size, fixed)})
-            b = session.run(names, {feed: _padded(trig[start : start + batch_size], batch_size, fixed)})
+        step = batch_size or max(1, len(x))
+        for start in range(0, len(x), step):
+            a = runner.outputs(x[start : start + step], names)
+            b = runner.outputs(trig[start : start + step], names)
             for i, axis in enumerate(axes):
-                sums[i] += feature_change(a[i][:n], b[i][:n], axis).sum(axis=0)
-            count += n
+                sums[i] += feature_change(a[i], b[i], axis).sum(axis=0)
+            count += len(a[0]) if a else 0
     if count == 0:
         raise OnnxclpError("no attacked sample in the data: TAC is undefined")
     result = TacResult(
@@ -231,12 +245,12 @@ def tac(
         attack=prepared.attack,
         n_images=count,
     )
-    for (lr, layer), total in zip(layers, sums, strict=True):
+    for (lr, tensor, _), total in zip(layers, sums, strict=True):
         result.layers.append(
             LayerTac(
                 node=lr.node,
                 op=lr.op,
-                output=layer.output,
+                output=tensor,
                 channels=lr.channels,
                 tac=[float(v) for v in total / count],
                 scores=list(lr.scores),
