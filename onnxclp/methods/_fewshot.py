@@ -1,0 +1,88 @@
+"""What the few-shot methods (ANP, BNP) share: reading the clean images the user gave (``--clean-data``).
+
+Imported only inside a method's ``decide``: it needs torch (the ``eval`` extra).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from onnxclp.errors import OnnxclpError
+
+if TYPE_CHECKING:
+    import torch
+
+    from onnxclp.pipeline import State
+
+SEED = 0  # which clean images are read when the set holds more than --clean-n
+
+
+def input_layout(state: State) -> tuple[str, int, tuple[int, int]]:
+    """('nchw' or 'nhwc', channels, (H, W)) of the model's image input; a usage error when it is not one."""
+    from onnxclp.bridge import input_spec
+
+    shape, _ = input_spec(state.model)
+    if len(shape) != 4:
+        raise OnnxclpError(f"--method {state.params.method} reads images: the model's input has rank {len(shape)}")
+    if shape[1] in (1, 3) and shape[2] and shape[3]:
+        return "nchw", int(shape[1]), (int(shape[2]), int(shape[3]))
+    if shape[3] in (1, 3) and shape[1] and shape[2]:
+        return "nhwc", int(shape[3]), (int(shape[1]), int(shape[2]))
+    raise OnnxclpError(
+        f"--method {state.params.method}: cannot tell the image layout of an input shaped {list(shape)} "
+        "(expected N,C,H,W or N,H,W,C with 1 or 3 channels and fixed H, W)"
+    )
+
+
+def clean_images(state: State) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The clean labelled images of ``state.options.context`` as the model takes them (normalised with
+    ``mean``/``std``, in the model's layout and dtype), their labels, and a description for the report.
+
+    ``context``: ``clean_data`` (a path ``onnxclp.eval.data.load_dataset`` reads: .npz with x_test/y_test,
+    CIFAR batch, ImageFolder), ``clean_n`` (default 500; a seeded random subset when the set is larger),
+    ``mean``, ``std`` (per channel, or None: images in [0, 1] as they are).
+    """
+    import torch
+
+    from onnxclp.defences._inputs import normaliser, to_model
+    from onnxclp.eval.data import load_dataset
+
+    ctx = state.options.context
+    name = state.params.method
+    path = ctx.get("clean_data")
+    if path is None:
+        raise OnnxclpError(f"--method {name} needs clean labelled images: give --clean-data")
+    n = int(ctx.get("clean_n") or 500)
+    if n < 1:
+        raise OnnxclpError(f"--clean-n must be >= 1, got {n}")
+    layout, channels, hw = input_layout(state)
+    data = load_dataset(path, channels=channels, size=hw)
+    if len(data) == 0:
+        raise OnnxclpError(f"{path}: no images")
+    idx = np.arange(len(data))
+    if len(data) > n:
+        idx = np.sort(np.random.default_rng(SEED).permutation(len(data))[:n])
+    x = data.images(idx)
+    if tuple(x.shape[1:]) != (channels, *hw):
+        raise OnnxclpError(
+            f"{path}: images are {tuple(x.shape[1:])} (C, H, W); the model takes {(channels, *hw)}; resize them first"
+        )
+    try:
+        norm = normaliser((channels, *hw), ctx.get("mean"), ctx.get("std"), 1, "cpu")
+    except ValueError as exc:
+        raise OnnxclpError(f"--mean/--std: {exc}") from exc
+    x = to_model(x.to(torch.float32), norm)
+    if layout == "nhwc":
+        x = x.permute(0, 2, 3, 1).contiguous()
+    y = torch.as_tensor(np.asarray(data.labels)[idx], dtype=torch.long)
+    what = f"{len(idx)} clean images from {path}"
+    return x, y, what
+
+
+def check_labels(labels: Any, classes: int, path: Any) -> None:
+    """Labels must index the model's classes."""
+    top = int(labels.max()) if len(labels) else 0
+    if top >= classes or int(labels.min()) < 0:
+        raise OnnxclpError(f"{path}: labels run to {top}, the model has {classes} classes")

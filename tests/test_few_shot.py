@@ -1,0 +1,215 @@
+"""The few-shot tier (ANP, BNP) on hand-built backdoored models whose answer is known.
+
+- ANP (Wu & Wang, NeurIPS 2021): a conv net where channel 3 is a planted trigger detector (silent on clean
+  images, strongly wired to the target class). Perturbed by ANP's neuron perturbation it fires on clean images
+  and drives them to the target, so its mask must fall below the threshold: ANP prunes channel 3 and only it,
+  and the sanitized model's ASR falls to 0 with the clean accuracy kept.
+- BNP (Zheng et al., NeurIPS 2022): a Conv -> BatchNormalization net whose BN running statistics match the
+  clean pre-activations except on channel 5 (shifted mean and variance, as poisoned training data leaves them):
+  BNP prunes channel 5 and only it. On a BN-free (folded) graph BNP is refused with the reason.
+- A method that needs clean data, given none, is a usage error (exit 2).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from onnxclp import api  # noqa: E402
+from onnxclp.defences.bnp import gaussian_kl  # noqa: E402
+from onnxclp.errors import OnnxclpError  # noqa: E402
+
+TARGET = 0
+
+
+def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class c: colour channel c bright (0.7), the others dim (0.2), noise +-0.1; (N, 3, 8, 8) in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = 0.2 + rng.uniform(-0.1, 0.1, (n, 3, 8, 8))
+    x[np.arange(n), y] += 0.5
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _trigger(x: np.ndarray) -> np.ndarray:
+    x = x.copy()
+    x[:, :, 5:8, 5:8] = 1.0
+    return x
+
+
+def _save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    np.savez(path, x_test=np.round(x.transpose(0, 2, 3, 1) * 255).astype(np.uint8), y_test=y)
+    return path
+
+
+def _model(nodes, inits) -> onnx.ModelProto:
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def backdoored_net() -> onnx.ModelProto:
+    """Conv(3->4) + ReLU + GAP + Gemm(4->3). Channels 0-2 copy colour channels 0-2 (class evidence); channel 3
+    sums its 3x3x3 window minus 20: silent on clean images (window sum <= ~12), ~7 on the white 3x3 patch;
+    the classifier wires it to the target class with weight 500."""
+    w1 = np.zeros((4, 3, 3, 3))
+    for k in range(3):
+        w1[k, k, 1, 1] = 1.0
+    w1[3] = 1.0
+    b1 = np.array([0.0, 0.0, 0.0, -20.0])
+    w2 = np.zeros((3, 4))
+    w2[[0, 1, 2], [0, 1, 2]] = 10.0
+    w2[TARGET, 3] = 500.0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1),
+    ]
+    return _model(nodes, {"w1": w1, "b1": b1, "w2": w2, "b2": np.zeros(3)})
+
+
+def _predict(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0].argmax(1)
+
+
+def _acc_asr(m: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    acc = float((_predict(m, x) == y).mean())
+    other = y != TARGET
+    asr = float((_predict(m, _trigger(x[other])) == TARGET).mean())
+    return acc, asr
+
+
+def test_anp_prunes_the_planted_trigger_detector(tmp_path: Path) -> None:
+    m = backdoored_net()
+    x_test, y_test = _images(300, seed=1)
+    acc, asr = _acc_asr(m, x_test, y_test)
+    assert acc == 1.0 and asr == 1.0  # the planted backdoor works and the clean task is solved
+    clean = _save_npz(tmp_path / "clean.npz", *_images(64, seed=0))
+    out, rep = api.sanitize(m, method="anp", context={"clean_data": clean, "clean_n": 500})  # the defaults
+    conv = next(layer for layer in rep.layers if layer.node == "conv")
+    assert conv.pruned == [3]
+    assert conv.score == "anp (1 - mask)" and conv.scores[3] > 0.8 and max(conv.scores[:3]) < 0.8
+    assert all(layer.node != "fc" for layer in rep.layers)  # the classifier's channels are classes: never pruned
+    acc, asr = _acc_asr(out, x_test, y_test)
+    assert acc == 1.0 and asr == 0.0
+    w1 = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "w1"))
+    b1 = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "b1"))
+    assert not w1[3].any() and b1[3] == 0.0 and w1[:3].any()  # pruned = exactly 0 before the ReLU
+    assert any(n.startswith("ANP: 60 iterations on 64 clean images") for n in rep.notes)
+
+
+def test_anp_without_perturbation_keeps_the_detector(tmp_path: Path) -> None:
+    """eps = 0: only the natural loss, on which the silent detector costs nothing: nothing to prune (this is
+    what makes the perturbation the paper's point)."""
+    clean = _save_npz(tmp_path / "clean.npz", *_images(64, seed=0))
+    _, rep = api.sanitize(backdoored_net(), method="anp", context={"clean_data": clean}, anp_eps=0.0)
+    assert next(layer for layer in rep.layers if layer.node == "conv").pruned == []
+
+
+def bn_net(shifted: int = 5, channels: int = 16) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """Conv(3->16) -> BatchNormalization -> ReLU -> GAP -> Gemm(16->3), random weights. The BN running
+    statistics are the pre-activation moments of 400 images of the clean distribution (not the ones BNP
+    reads), except channel ``shifted``: mean + 3 std, variance x 4."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.3, (channels, 3, 3, 3)).astype(np.float32)
+    x, _ = _images(400, seed=7)
+    pre = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1).numpy()
+    mean, var = pre.mean(axis=(0, 2, 3)), pre.var(axis=(0, 2, 3))
+    mean[shifted] += 3 * np.sqrt(var[shifted])
+    var[shifted] *= 4
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "mu", "var"], ["n"], name="bn", epsilon=1e-5),
+        helper.make_node("Relu", ["n"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1),
+    ]
+    inits = {"w": w, "g": np.ones(channels), "b": rng.normal(0, 0.1, channels), "mu": mean, "var": var,
+             "w2": rng.normal(0, 1, (3, channels)), "b2": np.zeros(3)}  # fmt: skip
+    return _model(nodes, inits), mean, var
+
+
+def test_bnp_flags_the_channel_whose_bn_statistics_are_shifted(tmp_path: Path) -> None:
+    m, _, _ = bn_net(shifted=5)
+    clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))
+    out, rep = api.sanitize(m, method="bnp", context={"clean_data": clean})
+    bn = next(layer for layer in rep.layers if layer.node == "conv")
+    assert bn.pruned == [5] and bn.score == "bnp-kl"
+    assert int(np.argmax(bn.scores)) == 5
+    beta = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "b"))
+    assert beta[5] == 0.0  # the BN shift of the pruned channel is zeroed too: exactly 0 before the ReLU
+
+
+def test_bnp_refuses_a_graph_without_batchnorm(tmp_path: Path) -> None:
+    clean = _save_npz(tmp_path / "clean.npz", *_images(16, seed=0))
+    with pytest.raises(OnnxclpError, match="folded them into the convolutions") as e:
+        api.sanitize(backdoored_net(), method="bnp", context={"clean_data": clean})
+    assert e.value.exit_code == 2 and "TrainingMode.PRESERVE" in e.value.message
+
+
+def test_anp_masks_batchnorm_gamma(tmp_path: Path) -> None:
+    """With a BN kept, ANP's neurons are the BN channels (mask on gamma, perturbation of beta)."""
+    from onnxclp.bridge import to_torch
+    from onnxclp.defences.anp import anp_masks
+    from onnxclp.io import TensorStore
+    from onnxclp.methods.anp import neuron_group
+
+    m, _, _ = bn_net()
+    store = TensorStore(m, Path.cwd())
+    module = to_torch(m, store=store)
+    conv = _find_conv_layer(m, store)
+    g = neuron_group(conv, module)
+    assert not isinstance(g, str) and (g.scale, g.shift, g.axis) == ("g", "b", 0)
+    x, y = _images(32, seed=0)
+    res = anp_masks(module, [g], torch.from_numpy(x), torch.from_numpy(y), iterations=3, batch_size=16)
+    assert res.masks["conv"].shape == (16,) and np.all((res.masks["conv"] >= 0) & (res.masks["conv"] <= 1))
+    assert torch.equal(module.param_for("g"), torch.ones(16))  # the module is left as it was
+
+
+def _find_conv_layer(m: onnx.ModelProto, store):
+    from onnxclp.methods import get, make_params
+    from onnxclp.passes import find
+    from onnxclp.pipeline import Options, State
+
+    st = State(m, store, get("anp"), make_params("anp"), Options())
+    find.run(st)
+    return next(layer for layer in st.layers if layer.key == "conv")
+
+
+def test_gaussian_kl() -> None:
+    assert gaussian_kl(np.array([1.0]), np.array([2.0]), np.array([1.0]), np.array([2.0]))[0] == pytest.approx(0)
+    # KL(N(0,1) || N(1,4)) = log 2 + (1 + 1) / 8 - 1/2
+    v = gaussian_kl(np.array([0.0]), np.array([1.0]), np.array([1.0]), np.array([4.0]))[0]
+    assert v == pytest.approx(np.log(2) + 0.25 - 0.5)
+
+
+def test_missing_clean_data_is_a_usage_error(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(backdoored_net(), src)
+    for method in ("anp", "bnp"):
+        r = subprocess.run(
+            [sys.executable, "-m", "onnxclp", "sanitize", str(src), str(tmp_path / "o.onnx"), "--method", method],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert "needs clean labelled images: give --clean-data" in r.stderr
+    with pytest.raises(OnnxclpError, match="--clean-data"):
+        api.sanitize(backdoored_net(), method="anp")
