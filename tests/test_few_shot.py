@@ -210,6 +210,6 @@ def test_missing_clean_data_is_a_usage_error(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert r.returncode == 2, r.stderr
-        assert "needs clean labelled images: give --clean-data" in r.stderr
+        assert "needs clean labelled images: give --clean-data" in " ".join(r.stderr.split())  # wrapped lines
     with pytest.raises(OnnxclpError, match="--clean-data"):
         api.sanitize(backdoored_net(), method="anp")
