@@ -209,7 +209,8 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
             text = (
                 f"note: channel {c.channel} is pruned in {len(c.layers)} layers that write the same residual "
                 f"stream ({names}; summed at {c.merge}): together they remove that channel of the "
-                'stream for every later layer (docs/algorithms.md, "Residual streams")'
+                'stream for every later layer ("Residual streams" in docs/algorithms.md of the onnxclp source '
+                "repository: an installed wheel has no docs folder)"
             )
         console.print(_text(text))
     t = report.totals()
