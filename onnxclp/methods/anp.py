@@ -21,6 +21,7 @@ ConvTranspose) is skipped with the reason; the model's output layer is never mas
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -61,8 +62,26 @@ def _initializer(src: Any) -> str | None:
     return str(src.tensor.name)
 
 
-def neuron_group(layer: Layer, module: Any) -> NeuronGroup | str:
-    """The neurons of ``layer`` as initializers of the bridged module, or why it cannot be masked."""
+def readers(model: Any) -> Counter[str]:
+    """How many nodes read each tensor, looking through Identity nodes (an initializer an exporter merged
+    with an equal one is read by several layers)."""
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input and n.output}
+
+    def root(name: str) -> str:
+        seen = set()
+        while name in alias and name not in seen:
+            seen.add(name)
+            name = alias[name]
+        return name
+
+    return Counter(root(x) for n in model.graph.node if n.op_type != "Identity" for x in n.input if x)
+
+
+def neuron_group(layer: Layer, module: Any, read: Counter[str] | None = None) -> NeuronGroup | str:
+    """The neurons of ``layer`` as initializers of the bridged module, or why it cannot be masked.
+
+    ``read`` (:func:`readers`): an initializer read by more than one node is refused (masking it would mask
+    every reader)."""
     from onnxclp.defences.anp import NeuronGroup
 
     aff = layer.affine
@@ -85,6 +104,8 @@ def neuron_group(layer: Layer, module: Any) -> NeuronGroup | str:
     for name in (scale, shift):
         if name is None:
             continue
+        if read is not None and read[name] > 1:
+            return f"initializer {name!r} is read by {read[name]} nodes: one mask cannot stand for all of them"
         try:
             p = module.param_for(name)
         except KeyError:
@@ -135,12 +156,13 @@ class ANP(Method):
         groups: list[NeuronGroup] = []
         by_key: dict[str, Layer] = {}
         used: dict[str, str] = {}
+        read = readers(state.model)
         outputs = []
         for layer in state.layers:
             if layer.is_output:
                 outputs.append(layer)
                 continue
-            g = neuron_group(layer, module)
+            g = neuron_group(layer, module, read)
             if not isinstance(g, str):
                 clash = next((used[n] for n in (g.scale, g.shift) if n and n in used), None)
                 if clash is not None:
