@@ -30,6 +30,7 @@ class ScanConfig:
     fpr: float = 0.05
     force: bool = False
     streams: str = "strongest"
+    context: dict[str, Any] = field(default_factory=dict)  # input geometry for detectors that run the model
 
     def check(self) -> None:
         """Refuse bad parameters once, before any model is read."""
@@ -79,7 +80,9 @@ def scan_model(path: str, config: ScanConfig) -> dict[str, Any]:
 
     try:
         params = make_params(config.method, config.values, score=config.score, include_fc=config.include_fc)
-        options = Options(config.exclude, False, config.inline_functions, False, config.force, streams=config.streams)
+        options = Options(
+            config.exclude, False, config.inline_functions, False, config.force, config.context, config.streams
+        )
         state = run_method(path, params, options)
         results, skipped = detect.run_detectors(state, config.detectors)
     except OnnxclpError as exc:

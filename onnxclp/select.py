@@ -88,7 +88,7 @@ class TopK:
     columns: list[int]
 
 
-def classifier_topk(w: np.ndarray, k: int) -> TopK | None:
+def classifier_topk(w: np.ndarray, k: int, target: int | None = None) -> TopK | None:
     """LPP's classifier step on ``w`` of shape (classes, inputs) (docs/algorithms.md, "LPP", classifier top-k step).
 
     ``m = argmax_i mean(W[i, :])``; ``d = W[m, :] - mean_{i != m} W[i, :]``; the ``k`` largest ``d_j`` are
@@ -97,7 +97,9 @@ def classifier_topk(w: np.ndarray, k: int) -> TopK | None:
     w = np.asarray(w, dtype=np.float64)
     if k <= 0 or w.ndim != 2 or w.shape[0] < 2:
         return None
-    m = int(np.argmax(w.mean(axis=1)))
+    m = int(np.argmax(w.mean(axis=1))) if target is None else int(target)
+    if not 0 <= m < w.shape[0]:
+        return None
     others = np.delete(w, m, axis=0).mean(axis=0)
     d = w[m] - others
     order = np.argsort(-d, kind="stable")[: min(k, w.shape[1])]

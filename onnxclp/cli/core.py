@@ -12,6 +12,8 @@ import typer
 
 from onnxclp.cli.common import (
     Debug,
+    Device,
+    DeviceOpt,
     Exclude,
     InlineFunctions,
     Quiet,
@@ -37,6 +39,29 @@ class FailOn(str, Enum):
     suspicious = "suspicious"
     outliers = "outliers"
     never = "never"
+
+
+MeanOpt = Annotated[
+    str | None,
+    typer.Option("--mean", metavar="R,G,B", help="Input normalisation mean (images in [0,1] -> model input)."),
+]
+StdOpt = Annotated[str | None, typer.Option("--std", metavar="R,G,B", help="Input normalisation std (with --mean).")]
+InputShapeOpt = Annotated[
+    str | None, typer.Option("--input-shape", metavar="C,H,W", help="One input image's shape when the graph has none.")
+]
+
+
+def model_context(mean: str | None, std: str | None, input_shape: str | None, device: Device) -> dict[str, Any]:
+    """What methods and detectors that run the model read (``Options.context``)."""
+    from onnxclp.cli.eval import parse_numbers
+
+    shape = parse_numbers(input_shape, "--input-shape")
+    return {
+        "mean": parse_numbers(mean, "--mean"),
+        "std": parse_numbers(std, "--std"),
+        "input_shape": None if shape is None else [int(x) for x in shape],
+        "device": device.value,
+    }
 
 
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Report format: text, json or sarif.")]
@@ -110,10 +135,10 @@ def sanitize(
     calibrate_grid: Annotated[
         str | None, typer.Option("--calibrate-grid", help="Candidate u for --calibrate [0.5:8:0.25].")
     ] = None,
-    mean: Annotated[
-        str | None, typer.Option("--mean", help="Clean/calibration images: normalisation mean R,G,B.")
-    ] = None,
-    std: Annotated[str | None, typer.Option("--std", help="Clean/calibration images: normalisation std R,G,B.")] = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    input_shape: InputShapeOpt = None,
+    device: DeviceOpt = Device.auto,
     quiet: Quiet = False,
     verbose: Verbose = False,
     debug: Debug = False,
@@ -124,22 +149,21 @@ def sanitize(
         from onnxclp import methods
         from onnxclp.api import check_output, sanitize_file
 
+        values = dict(method_values)
         check_output(input, output, force)  # every output path is checked before any work
         if report is not None and report_format is Format.text:
             raise OnnxclpError("--report-format: json or sarif")
         check_writable(report, "report")
         m = methods.get(method)
-        context: dict[str, Any] = {}
+        context = model_context(mean, std, input_shape, device)
         if m.needs == "clean-data":
             if clean_data is None:
                 raise OnnxclpError(f"--method {method} needs clean labelled images: give --clean-data")
-            from onnxclp.cli.eval import parse_numbers
-
-            context = {"clean_data": clean_data, "clean_n": clean_n,
-                       "mean": parse_numbers(mean, "--mean"), "std": parse_numbers(std, "--std")}  # fmt: skip
+            context.update(clean_data=clean_data, clean_n=clean_n)
+        if values.get("target_from") == "mmbd":
+            require_extra("eval", "torch")
         if m.extra is not None:
             require_extra(m.extra, "torch")
-        values = dict(method_values)
         allow_risk = force
         if calibrate is not None:
             require_extra("eval", "onnxruntime", "torch")
@@ -208,6 +232,10 @@ def scan(
         str | None, typer.Option("--ray", help="Run on Ray: 'local', 'auto' (RAY_ADDRESS) or an address.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Accept parameter values far outside the paper's.")] = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    input_shape: InputShapeOpt = None,
+    device: DeviceOpt = Device.auto,
     quiet: Quiet = False,
     verbose: Verbose = False,
     debug: Debug = False,
@@ -225,11 +253,16 @@ def scan(
             check_writable(target)
         if plot is not None:
             require_extra("eval", "matplotlib")
+        from onnxclp import detect
+
+        for n in detector or ():
+            if detect.get(n).extra is not None:
+                require_extra(detect.get(n).extra or "", "torch")
         files, missing = scanning.expand_paths(paths)
         config = scanning.ScanConfig(
             method=method, values=dict(method_values), score=score, include_fc=include_fc,
             exclude=tuple(exclude or ()), inline_functions=inline_functions, detectors=tuple(detector or ()),
-            fpr=fpr, force=force, streams=streams,
+            fpr=fpr, force=force, streams=streams, context=model_context(mean, std, input_shape, device),
         )  # fmt: skip
         config.check()
         results = scanning.scan_many(files, config, workers=workers, ray=ray) + missing

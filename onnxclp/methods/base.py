@@ -43,6 +43,7 @@ class ParamSpec:
     risky_below: float | None = None
     # ``--calibrate``: candidate values from the least invasive to the most (None: not calibrated, kept as given)
     calibration: tuple[float, ...] | None = None
+    choices: tuple[str, ...] | None = None  # the allowed values of a str parameter
 
     @property
     def flag(self) -> str:
@@ -95,6 +96,8 @@ class Method:
         """Refuse values outside each parameter's declared range; subclasses add relations between them."""
         for p in self.params:
             v = values[p.name]
+            if p.choices is not None and v not in p.choices:
+                raise OnnxclpError(f"{p.flag} must be one of {', '.join(p.choices)}, got {v!r}")
             if p.type is float and not math.isfinite(v):
                 raise OnnxclpError(f"{p.flag} must be a finite number")
             if p.minimum is not None and v < p.minimum:

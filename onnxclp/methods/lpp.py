@@ -16,6 +16,7 @@ from onnxclp.errors import OnnxclpError
 from onnxclp.methods import register
 from onnxclp.methods.base import Method, Params, ParamSpec
 from onnxclp.methods.clp import U
+from onnxclp.pipeline import State
 from onnxclp.select import Selection, TopK, classifier_topk, select_lpp
 
 
@@ -47,6 +48,13 @@ class LPP(Method):
             calibration=(0.0, 0.5, 1.0),
         ),
         ParamSpec("topk", int, 0, "Classifier weights zeroed in the suspected target row.", minimum=0),
+        ParamSpec(
+            "target_from",
+            str,
+            "weights",
+            "The top-k step's target class: weights (largest mean row) or mmbd (MM-BD's detected target).",
+            choices=("weights", "mmbd"),
+        ),
     )
 
     def check(self, values: Mapping[str, Any]) -> None:
@@ -58,4 +66,19 @@ class LPP(Method):
         return select_lpp(scores, params["u"], params["u_low"], params["bias_rate"])
 
     def classifier_step(self, w: np.ndarray, params: Params) -> TopK | None:
-        return classifier_topk(w, params["topk"]) if params["topk"] > 0 else None
+        return classifier_topk(w, params["topk"], params.values.get("target")) if params["topk"] > 0 else None
+
+    def decide(self, state: State) -> None:
+        """Score-based decisions; with ``target_from mmbd`` and ``topk`` > 0 the classifier step's target class is
+        MM-BD's (Wang et al., IEEE S&P 2024) instead of the row with the largest mean weight."""
+        from dataclasses import replace
+
+        from onnxclp.passes.decide import decide_by_scores
+
+        if state.params["target_from"] == "mmbd" and state.params["topk"] > 0:
+            from onnxclp.detect.mmbd import target_class
+
+            target = target_class(state)
+            state.params = replace(state.params, values={**state.params.values, "target": target})
+            state.notes.append(f"lpp: classifier step on MM-BD's target class {target}")
+        decide_by_scores(state, self)
