@@ -97,13 +97,17 @@ def main() -> None:
             "tpr_at_nominal": float(np.mean([p < args.fpr for p in pos])) if pos else None,
             "fpr_at_nominal": float(np.mean([p < args.fpr for p in neg])) if neg else None,
         }
+    default = detect.default_names()
+    for r in rows:  # the verdict of the default gate alone (the run above may include opt-in detectors)
+        ps = [r["detectors"][n]["p_value"] for n in default if n in r["detectors"]]
+        r["gate"] = "suspicious" if ps and min(ps) < args.fpr / len(ps) else "clean"
     pos_rows = [r for r in rows if r["backdoored"]]
     neg_rows = [r for r in rows if not r["backdoored"]]
     gate = {
         "detectors": detect.default_names(),
         "fpr_setting": args.fpr,
-        "tpr": float(np.mean([r["verdict"] == "suspicious" for r in pos_rows])) if pos_rows else None,
-        "fpr": float(np.mean([r["verdict"] == "suspicious" for r in neg_rows])) if neg_rows else None,
+        "tpr": float(np.mean([r["gate"] == "suspicious" for r in pos_rows])) if pos_rows else None,
+        "fpr": float(np.mean([r["gate"] == "suspicious" for r in neg_rows])) if neg_rows else None,
         "positives": len(pos_rows),
         "negatives": len(neg_rows),
     }

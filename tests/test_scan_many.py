@@ -40,7 +40,7 @@ def test_folder_scan_json_list(models: Path) -> None:
     for e in out:
         assert e["verdict"] in ("clean", "suspicious")
         assert e["target"] is None or isinstance(e["target"], int)
-        assert set(e["detectors"]) | set(e["detectors_skipped"]) == {"channels", "classifier"}
+        assert set(e["detectors"]) | set(e["detectors_skipped"]) == {"classifier"}  # the default gate
         for d in e["detectors"].values():
             assert 0.0 <= d["p_value"] <= 1.0 and d["threshold"] == pytest.approx(0.05 / len(e["detectors"]))
         assert e["report"]["layers"] and e["error"] is None
