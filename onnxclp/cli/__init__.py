@@ -3,6 +3,7 @@
 - :mod:`~onnxclp.cli.core`: ``sanitize``, ``scan``, ``methods``, ``version`` (no torch or onnxruntime at start-up).
 - :mod:`~onnxclp.cli.eval`: ``evaluate``, ``compare`` (the ``eval`` extra, imported when they run).
 - :mod:`~onnxclp.cli.study`: ``sweep``, ``tac``.
+- :mod:`~onnxclp.cli.grid`: ``grid``.
 - :mod:`~onnxclp.cli.common`: the shared options and the one error policy.
 """
 
@@ -12,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from onnxclp.cli import core, eval, study
+from onnxclp.cli import core, eval, grid, study
 
 app = typer.Typer(
     name="onnxclp",
@@ -44,6 +45,7 @@ def _root(
 core.register(app)
 eval.register(app)
 study.register(app)
+grid.register(app)
 
 
 def main() -> None:
