@@ -13,6 +13,7 @@ import typer
 
 from onnxclp.cli.common import check_writable, require_extra, run_guarded, with_method_options
 from onnxclp.cli.eval import DebugOpt, RunArgs, with_run_options
+from onnxclp.cli.grid import RayOpt, WorkersOpt
 from onnxclp.errors import OnnxclpError
 
 __all__ = ["register", "sweep_command", "tac_command"]
@@ -64,6 +65,8 @@ def sweep_command(
     u: UGrid = "0.5:8:0.5",
     plot: PlotOpt = None,
     json_path: JsonPath = None,
+    workers: WorkersOpt = None,
+    ray: RayOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """ACC, ASR and the fraction of channels pruned against u (sanitized in memory for each u)."""
@@ -72,14 +75,23 @@ def sweep_command(
         from onnxclp.study.sweep import parse_grid, sweep
 
         us = parse_grid(u)
-        proto, prepared = _start(run, model, json_path, plot)
-        fixed = {**method_values, "score": score, "include_fc": include_fc}
-        result = sweep(
-            proto, prepared, us, method, name=str(model), **{k: v for k, v in fixed.items() if v is not None}
-        )
+        fixed = {k: v for k, v in {**method_values, "score": score, "include_fc": include_fc}.items() if v is not None}
+        if ray is not None or (workers is not None and workers > 1):  # one cell per u: onnxclp.study.grid
+            from onnxclp.study.grid import sweep_parallel
+
+            check_writable(json_path, "JSON results")
+            check_writable(plot, "plot")
+            if plot is not None:
+                require_extra("eval", "matplotlib")
+            options = run.options(prefetch=0)
+            result = sweep_parallel(
+                model, run.data, options, us, method, fixed=fixed, name=str(model), workers=workers, ray=ray
+            )
+        else:
+            proto, prepared = _start(run, model, json_path, plot)
+            result = sweep(proto, prepared, us, method, name=str(model), **fixed)
         typer.echo(
-            f"{model}: {method} on {prepared.n_samples} samples ({prepared.n_attacked} attacked, "
-            f"{prepared.attack['attack']})"
+            f"{model}: {method} on {result.n_samples} samples ({result.n_attacked} attacked, {result.attack['attack']})"
         )
         _echo_table(result.table(["u"]))
         _write(json_path, result.to_json())

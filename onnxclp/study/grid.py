@@ -51,6 +51,7 @@ __all__ = [
     "parse_config",
     "prepared_count",
     "run_grid",
+    "sweep_parallel",
     "table",
     "write_atomic",
 ]
@@ -410,12 +411,17 @@ def run_grid(
     ``attack``, ``method``, ``params``), ``acc``/``asr``/``ra``, ``n_samples``/``n_attacked``, the channels
     ``pruned``/``rescaled`` of ``channels``, ``sanitize_s``, and ``error`` (None, or one line: the cell's
     metrics are then None). ``workers``/``ray``/``retries``/``progress`` as :func:`onnxclp.scale.run_tasks`."""
+    return _run(spec, workers=workers, ray=ray, retries=retries, progress=progress)[0]
+
+
+def _run(spec: GridSpec, **run: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`run_grid`'s cells, and the resolved configuration of each distinct attack."""
     from onnxclp.scale import run_tasks
 
-    cells, tasks, shared, _ = resolve(spec)
+    cells, tasks, shared, configs = resolve(spec)
     if not cells:
-        return []
-    outcomes = run_tasks(_cell_task, tasks, workers=workers, ray=ray, retries=retries, progress=progress, shared=shared)
+        return [], configs
+    outcomes = run_tasks(_cell_task, tasks, shared=shared, **run)
     out = []
     for c, o in zip(cells, outcomes, strict=True):
         entry = c.settings(spec)
@@ -427,7 +433,55 @@ def run_grid(
             entry.update(dict.fromkeys(_METRIC_KEYS))
             entry["error"] = o.error or "failed"
         out.append(entry)
-    return out
+    return out, configs
+
+
+def sweep_parallel(
+    model: PathLike,
+    data: PathLike,
+    options: RunOptions,
+    us: Sequence[float],
+    method: str = "clp",
+    *,
+    fixed: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
+) -> Any:
+    """``onnxclp sweep --workers N / --ray``: the sweep over ``us`` as a one-model, one-attack grid (the baseline
+    and one cell per u), returned as the :class:`~onnxclp.study.sweep.SweepResult` the serial sweep gives (same
+    numbers). A cell that fails raises its error, as the serial sweep does."""
+    from onnxclp.study.sweep import SweepPoint, SweepResult
+
+    fixed = dict(fixed or {})
+    spec = GridSpec(
+        [ModelSpec(name or str(model), str(model))],
+        [MethodSpec(method, tuple(fixed.items()), (("u", tuple(float(u) for u in us)),))],
+        [AttackSpec("run")],
+        str(data),
+        options.replace(prefetch=0),
+        True,
+        str(data),
+    )
+    cells, configs = _run(spec, workers=workers, ray=ray)
+    for c in cells:
+        if c["error"] is not None:
+            where = "the model as given" if c["method"] is None else f"u={_fmt_params(c['params'])[2:]}"
+            raise OnnxclpError(f"{where}: {c['error']}")
+    base, points = cells[0], cells[1:]
+    result = SweepResult(
+        model=name or str(model), method=method, fixed=fixed, data=str(data), attack=configs[0],
+        n_samples=base["n_samples"], n_attacked=base["n_attacked"], baseline_acc=base["acc"],
+        baseline_asr=base["asr"], baseline_ra=base["ra"],
+    )  # fmt: skip
+    for p in points:
+        result.points.append(
+            SweepPoint(
+                settings={"u": p["params"]["u"]}, acc=p["acc"], asr=p["asr"], ra=p["ra"], pruned=p["pruned"],
+                rescaled=p["rescaled"], channels=p["channels"], sanitize_s=p["sanitize_s"],
+            )
+        )  # fmt: skip
+    return result
 
 
 _METRIC_KEYS = ("acc", "asr", "ra", "n_samples", "n_attacked", "pruned", "rescaled", "channels", "sanitize_s")
