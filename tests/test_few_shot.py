@@ -112,7 +112,7 @@ def test_anp_prunes_the_planted_trigger_detector(tmp_path: Path) -> None:
     w1 = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "w1"))
     b1 = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "b1"))
     assert not w1[3].any() and b1[3] == 0.0 and w1[:3].any()  # pruned = exactly 0 before the ReLU
-    assert any(n.startswith("ANP: 60 iterations on 64 clean images") for n in rep.notes)
+    assert any(n.startswith("ANP: 30 iterations on 64 clean images") for n in rep.notes)
 
 
 def test_anp_without_perturbation_keeps_the_detector(tmp_path: Path) -> None:

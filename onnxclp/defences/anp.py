@@ -57,7 +57,7 @@ LR = 0.2
 MOMENTUM = 0.9
 BATCH = 128
 THRESHOLD = 0.2
-ITERATIONS = 60  # see the rule in the module docstring and docs/algorithms.md, "ANP"
+ITERATIONS = 30  # see the rule in the module docstring and docs/algorithms.md, "ANP"
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ PARAMS = (
         maximum=1.0,
     ),
     ParamSpec("anp_threshold", float, 0.2, "ANP: prune neurons whose mask ends below this.", minimum=0.0, maximum=1.0),
-    ParamSpec("anp_iterations", int, 60, "ANP: mask optimisation steps (the paper: 2000).", minimum=1),
+    ParamSpec("anp_iterations", int, 30, "ANP: mask optimisation steps (the paper: 2000).", minimum=1),
     ParamSpec("anp_lr", float, 0.2, "ANP: SGD learning rate of the masks (momentum 0.9).", minimum=0.0),
     ParamSpec("anp_batch", int, 128, "ANP: clean images per step.", minimum=1),
 )
