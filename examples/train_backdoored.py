@@ -339,6 +339,17 @@ def export(model: nn.Module, out: Path) -> dict[str, str]:
         status["model.dynamo.onnx"] = "ok"
     except Exception as exc:  # report any exporter failure and go on
         status["model.dynamo.onnx"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    try:  # BatchNormalization kept as nodes with its running statistics: what BNP reads (docs/algorithms.md)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (dummy,), str(out / "model.bn.onnx"), dynamo=False, input_names=["input"],
+                output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+            )  # fmt: skip
+        status["model.bn.onnx"] = "ok"
+    except Exception as exc:  # report any exporter failure and go on
+        status["model.bn.onnx"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     for name, result in status.items():
         print(f"export {name}: {result}")
     return status

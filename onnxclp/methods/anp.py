@@ -120,6 +120,7 @@ def neuron_group(layer: Layer, module: Any, read: Counter[str] | None = None) ->
 @register
 class ANP(Method):
     name = "anp"
+    per_layer = False
     order = 20
     description = "Adversarial neuron pruning (NeurIPS 2021): masks learned on clean images under neuron perturbation."
     paper = "Wu & Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021"

@@ -26,6 +26,7 @@ from onnxclp.select import Selection, Thresholds
 @register
 class OTBR(Method):
     name = "otbr"
+    per_layer = False
     order = 10
     description = "OTBR (AAAI 2025), pruning stage: prune the channels that random-noise unlearning moves most."
     paper = "Lin et al., Fusing Pruned and Backdoored Models: Optimal Transport-based Data-free Backdoor Mitigation, AAAI 2025"

@@ -173,7 +173,7 @@ def run(state: State) -> PassResult:
     streams = residual_streams(state.index, [d.scored.layer for d in state.decisions])
     couplings = coupled_prunes(streams, pruned)
     state.coupled = [CoupledChannels(c.channel, list(c.layers), c.merge) for c in couplings]
-    if state.options.streams != "strongest" or not couplings:
+    if state.options.streams != "strongest" or not couplings or not state.method.per_layer:
         return PassResult(len(state.coupled))
     z: dict[str, dict[int, float]] = {}
     for d in state.decisions:
