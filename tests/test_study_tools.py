@@ -290,3 +290,27 @@ def test_plain_sanitize_and_scan_import_no_torch_onnxruntime_or_matplotlib(files
     assert result == {"exit": [0, 0], "heavy": []}, r.stdout + r.stderr
     assert onnx.load(str(out)).graph.node, "sanitize wrote no model"
     assert json.loads(rep.read_text())[0]["report"]["layers"], "scan wrote no report"
+
+
+def test_cli_calibrate_lpp_tunes_u_low_and_bias_rate_least_invasive_first(files, tmp_path):
+    """Issue 15.10: LPP's lower threshold and rescale band cost accuracy at any u, so --calibrate starts from
+    their least invasive values (u_low -1000: nothing pruned below; bias rate 0: nothing rescaled), chooses u,
+    then walks each towards the default while the budget holds, and says which setting it chose."""
+    out = tmp_path / "clean.onnx"
+    r = _cli(
+        "sanitize", files / "m.onnx", out, "--method", "lpp", "--calibrate", files / "data.npz",
+        "--calibrate-grid", "0.5,1,3", "--report", tmp_path / "r.json", "-q",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stderr.splitlines() if x.startswith("calibrated: u = "))
+    assert "u_low=" in line and "bias_rate=" in line  # each tuned parameter is reported with its drop
+    params = json.loads((tmp_path / "r.json").read_text())["params"]
+    assert params["method"] == "lpp" and params["u_low"] in (-1000.0, -5.0, -4.0, -3.0)
+    assert params["bias_rate"] in (0.0, 0.5, 1.0) and params["u"] in (0.5, 1.0, 3.0)
+    # a value the user gives is kept as given, not calibrated
+    r = _cli(
+        "sanitize", files / "m.onnx", out, "--method", "lpp", "--calibrate", files / "data.npz",
+        "--calibrate-grid", "0.5,1,3", "--u-low", "-2", "--report", tmp_path / "r2.json", "-q",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r2.json").read_text())["params"]["u_low"] == -2.0
