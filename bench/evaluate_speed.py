@@ -9,11 +9,13 @@ attack (BadNets, normalised as in training):
 1. ``evaluate()`` end to end: loading, triggering, normalising and batching included (its own timer covers the
    batch loop; the whole call is reported too);
 2. a bare ``session.run`` loop over preloaded, pre-triggered, pre-normalised float32 arrays (zero-padded to the
-   fixed batch where the model has one), same batch size, same images (clean + triggered), same session options;
+   fixed batch where the model has one), same batch size, same images (clean + triggered), onnxruntime's default
+   session options; and the same loop with evaluate's session options (intra-op threads do not spin);
 3. with ``--torch-eager``, torch eager inference of the same ``nn.Module`` over the same arrays.
 
 Each is run ``--repeat`` times, interleaved, and the best run counts (the machine may be shared). The ratios are
-printed; nothing fails on a timing. Run from the repository root: ``python bench/evaluate_speed.py``.
+printed: wall-clock throughput, and process CPU time per image (every thread; less sensitive to other jobs on a
+shared machine); nothing fails on a timing. Run from the repository root: ``python bench/evaluate_speed.py``.
 """
 
 from __future__ import annotations
@@ -131,12 +133,13 @@ def preloaded_batches(x: np.ndarray, y: np.ndarray, batch: int, fixed: bool) -> 
     return out, n
 
 
-def time_ort(session: ort.InferenceSession, batches: list[np.ndarray]) -> float:
+def time_ort(session: ort.InferenceSession, batches: list[np.ndarray]) -> tuple[float, float]:
+    """Wall seconds and process CPU seconds (all threads) of a bare loop."""
     name = session.get_inputs()[0].name
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
         session.run(None, {name: b})[0].argmax(1)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def time_torch(model: nn.Module, batches: list[np.ndarray]) -> float:
@@ -167,26 +170,36 @@ def bench_model(name: str, args: argparse.Namespace, x: np.ndarray, y: np.ndarra
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    # the same loop with evaluate's session options (onnxruntime's intra-op threads do not spin between runs)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    same = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     time_ort(session, batches[:2])  # warm-up
+    time_ort(same, batches[:2])
     if args.torch_eager:
         time_torch(model, batches[:2])
 
-    def run_evaluate(prefetch: int) -> tuple[float, float, int]:
+    def run_evaluate(prefetch: int) -> tuple[float, float, int, float]:
+        c0 = time.process_time()
         r = evaluate(
             onnx_path, data_path, "badnets", mean=MEAN, std=STD, batch_size=args.batch_size, device="cpu",
             threads=threads, prefetch=prefetch,
         )  # fmt: skip
-        return r.seconds, r.total_seconds, r.images
+        return r.seconds, r.total_seconds, r.images, time.process_time() - c0
 
-    keys = ["evaluate", "evaluate_total", "bare"] + (["no_prefetch"] if args.no_prefetch else [])
+    keys = ["evaluate", "evaluate_total", "bare", "bare_no_spin"] + (["no_prefetch"] if args.no_prefetch else [])
     keys += ["torch"] if args.torch_eager else []
     runs: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {"bare": [], "evaluate_total": []}
     n_eval = 0
     for _ in range(args.repeat):
-        runs["bare"].append(time_ort(session, batches))
-        loop, total, n_eval = run_evaluate(2)
+        wall, cpu_s = time_ort(session, batches)
+        runs["bare"].append(wall)
+        cpu["bare"].append(cpu_s)
+        runs["bare_no_spin"].append(time_ort(same, batches)[0])
+        loop, total, n_eval, cpu_s = run_evaluate(2)
         runs["evaluate"].append(loop)
         runs["evaluate_total"].append(total)
+        cpu["evaluate_total"].append(cpu_s)
         if args.no_prefetch:
             runs["no_prefetch"].append(run_evaluate(0)[0])
         if args.torch_eager:
@@ -201,6 +214,10 @@ def bench_model(name: str, args: argparse.Namespace, x: np.ndarray, y: np.ndarra
         "images_per_second": {k: round(v, 1) for k, v in rate.items()},
         "evaluate_vs_bare": round(rate["evaluate"] / rate["bare"], 3),
         "whole_call_vs_bare": round(rate["evaluate_total"] / rate["bare"], 3),
+        "evaluate_vs_bare_same_options": round(rate["evaluate"] / rate["bare_no_spin"], 3),
+        # process CPU seconds (every thread) per image, bare over evaluate's whole call: the overhead in work,
+        # less sensitive than wall time to other jobs on a shared machine
+        "cpu_bare_over_evaluate": round(min(cpu["bare"]) / min(cpu["evaluate_total"]), 3),
     }
     if args.no_prefetch:
         out["no_prefetch_vs_bare"] = round(rate["no_prefetch"] / rate["bare"], 3)
@@ -241,7 +258,9 @@ def main() -> None:
             )
             print(
                 f"  {name:<22} evaluate {ips['evaluate']:7.0f}/s  bare session.run {ips['bare']:7.0f}/s  "
-                f"ratio {r['evaluate_vs_bare']:.3f}  (whole call {r['whole_call_vs_bare']:.3f}){extra}",
+                f"ratio {r['evaluate_vs_bare']:.3f}  (whole call {r['whole_call_vs_bare']:.3f}; CPU time "
+                f"{r['cpu_bare_over_evaluate']:.3f}; vs bare with evaluate's session options "
+                f"{r['evaluate_vs_bare_same_options']:.3f}){extra}",
                 flush=True,
             )
     report = {

@@ -82,9 +82,10 @@ class ArrayImages(ImageSet):
         t = torch.from_numpy(np.ascontiguousarray(chunk))
         if self.layout == "hwc":
             t = t.permute(0, 3, 1, 2)
-        if t.dtype == torch.uint8:
-            return t.to(torch.float32).div_(255.0).contiguous()
-        return t.to(torch.float32).contiguous()
+        # one pass into a contiguous float32 NCHW batch (then the scaling in place)
+        out = torch.empty(t.shape, dtype=torch.float32)
+        out.copy_(t)
+        return out.div_(255.0) if t.dtype == torch.uint8 else out
 
 
 class FolderImages(ImageSet):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from onnxclp.errors import OnnxclpError
 from onnxclp.eval.attacks import Attack, AttackConfig, build_attack, load_attack_config
@@ -263,6 +264,11 @@ def run_models(run: Run, label: str = "evaluate", save_examples: PathLike | None
     images = n_trig = 0
     examples: Path | None = None
     bar = _Progress(run.options.progress, len(run.indices), label)
+    # The batches are prepared in torch on a background thread while onnxruntime runs: torch's own intra-op
+    # pool would compete with onnxruntime's threads for the same cores (both spin while waiting), so the
+    # preparation runs on one torch thread for the duration of the loop (docs/evaluate.md, "Speed").
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     try:
         for b in run.batches(keep_raw_first=save_examples is not None):
@@ -292,6 +298,7 @@ def run_models(run: Run, label: str = "evaluate", save_examples: PathLike | None
                 examples = save_example_grid(save_examples, b.raw_clean, trig, run.attack.name)
             bar.advance(len(b.y))
     finally:
+        seconds = time.perf_counter() - t0
+        torch.set_num_threads(torch_threads)
         bar.close()
-    seconds = time.perf_counter() - t0
     return LoopResult(counts, same_clean, same_trig, images, seconds, examples, n_trig)

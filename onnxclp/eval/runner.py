@@ -179,6 +179,10 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # No busy-waiting of onnxruntime's intra-op threads between runs: the next batch is prepared on another
+        # thread meanwhile, and spinning threads took the cores it needs (and other jobs' on a shared machine):
+        # measured in bench/evaluate_speed.py, docs/evaluate.md, "Speed".
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         try:
@@ -294,10 +298,14 @@ class Preprocess:
         return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
 
     def to_model(self, x: torch.Tensor) -> np.ndarray:
+        # one new tensor at most (sub), the division in place: the preparation thread shares the cores with
+        # onnxruntime, so every pass over the batch counts (docs/evaluate.md, "Speed")
         if self._mean is not None:
-            x = x - self._mean
-        if self._std is not None:
-            x = x / self._std
+            x = x.sub(self._mean)
+            if self._std is not None:
+                x.div_(self._std)
+        elif self._std is not None:
+            x = x.div(self._std)
         if self.layout == "nhwc":
             x = x.permute(0, 2, 3, 1)
         arr = x.contiguous().numpy()
