@@ -114,7 +114,7 @@ def test_stream_rule_strongest_prunes_the_stream_channel_once() -> None:
     full = onnxclp.scan(m, "clp", streams="all")
     z = {layer.node: (layer.scores[5] - layer.score_mean) / layer.score_std for layer in full.layers if layer.pruned}
     strongest = max(z, key=z.get)
-    out, rep = onnxclp.sanitize(m, "clp")
+    _, rep = onnxclp.sanitize(m, "clp")
     assert {layer.node: layer.pruned for layer in rep.layers if layer.pruned} == {strongest: [5]}
     assert rep.pruned_channels == 1 and rep.coupled[0].kept == strongest
     other = next(layer for layer in rep.layers if layer.node in z and layer.node != strongest)
