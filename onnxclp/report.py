@@ -150,7 +150,10 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(stderr=False)
+    if console is None:  # not a terminal (a CI log): as wide as the content, so no name is cut
+        import sys
+
+        console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 10_000)
     from onnxclp import methods
 
     lpp = methods.get(report.method).rescales  # the method may rescale channels: show that column
