@@ -113,3 +113,28 @@ def test_sanitize_path_does_not_import_torch_or_onnxruntime(suspicious, tmp_path
     assert result == {"exit": 0, "heavy": []}, r.stdout + r.stderr
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["onnxclp.method"] == "clp" and meta["onnxclp.pruned_channels"] == "1"
+
+
+def test_risky_u_needs_force_and_is_reported(suspicious, tmp_path):
+    """Issue 15.3: u below 1 prunes most channels of a layer: refused (exit 2, nothing written) unless --force,
+    and then the report and the terminal say so."""
+    out = tmp_path / "o.onnx"
+    for u in ("0", "-1", "0.5"):
+        r = _cli("sanitize", suspicious, out, "--u", u)
+        assert r.returncode == 2 and "--force" in r.stderr and not out.exists()
+    r = _cli("scan", suspicious, "--u", "0")
+    assert r.returncode == 2 and "--force" in r.stderr
+    r = _cli("sanitize", suspicious, out, "--u", "0.5", "--force", "--report", tmp_path / "r.json")
+    assert r.returncode == 0 and "WARNING" in r.stderr
+    assert any("WARNING" in n for n in json.loads((tmp_path / "r.json").read_text())["notes"])
+
+
+def test_bad_output_paths_are_refused_before_any_work(suspicious, tmp_path):
+    """Issue 15.5: a report in a folder that does not exist is refused first: no model written, exit 2."""
+    out = tmp_path / "o.onnx"
+    r = _cli("sanitize", suspicious, out, "--report", tmp_path / "nodir" / "r.json")
+    assert r.returncode == 2 and "does not exist" in r.stderr and not out.exists()
+    r = _cli("sanitize", suspicious, tmp_path / "nodir" / "o.onnx")
+    assert r.returncode == 2 and not (tmp_path / "nodir").exists()
+    r = _cli("scan", suspicious, "--format", "json", "--output", tmp_path / "nodir" / "s.json")
+    assert r.returncode == 2 and "does not exist" in r.stderr
