@@ -7,7 +7,7 @@
 # Environment: PYTHON (default python), DATA (default ../shared/data/cifar10.npz), THREADS (default 2),
 # EPOCHS (overrides every model's epochs), EXTRA (more arguments for every run), ONLY (e.g. "resnet-sig").
 # Every model trains on all 50,000 CIFAR-10 training images. Measured on 2 CPU cores (train.json has each
-# model's time): about 6-9 minutes for each ResNet-14; see docs/results.md for the others.
+# model's time): about 6-9 minutes for each ResNet-14 on an idle machine; see docs/results.md for the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,10 +15,11 @@ PYTHON=${PYTHON:-python}
 DATA=${DATA:-../shared/data/cifar10.npz}
 THREADS=${THREADS:-2}
 
-train() {
-    local arch=$1 attack=$2 epochs=$3
-    shift 3
-    local name="$arch-$attack" out="zoo/$arch-$attack"
+# run NAME EPOCHS ARGS...: train zoo/NAME with train_backdoored.py ARGS, unless ONLY excludes it or it exists.
+run() {
+    local name=$1 epochs=$2
+    shift 2
+    local out="zoo/$name"
     if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
         return
     fi
@@ -29,8 +30,14 @@ train() {
     mkdir -p "$out"
     echo "=== $name"
     # shellcheck disable=SC2086
-    "$PYTHON" examples/train_backdoored.py --arch "$arch" --attack "$attack" --data "$DATA" \
-        --threads "$THREADS" --epochs "${EPOCHS:-$epochs}" --out "$out" "$@" ${EXTRA:-} 2>&1 | tee "$out/train.log"
+    "$PYTHON" examples/train_backdoored.py "$@" --data "$DATA" --threads "$THREADS" --epochs "${EPOCHS:-$epochs}" \
+        --out "$out" ${EXTRA:-} 2>&1 | tee "$out/train.log"
+}
+
+train() {  # train ARCH ATTACK EPOCHS [ARGS...]
+    local arch=$1 attack=$2 epochs=$3
+    shift 3
+    run "$arch-$attack" "$epochs" --arch "$arch" --attack "$attack" "$@"
 }
 
 for attack in badnets blended sig bpp; do
@@ -47,22 +54,8 @@ train vgg badnets 8
 # Clean models, the null for `scan`'s model-level verdict (docs/detect.md): the same architectures and budgets,
 # no poisoned image (--poison-rate 0; attack.json then records the BadNets trigger, so `evaluate` measures the
 # natural rate at which the trigger flips a clean model's prediction). Several seeds of the ResNet.
-train_clean() {
-    local arch=$1 seed=$2 epochs=$3
-    local name="$arch-clean-s$seed" out="zoo/$arch-clean-s$seed"
-    if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
-        return
-    fi
-    if [[ -f "$out/train.json" && -z "${FORCE:-}" ]]; then
-        echo "skip $name (exists; FORCE=1 rebuilds it)"
-        return
-    fi
-    mkdir -p "$out"
-    echo "=== $name"
-    # shellcheck disable=SC2086
-    "$PYTHON" examples/train_backdoored.py --arch "$arch" --attack badnets --poison-rate 0 --seed "$seed" \
-        --data "$DATA" --threads "$THREADS" --epochs "${EPOCHS:-$epochs}" --out "$out" ${EXTRA:-} 2>&1 \
-        | tee "$out/train.log"
+train_clean() {  # train_clean ARCH SEED EPOCHS
+    run "$1-clean-s$2" "$3" --arch "$1" --attack badnets --poison-rate 0 --seed "$2"
 }
 
 if [[ -z "${NO_CLEAN:-}" ]]; then
