@@ -10,13 +10,11 @@ models is measured in docs/detect.md (bench/detect_roc.py).
 
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from onnxclp.errors import OnnxclpError
+from onnxclp.registry import Registry
 
 if TYPE_CHECKING:
     from onnxclp.pipeline import State
@@ -56,42 +54,19 @@ class Detector:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Detector]] = {}
-_LOADED = False
-
-
-def register(cls: type[Detector]) -> type[Detector]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"detector {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load() -> None:
-    global _LOADED
-    if not _LOADED:
-        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{info.name}")
-        _LOADED = True
-
-
-def names() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
+_REGISTRY: Registry[Detector] = Registry("detector", __name__, __path__)
+register = _REGISTRY.register
+names = _REGISTRY.names
 
 
 def default_names() -> list[str]:
-    _load()
-    return [n for n in sorted(_REGISTRY) if _REGISTRY[n].default]
+    """The detectors ``scan`` runs unless ``--detector`` names others."""
+    return [n for n in names() if _REGISTRY.classes()[n].default]
 
 
 def get(name: str) -> Detector:
-    _load()
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise OnnxclpError(f"unknown detector {name!r}: choose {', '.join(names())}")
-    return cls()
+    """The registered detector ``name``; an unknown name is a usage error."""
+    return _REGISTRY.get(name)
 
 
 def run_detectors(

@@ -8,60 +8,38 @@ in docs/algorithms.md).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
 from onnxclp.errors import OnnxclpError
 from onnxclp.methods.base import NEEDS, Method, Params, ParamSpec
+from onnxclp.registry import Registry
 
 __all__ = ["NEEDS", "Method", "ParamSpec", "Params", "describe", "get", "make_params", "names", "register"]
 
-_REGISTRY: dict[str, type[Method]] = {}
-_LOADED = False
+_REGISTRY: Registry[Method] = Registry("method", __name__, __path__, skip=("base",))
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a method to the registry (its ``name`` must be new)."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} registered twice")
+    """Class decorator: add a method to the registry (its ``name`` must be new, its ``needs`` one of NEEDS)."""
     if cls.needs not in NEEDS:
         raise ValueError(f"method {cls.name!r}: needs {cls.needs!r} is not one of {NEEDS}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls)
 
 
-def _load() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-    _LOADED = True
-
-
-def names() -> list[str]:
-    """Registered method names, in registry order (the seeds first, then by module name)."""
-    _load()
-    return sorted(_REGISTRY, key=lambda n: (getattr(_REGISTRY[n], "order", 100), n))
+names = _REGISTRY.names
 
 
 def get(name: str) -> Method:
     """The registered method ``name``; an unknown name is a usage error listing the choices."""
-    _load()
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise OnnxclpError(f"unknown method {name!r}: choose one of {', '.join(names())}")
-    return cls()
+    return _REGISTRY.get(name)
 
 
 def all_params() -> dict[str, ParamSpec]:
     """Every parameter any method declares, by name (the CLI builds one option per name)."""
     out: dict[str, ParamSpec] = {}
     for n in names():
-        for p in _REGISTRY[n].params:
+        for p in _REGISTRY.classes()[n].params:
             out.setdefault(p.name, p)
     return out
 
@@ -70,7 +48,7 @@ def describe() -> list[dict[str, Any]]:
     """One JSON-ready object per method: name, needs, description, paper, defaults, parameters."""
     out = []
     for n in names():
-        cls = _REGISTRY[n]
+        cls = _REGISTRY.classes()[n]
         out.append(
             {
                 "name": n,
@@ -106,7 +84,7 @@ def make_params(
     given = {k: v for k, v in (values or {}).items() if v is not None}
     foreign = [k for k in given if m.spec(k) is None]
     if foreign:
-        owners = sorted({n for n in names() for p in _REGISTRY[n].params if p.name in foreign})
+        owners = sorted({n for n in names() for p in _REGISTRY.classes()[n].params if p.name in foreign})
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         where = f"--method {' / '.join(owners)} only" if owners else "no method"
         raise OnnxclpError(f"{flags} {'applies' if len(foreign) == 1 else 'apply'} to {where}")

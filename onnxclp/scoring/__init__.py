@@ -9,8 +9,6 @@ The numerics live in :mod:`onnxclp.scores` (pure numpy).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -18,6 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from onnxclp.errors import OnnxclpError
+from onnxclp.registry import Registry
 
 __all__ = ["BatchNormStats", "LayerView", "Score", "get", "names", "register"]
 
@@ -85,36 +84,11 @@ class Score:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Score]] = {}
-_LOADED = False
-
-
-def register(cls: type[Score]) -> type[Score]:
-    """Class decorator: add a score to the registry."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"score {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load() -> None:
-    global _LOADED
-    if not _LOADED:
-        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{info.name}")
-        _LOADED = True
-
-
-def names() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
+_REGISTRY: Registry[Score] = Registry("score", __name__, __path__)
+register = _REGISTRY.register
+names = _REGISTRY.names
 
 
 def get(name: str) -> Score:
     """The registered score ``name``; an unknown name is a usage error."""
-    _load()
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise OnnxclpError(f"unknown score {name!r}: choose {', '.join(names())}")
-    return cls()
+    return _REGISTRY.get(name)
