@@ -144,9 +144,7 @@ def _fmt_p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.3g}"
 
 
-def render_text(
-    results: list[dict[str, Any]], *, quiet: bool = False, verbose: bool = False, terminal: bool = False
-) -> str:
+def render_text(results: list[dict[str, Any]], *, quiet: bool = False, verbose: bool = False) -> str:
     """Plain text, never truncated: one summary line per model, then (unless ``quiet``) its flagged layers with
     full names, one per line."""
     lines = []
@@ -202,11 +200,3 @@ def print_errors(results: list[dict[str, Any]]) -> None:
         if r["verdict"] == "error":
             message = r["error"] if r["path"] in r["error"] else f"{r['path']}: {r['error']}"
             sys.stderr.write(f"error: {_printable(message)}\n")
-
-
-def print_text(results: list[dict[str, Any]], *, quiet: bool = False, verbose: bool = False) -> None:
-    """Text on stdout: plain lines when stdout is not a terminal (CI logs: full names, nothing cut)."""
-    import sys
-
-    sys.stdout.write(render_text(results, quiet=quiet, verbose=verbose, terminal=sys.stdout.isatty()))
-    sys.stdout.flush()

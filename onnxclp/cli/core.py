@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,7 +69,7 @@ OutputOpt = Annotated[
 ]
 
 
-def _print(report: Any, quiet: bool, verbose: bool, method_rescales: bool) -> None:
+def _print(report: Any, quiet: bool, verbose: bool) -> None:
     if quiet:  # plain text: no rich import on the quiet CI path
         t = report.totals()
         typer.echo(
@@ -185,7 +184,7 @@ def sanitize(
             rep.notes.append(f"calibrated on {calibrate}: {', '.join(f'{k}={v:g}' for k, v in values.items())}")
         _write_report(rep, report_format, report)
         if report != "-":
-            _print(rep, quiet, verbose, m.rescales)
+            _print(rep, quiet, verbose)
         for note in rep.notes:
             typer.echo(one_line(note), err=True)
         typer.echo(f"wrote {one_line(', '.join(rep.written))}", err=True)
@@ -281,13 +280,7 @@ def scan(
             sarif = to_sarif(results, tool_version=__version__, base_dir=".")
             write_text(target or "-", json.dumps(sarif, indent=2) + "\n", "SARIF report")
         else:
-            text = scanning.render_text(
-                results, quiet=quiet, verbose=verbose, terminal=target is None and sys.stdout.isatty()
-            )
-            if target is None:
-                scanning.print_text(results, quiet=quiet, verbose=verbose)
-            else:
-                write_text(target, text)
+            write_text(target or "-", scanning.render_text(results, quiet=quiet, verbose=verbose))
         if plot is not None:
             from onnxclp.study.plots import write_score_plots
 

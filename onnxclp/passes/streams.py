@@ -144,17 +144,19 @@ def coupled_prunes(streams: list[Stream], pruned: dict[str, list[int]]) -> list[
 STREAM_RULES = ("strongest", "all")
 
 
-def strongest_only(couplings: list[Coupling], z: dict[str, dict[int, float]]) -> dict[str, list[int]]:
+def strongest_only(couplings: list[Coupling], z: dict[str, dict[int, float]]) -> tuple[list[str], dict[str, list[int]]]:
     """Stream-aware decision (pure): for each channel pruned in several layers of one stream, keep the prune
     only in the layer where that channel's score is the most outlying (largest z-score; ties: first layer).
-    Returns, per layer, the channels whose prune is withdrawn."""
+    Returns the kept layer of each coupling and, per layer, the channels whose prune is withdrawn."""
+    kept: list[str] = []
     withdrawn: dict[str, list[int]] = {}
     for c in couplings:
         keep = max(c.layers, key=lambda key: (z[key][c.channel], -c.layers.index(key)))
+        kept.append(keep)
         for key in c.layers:
             if key != keep:
                 withdrawn.setdefault(key, []).append(c.channel)
-    return withdrawn
+    return kept, withdrawn
 
 
 def run(state: State) -> PassResult:
@@ -182,13 +184,13 @@ def run(state: State) -> PassResult:
             s = d.scored.scores.astype(float)
             std = float(s.std(ddof=1)) if s.size > 1 else 0.0
             z[key] = {k: (float(s[k]) - float(s.mean())) / (std if std > 0 else 1.0) for k in pruned[key]}
-    withdrawn = strongest_only(couplings, z)
+    kept, withdrawn = strongest_only(couplings, z)
     for d in state.decisions:
         gone = withdrawn.get(d.scored.layer.key)
         if gone:
             d.selection.prune = [k for k in d.selection.prune if k not in gone]
             note = f"stream rule 'strongest': channel(s) {sorted(gone)} left to the stream's most outlying layer"
             d.note = f"{d.note}; {note}" if d.note else note
-    for c in state.coupled:
-        c.kept = max(c.layers, key=lambda key: (z[key][c.channel], -c.layers.index(key)))
+    for c, keep in zip(state.coupled, kept, strict=True):
+        c.kept = keep
     return PassResult(len(state.coupled))
