@@ -67,7 +67,7 @@ def run_method(
     state = _state(model_or_path, params, options, base_dir)
     state.notes.extend(notes)
     report = run(state)
-    if not report.layers:
+    if not report.layers and not state.rewrites and not state.added_nodes:
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in report.skipped[:3])
         raise NothingToSanitize(
             "no layer can be scored (no Conv/ConvTranspose/Gemm/MatMul with a constant weight"
@@ -95,6 +95,7 @@ def sanitize(
     force: bool = False,
     context: Mapping[str, Any] | None = None,
     streams: str = "strongest",
+    drop_initializer_inputs: bool = False,
     **method_params: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     """Sanitize a model with a registered method (``onnxclp methods`` lists them; CLP: Zheng et al., ECCV 2022,
@@ -108,9 +109,14 @@ def sanitize(
     method needs (``clean_data``...). Returns the sanitized model and the report. Raises
     :class:`~onnxclp.errors.OnnxclpError` on bad input and :class:`~onnxclp.errors.NothingToSanitize` when no
     layer can be scored. ``inline_functions`` inlines model-local functions first (:mod:`onnxclp.passes.inline`).
+    ``drop_initializer_inputs`` also removes every initializer from the graph inputs (IR version 4 or later; an
+    IR version 3 model is refused: it requires them; :mod:`onnxclp.passes.annotate`).
     """
     params = _params(method, {"u": u, **method_params}, score, include_fc)
-    options = Options(tuple(exclude), fuse_bn, inline_functions, True, force, dict(context or {}), streams)
+    options = Options(
+        tuple(exclude), fuse_bn, inline_functions, True, force, dict(context or {}), streams,
+        drop_initializer_inputs=drop_initializer_inputs,
+    )
     state = run_method(model_or_path, params, options, base_dir)
     assert state.report is not None
     return state.model, state.report
@@ -166,6 +172,7 @@ def sanitize_file(
     inline_functions: bool = False,
     context: Mapping[str, Any] | None = None,
     streams: str = "strongest",
+    drop_initializer_inputs: bool = False,
     **method_params: Any,
 ) -> Report:
     """Sanitize ``src`` and write the result to ``dst`` atomically (``src`` is never modified).
@@ -177,7 +184,10 @@ def sanitize_file(
     check_output(src, dst, force)
     params = _params(method, {"u": u, **method_params}, score, include_fc)
     risky = force if allow_risky is None else allow_risky
-    options = Options(tuple(exclude), fuse_bn, inline_functions, True, risky, dict(context or {}), streams)
+    options = Options(
+        tuple(exclude), fuse_bn, inline_functions, True, risky, dict(context or {}), streams,
+        drop_initializer_inputs=drop_initializer_inputs,
+    )
     state = run_method(Path(src), params, options)
     report = state.report
     assert report is not None

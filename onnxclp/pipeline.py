@@ -40,6 +40,7 @@ class Options:
     force: bool = False
     context: Mapping[str, Any] = field(default_factory=dict)
     streams: str = "strongest"  # residual-stream rule (onnxclp.passes.streams.STREAM_RULES)
+    drop_initializer_inputs: bool = False  # remove initializers from graph.input (IR >= 4; onnxclp.passes.annotate)
 
 
 @dataclass
@@ -73,14 +74,35 @@ class State:
     notes: list[str] = field(default_factory=list)
     report: Report | None = None
     log: list[tuple[str, PassResult, float]] = field(default_factory=list)
+    # methods given clean images (onnxclp.guard): the split, the guard's measurements, and what a repair did
+    clean: Any = None  # onnxclp.passes.guard.CleanSplit
+    guard: Any = None  # onnxclp.guard.GuardResult
+    rewrites: dict[str, Any] = field(default_factory=dict)  # initializer name -> new value (file's dtype)
+    graph_edit: Callable[[State], list[str]] | None = None  # adds nodes (NPD); returns their names
+    added_nodes: list[str] = field(default_factory=list)
+    training: dict[str, Any] | None = None  # a repair's curve and settings, for the report
 
 
 Pass = Callable[[State], PassResult]
 
 
 def passes() -> tuple[Pass, ...]:
-    """The pipeline, in order: inline, fuse_bn, find, exclude, score, decide, streams, prune, report, annotate."""
-    from onnxclp.passes import annotate, decide, exclude, find, fuse_bn, inline, prune, report, score, streams
+    """The pipeline, in order: inline, fuse_bn, find, exclude, score, guard.split, decide, streams, prune, rewrite,
+    guard.check, report, annotate."""
+    from onnxclp.passes import (
+        annotate,
+        decide,
+        exclude,
+        find,
+        fuse_bn,
+        guard,
+        inline,
+        prune,
+        report,
+        rewrite,
+        score,
+        streams,
+    )
 
     return (
         inline.run,
@@ -88,9 +110,12 @@ def passes() -> tuple[Pass, ...]:
         find.run,
         exclude.run,
         score.run,
+        guard.split,
         decide.run,
         streams.run,
         prune.run,
+        rewrite.run,
+        guard.check,
         report.run,
         annotate.run,
     )

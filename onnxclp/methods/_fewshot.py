@@ -40,8 +40,8 @@ def clean_images(state: State) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The clean labelled images of ``state.options.context`` as the model takes them (normalised with
     ``mean``/``std``, in the model's layout and dtype), their labels, and a description for the report.
 
-    ``context``: ``clean_data`` (a path ``onnxclp.eval.data.load_dataset`` reads: .npz with x_test/y_test,
-    CIFAR batch, ImageFolder), ``clean_n`` (default 500; a seeded random subset when the set is larger),
+    ``context``: ``clean_data`` (a path ``onnxclp.eval.data.load_dataset`` reads: .npz with x_test/y_test or
+    the arrays ``x_key``/``y_key``, CIFAR batch, ImageFolder), ``clean_n`` (default 500; a seeded random subset when the set is larger),
     ``mean``, ``std`` (per channel, or None: images in [0, 1] as they are).
     """
     import torch
@@ -58,7 +58,7 @@ def clean_images(state: State) -> tuple[torch.Tensor, torch.Tensor, str]:
     if n < 1:
         raise OnnxclpError(f"--clean-n must be >= 1, got {n}")
     layout, channels, hw = input_layout(state)
-    data = load_dataset(path, channels=channels, size=hw)
+    data = load_dataset(path, ctx.get("x_key"), ctx.get("y_key"), channels=channels, size=hw)
     if len(data) == 0:
         raise OnnxclpError(f"{path}: no images")
     idx = np.arange(len(data))

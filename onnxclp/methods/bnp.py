@@ -76,7 +76,10 @@ class BNP(Method):
             if layer not in with_bn:
                 reason = "no BatchNormalization after it: BNP has no running statistics to compare with"
                 state.skipped.append(SkippedLayer(layer.key, layer.op, reason, layer.weight.tensor.name))
-        images, _, what = clean_images(state)
+        if state.clean is not None:  # the guard's split: BNP reads the fit part only
+            images, what = state.clean.x_fit, f"{len(state.clean.fit)} clean images (fit part) of {state.clean.what}"
+        else:
+            images, _, what = clean_images(state)
         tensors = [layer.affine.nodes[0].input[0] for layer in with_bn]  # type: ignore[union-attr]
         batches = (images[i : i + BATCH] for i in range(0, len(images), BATCH))
         moments = preactivation_moments(state.model, state.store, tensors, batches, channel_axis=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from onnxclp import __version__
 from onnxclp.passes.decide import Decision
 from onnxclp.pipeline import PassResult, State
-from onnxclp.report import LayerReport, Report
+from onnxclp.report import LayerReport, Report, unique_notes
 
 
 def layer_report(d: Decision) -> LayerReport:
@@ -49,6 +49,10 @@ def run(state: State) -> PassResult:
     report.coupled = list(state.coupled)
     report.copied_tensors = list(state.copied_tensors)
     report.inlined_functions = list(state.inlined_functions)
-    report.notes = list(state.notes)
+    report.notes = unique_notes(state.notes)  # a note repeated n times: once, with (×n)
+    report.guard = None if state.guard is None else state.guard.to_dict()
+    report.rewritten = list((state.training or {}).get("rewritten", []))
+    report.added_nodes = list(state.added_nodes)
+    report.training = None if state.training is None else {k: v for k, v in state.training.items() if k != "rewritten"}
     state.report = report
     return PassResult(len(report.layers))

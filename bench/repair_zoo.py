@@ -1,0 +1,171 @@
+"""Every method x zoo model with a few clean images: ACC / ASR on held-out test images, the guard's validation
+accuracy, and the time (issue 18's results; writes docs/results-repair.md and docs/results-repair.json).
+
+Data (CIFAR-10 test split, seeded permutation ``perm`` of its 10,000 images): the clean images a user holds are
+``perm[:n]`` (n = 500 or 2,500 by ``--clean-n``); ACC / ASR are measured on ``perm[5000:5000 + --eval-n]``,
+images no method sees. Each method runs at its defaults through ``onnxclp.api.sanitize_file`` with the model's
+normalisation from attack.json and the accuracy guard's defaults (20 % of the clean images held out, budget 3
+points); a refusal (the guard's exit 5, BNP on a BN-folded graph...) is a row with its reason. BNP reads the
+BN-kept export (model.bn.onnx), every other method the TorchScript export with BatchNorm folded (model.onnx).
+
+Results accumulate in the JSON (``--json``; a (model, method, n) already there is skipped unless ``--force``), so
+the bench can run in pieces while models train: ``nice -n 5 python bench/repair_zoo.py --methods ft fst``.
+The markdown is regenerated from the whole JSON each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["ft", "fst", "ft-sam", "i-bau", "npd", "anp", "bnp", "clp", "lpp"]
+
+
+def subsets(cifar: Path, folder: Path, n_clean: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
+    import numpy as np
+
+    with np.load(cifar, allow_pickle=False) as d:
+        x, y = d["x_test"], d["y_test"]
+    perm = np.random.default_rng(seed).permutation(len(y))
+    clean, ev = perm[:n_clean], perm[5000 : 5000 + n_eval]
+    cp, ep = folder / f"clean{n_clean}.npz", folder / f"eval{n_eval}.npz"
+    np.savez(cp, x_test=x[clean], y_test=y[clean])
+    np.savez(ep, x_test=x[ev], y_test=y[ev])
+    return cp, ep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", type=Path, default=ROOT / "zoo")
+    ap.add_argument("--cifar", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10.npz")
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--models", nargs="*", default=None, help="zoo folder names (default: every backdoored one)")
+    ap.add_argument("--clean-n", type=int, nargs="+", default=[500])
+    ap.add_argument("--eval-n", type=int, default=3000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results-repair.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results-repair.md")
+    ap.add_argument("--force", action="store_true", help="re-measure entries already in the JSON")
+    args = ap.parse_args()
+    import torch
+
+    from onnxclp.api import sanitize_file
+    from onnxclp.errors import OnnxclpError
+    from onnxclp.eval.api import evaluate
+
+    torch.set_num_threads(args.threads)
+    results = json.loads(args.json.read_text()) if args.json.is_file() else {"runs": []}
+    done = {(r["model"], r["method"], r["clean_n"]) for r in results["runs"]}
+    models = sorted(p.parent for p in args.zoo.glob("*/model.onnx") if (p.parent / "attack.json").is_file())
+    models = [m for m in models if "clean" not in m.name]
+    if args.models:
+        models = [m for m in models if m.name in args.models]
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.clean_n:
+            clean, ev = subsets(args.cifar, Path(tmp), n, args.eval_n)
+
+            def measure(path: Path, cfg: Path, ev: Path = ev) -> tuple[float, float]:
+                r = evaluate(path, ev, attack_config=cfg, threads=args.threads)
+                return 100 * r.metrics.acc, 100 * r.metrics.asr
+
+            for folder in models:
+                cfg = folder / "attack.json"
+                norm = json.loads(cfg.read_text()).get("normalize") or {}
+                base = next((r for r in results["runs"] if r["model"] == folder.name and r["method"] == "none"), None)
+                if base is None:
+                    acc, asr = measure(folder / "model.onnx", cfg)
+                    train = json.loads((folder / "train.json").read_text()) if (folder / "train.json").is_file() else {}
+                    base = {"model": folder.name, "method": "none", "clean_n": 0, "acc": acc, "asr": asr,
+                            "epochs": train.get("epochs")}  # fmt: skip
+                    results["runs"].append(base)
+                    print(folder.name, "input", f"{acc:.2f} / {asr:.2f}", flush=True)
+                for method in args.methods:
+                    if (folder.name, method, n) in done and not args.force:
+                        continue
+                    src = folder / ("model.bn.onnx" if method == "bnp" else "model.onnx")
+                    out = Path(tmp) / f"{folder.name}-{method}.onnx"
+                    ctx = {"clean_data": clean, "clean_n": n, "mean": norm.get("mean"), "std": norm.get("std"),
+                           "quiet": True}  # fmt: skip
+                    row = {"model": folder.name, "method": method, "clean_n": n}
+                    t0 = time.perf_counter()
+                    try:
+                        rep = sanitize_file(src, out, method, context=ctx)
+                    except OnnxclpError as exc:
+                        row.update(refused=exc.message, exit=exc.exit_code, seconds=time.perf_counter() - t0)
+                    else:
+                        row["seconds"] = time.perf_counter() - t0
+                        row["acc"], row["asr"] = measure(out, cfg)
+                        g = rep.guard or {}
+                        row.update(val_before=g.get("acc_before"), val_after=g.get("acc_after"),
+                                   pruned=rep.totals()["pruned_channels"], rewritten=len(rep.rewritten),
+                                   added=len(rep.added_nodes))  # fmt: skip
+                    print(json.dumps(row), flush=True)
+                    results["runs"] = [r for r in results["runs"]
+                                       if (r["model"], r["method"], r["clean_n"]) != (folder.name, method, n)]  # fmt: skip
+                    results["runs"].append(row)
+                    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+                    args.json.write_text(json.dumps(results, indent=2) + "\n")
+                    write_markdown(results, args.out)
+    write_markdown(results, args.out)
+
+
+def write_markdown(results: dict, out: Path) -> None:
+    """docs/results-repair.md from the JSON: per clean-set size, a table of models x methods and the averages."""
+    runs = results["runs"]
+    base = {r["model"]: r for r in runs if r["method"] == "none"}
+    sizes = sorted({r["clean_n"] for r in runs if r["method"] != "none"})
+    parts = []
+    for n in sizes:
+        rows = [r for r in runs if r["clean_n"] == n]
+        methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+        models = sorted({r["model"] for r in rows})
+        head = "| model | input ACC / ASR | " + " | ".join(methods) + " |"
+        lines = [head, "|---|---|" + "---|" * len(methods)]
+        for model in models:
+            b = base.get(model, {})
+            cells = [model, f"{b.get('acc', float('nan')):.1f} / {b.get('asr', float('nan')):.1f}"]
+            for m in methods:
+                r = next((r for r in rows if r["model"] == model and r["method"] == m), None)
+                if r is None:
+                    cells.append("")
+                elif "refused" in r:
+                    cells.append(f"refused (exit {r['exit']}, {r['seconds']:.0f} s)")
+                else:
+                    cells.append(f"{r['acc']:.1f} / {r['asr']:.1f} ({r['seconds']:.0f} s)")
+            lines.append("| " + " | ".join(cells) + " |")
+        avg = ["| average ACC drop / ASR (models measured) | |"]
+        for m in methods:
+            ok = [r for r in rows if r["method"] == m and "acc" in r and r["model"] in base]
+            refused = sum(1 for r in rows if r["method"] == m and "refused" in r)
+            if ok:
+                drop = sum(base[r["model"]]["acc"] - r["acc"] for r in ok) / len(ok)
+                asr = sum(r["asr"] for r in ok) / len(ok)
+                worst = max(r["asr"] for r in ok)
+                avg.append(f" {drop:.1f} pt / {asr:.1f} % (max {worst:.1f} %; {len(ok)} written, {refused} refused) |")
+            else:
+                avg.append(f" - ({refused} refused) |")
+        lines.append("".join(avg))
+        parts.append(f"## {n} clean images\n\n" + "\n".join(lines))
+    text = f"""# Repairs on the zoo with a few clean images
+
+Generated by `bench/repair_zoo.py` from `docs/results-repair.json` ({results.get("machine", "")}; the 2-core
+machine, shared with zoo training and other work while it ran: times are wall seconds under that load). Cells:
+ACC / ASR (%) on 3,000 CIFAR-10 test images no method saw (attack applied by `onnxclp evaluate`), and the time of
+`sanitize_file` (load to save, the guard's measurements included). Every method at its defaults with the guard's
+defaults (20 % of the clean images held out for validation, budget 3 points): a refused result is not written,
+which is what a user gets. BNP reads the BN-kept export, the others the BN-folded one.
+
+<!-- BEGIN generated -->
+{chr(10).join(parts)}
+<!-- END generated -->
+"""
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""Fine-tuning repairs on a few clean images, trained through :mod:`onnxclp.bridge` and written back as
+initializer values (docs/algorithms.md, "Fine-tuning repairs").
+
+One loop serves every repair (:func:`train`): the method supplies a loss (:class:`Objective`) and may change the
+module before training (FST re-initialises the classifier, NPD adds a layer). Around it:
+
+- **BatchNorm re-inserted** (:func:`insert_batchnorm`, :func:`fold_batchnorm`): exporters fold BatchNorm into the
+  convolutions, and a folded graph trained with SGD diverges at the learning rates fine-tuning defences use
+  (issue 18's probe: lr 0.01 diverged within ten steps on a folded ResNet). Before training, a BatchNorm is put
+  after every convolution that has a bias initializer and no BatchNormalization reading it: running statistics
+  measured on the clean images, scale ``sqrt(var + eps)`` and shift ``mean`` (so it is the identity in eval mode).
+  It trains in train mode (batch statistics) and is folded back before writing: ``W' = s W``, ``b' = s (b - mu)
+  + beta`` with ``s = gamma / sqrt(var + eps)``; the written graph has exactly the input's operators.
+- **Distillation from the input model** (``distill`` > 0): the input model, frozen, is the teacher on the same
+  augmented clean batch; the student adds ``distill * T^2 * KL(teacher_T || student_T)`` (Hinton et al., 2015).
+  The teacher carries the backdoor, but on clean images its outputs are clean: they hold the student near the
+  input's clean behaviour while the method's own term removes the backdoor.
+- **Checkpoints chosen by the guard**: after every epoch the BatchNorm statistics are re-estimated on the fit
+  images and the validation accuracy measured; the latest epoch within ``--max-acc-drop`` of the input is kept
+  (the strongest setting within budget: training further is the stronger repair). Without any epoch within
+  budget the last epoch is kept and the guard's final check refuses it.
+- **Augmentation**: random crops (padding an eighth of the side) and horizontal flips of the clean images.
+
+Nothing is written here: :func:`finish` returns the new value of every initializer that changed, for the
+pipeline's ``rewrite`` pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onnxclp.errors import OnnxclpError
+
+if TYPE_CHECKING:
+    from onnxclp.bridge import OnnxModule
+    from onnxclp.passes.guard import CleanSplit
+    from onnxclp.pipeline import State
+
+BN_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# progress
+
+
+class Progress:
+    """Progress on stderr: per-epoch lines overwrite each other on a terminal; off a terminal one line per stage
+    (its end); nothing when ``quiet``."""
+
+    def __init__(self, name: str, quiet: bool = False, stream: Any = None) -> None:
+        self.name = name
+        self.quiet = quiet
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._open = False
+
+    def step(self, text: str) -> None:
+        """An update within a stage (shown on a terminal only)."""
+        if self.quiet or not self.tty:
+            return
+        self.stream.write(f"\r\x1b[K{self.name}: {text}")
+        self.stream.flush()
+        self._open = True
+
+    def done(self, text: str) -> None:
+        """The end of a stage: one line everywhere (but with ``quiet``)."""
+        if self.quiet:
+            return
+        if self._open:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(f"{self.name}: {text}\n")
+        self.stream.flush()
+        self._open = False
+
+
+def progress_for(state: State) -> Progress:
+    ctx = state.options.context
+    return Progress(state.params.method, bool(ctx.get("quiet")), ctx.get("progress_stream"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BatchNorm re-insertion
+
+
+class InsertedBatchNorm(nn.Module):
+    """A BatchNorm put after a BN-folded convolution for training; the identity in eval mode when inserted."""
+
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, eps: float = BN_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.sqrt(var + eps).clone())
+        self.bias = nn.Parameter(mean.clone())
+        self.register_buffer("running_mean", mean.clone())
+        self.register_buffer("running_var", var.clone())
+        self.momentum: float | None = 0.1
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum if self.momentum is not None else 0.0, self.eps)  # fmt: skip
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, t) with ``eval(y) = s * y + t`` per channel."""
+        s = self.weight / torch.sqrt(self.running_var + self.eps)
+        return s, self.bias - self.running_mean * s
+
+
+class _Moments(nn.Module):
+    """A tap that accumulates per-channel sums of what passes through it, and returns it unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+        self.s: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        dims = [d for d in range(y.ndim) if d != 1]
+        v = y.detach().double()
+        s, s2 = v.sum(dims), (v * v).sum(dims)
+        self.s = s if self.s is None else self.s + s
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.n += y.numel() // y.shape[1]
+        return y
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.s is not None and self.s2 is not None and self.n > 0
+        mean = self.s / self.n
+        var = (self.s2 / self.n - mean * mean).clamp_min(0.0)
+        return mean.float(), var.float()
+
+
+@dataclass
+class Inserted:
+    """One re-inserted BatchNorm: the convolution's output tensor, weight and bias initializers."""
+
+    output: str
+    weight: str
+    bias: str
+    bn: InsertedBatchNorm
+
+
+def foldable_convs(module: OnnxModule) -> list[tuple[str, str, str]]:
+    """(output, weight, bias) of every Conv with weight and bias initializers whose output no BatchNormalization
+    reads (where BN was kept, the graph's own BatchNormalization trains its scale and shift instead)."""
+    bn_inputs = {ins[0] for op, ins, _, _ in module._plan if op == "BatchNormalization" and ins}
+    out = []
+    for output, weight, bias in module.conv_outputs():
+        if bias is None or output in bn_inputs:
+            continue
+        if weight in module._param_key and bias in module._param_key:
+            out.append((output, weight, bias))
+    return out
+
+
+@torch.no_grad()
+def insert_batchnorm(module: OnnxModule, x: torch.Tensor, batch: int = 128) -> list[Inserted]:
+    """Put an :class:`InsertedBatchNorm` after every foldable convolution, its statistics measured on ``x``."""
+    convs = foldable_convs(module)
+    if not convs:
+        return []
+    taps = {out: _Moments() for out, _, _ in convs}
+    for out, tap in taps.items():
+        module.set_tap(out, tap)
+    was = module.training
+    module.eval()
+    try:
+        for i in range(0, len(x), batch):
+            module(x[i : i + batch])
+    finally:
+        for out in taps:
+            module.remove_tap(out)
+        module.train(was)
+    inserted = []
+    for out, weight, bias in convs:
+        mean, var = taps[out].moments()
+        bn = InsertedBatchNorm(mean.to(x.device), var.to(x.device))
+        module.set_tap(out, bn)
+        inserted.append(Inserted(out, weight, bias, bn))
+    return inserted
+
+
+@torch.no_grad()
+def fold_batchnorm(module: OnnxModule, inserted: list[Inserted]) -> None:
+    """Fold every inserted BatchNorm (eval mode) into its convolution's weight and bias; remove the taps."""
+    for item in inserted:
+        s, t = item.bn.folded()
+        w = module.param_for(item.weight)
+        b = module.param_for(item.bias)
+        w.mul_(s.to(w.dtype).reshape(-1, *([1] * (w.ndim - 1))))
+        b.copy_((b * s + t).to(b.dtype))
+        module.remove_tap(item.output)
+
+
+@torch.no_grad()
+def recompute_bn_stats(module: OnnxModule, inserted: list[Inserted], x: torch.Tensor, batch: int) -> None:
+    """Re-estimate the inserted BatchNorms' running statistics on ``x`` (cumulative average of batch statistics,
+    each layer seeing the ones before it in train mode)."""
+    if not inserted:
+        return
+    for item in inserted:
+        item.bn.running_mean.zero_()
+        item.bn.running_var.fill_(1.0)
+    was = module.training
+    module.train()
+    # cumulative moving average: momentum 1/k for the k-th batch
+    for k, i in enumerate(range(0, len(x), batch), start=1):
+        for item in inserted:
+            item.bn.momentum = 1.0 / k
+        module(x[i : i + batch])
+    for item in inserted:
+        item.bn.momentum = 0.1
+    module.train(was)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def logits_of(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The first output as (batch, classes) scores (a 1x1-conv classifier's N x K x 1 x 1 flattened)."""
+    y = out[0] if isinstance(out, tuple) else out
+    if y.ndim > 2:
+        y = y.reshape(y.shape[0], -1)
+    return y
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, nhwc: bool = False) -> torch.Tensor:
+    """Random crops (zero padding of an eighth of the side, in the model's normalised space: the mean colour)
+    and horizontal flips, per image."""
+    if nhwc:
+        x = x.permute(0, 3, 1, 2)
+    n, _, h, w = x.shape
+    ph, pw = max(1, h // 8), max(1, w // 8)
+    padded = F.pad(x, (pw, pw, ph, ph))
+    dy = torch.randint(0, 2 * ph + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pw + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, int(dy[i]) : int(dy[i]) + h, int(dx[i]) : int(dx[i]) + w]
+        out[i] = crop.flip(-1) if bool(flip[i]) else crop
+    return out.permute(0, 2, 3, 1) if nhwc else out
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
+                    log_target=True) * (t * t)  # fmt: skip
+
+
+@dataclass
+class Settings:
+    """Training settings of a repair (the method's parameters)."""
+
+    epochs: int = 20
+    lr: float = 0.01
+    batch: int = 32
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    distill: float = 1.0
+    temperature: float = 2.0
+    augment: bool = True
+    reinsert_bn: bool = True
+    seed: int = 0
+
+
+class Objective:
+    """A repair's loss. ``loss`` gets the student's scores on the (augmented) batch, the batch itself, its labels
+    and the teacher's scores (None without distillation); ``prepare`` may change the module before training
+    (the trainable parameters are those it returns); ``after_step`` runs after each optimiser step."""
+
+    name = "ft"
+
+    def prepare(self, module: OnnxModule, state: State) -> list[nn.Parameter]:
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def loss(self, module: OnnxModule, x: torch.Tensor, y: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(scores, y)
+
+    def after_step(self, module: OnnxModule) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class Outcome:
+    """What :func:`train` did: the curve, the chosen epoch, the re-inserted BatchNorms."""
+
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    chosen_epoch: int | None = None
+    inserted: int = 0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def val_right(module: OnnxModule, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """Per validation image, whether ``module`` (eval mode) classifies it right."""
+    was = module.training
+    module.eval()
+    preds = [logits_of(module(x[i : i + batch])).argmax(1) for i in range(0, len(x), batch)]
+    module.train(was)
+    return (torch.cat(preds) == y).cpu().numpy()
+
+
+def device_for(state: State) -> torch.device:
+    want = str(state.options.context.get("device") or "auto")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise OnnxclpError("--device cuda: torch sees no CUDA device")
+    return torch.device("cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def train(state: State, objective: Objective, settings: Settings,
+          module: OnnxModule | None = None) -> tuple[OnnxModule, Outcome]:  # fmt: skip
+    """Train the bridged model of ``state`` on the guard's fit images with ``objective``; returns the module with
+    the chosen checkpoint loaded and BatchNorm folded back, and the outcome (see the module docstring)."""
+    from onnxclp.bridge import to_torch
+    from onnxclp.guard import paired_drop
+
+    clean: CleanSplit | None = state.clean
+    if clean is None:
+        raise OnnxclpError(f"--method {state.params.method} needs clean labelled images: give --clean-data")
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    dev = device_for(state)
+    if module is None:
+        module = to_torch(state.model, store=state.store)
+    module.to(dev)
+    x_fit, y_fit = clean.x_fit.to(dev), clean.y_fit.to(dev)
+    x_val, y_val = clean.x_val.to(dev), clean.y_val.to(dev)
+    nhwc = x_fit.ndim == 4 and x_fit.shape[1] not in (1, 3) and x_fit.shape[-1] in (1, 3)
+    teacher = None
+    if settings.distill > 0:
+        teacher = copy.deepcopy(module).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    inserted = insert_batchnorm(module, x_fit) if settings.reinsert_bn else []
+    params = objective.prepare(module, state)
+    opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    steps = max(1, math.ceil(len(x_fit) / settings.batch)) * settings.epochs
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    right_before = clean.right_before
+    if right_before is None:  # the pipeline measures the input with onnxruntime; the bridge when run alone
+        right_before = val_right(teacher if teacher is not None else module, x_val, y_val)
+    budget = state.guard.budget if state.guard is not None else 3.0
+    outcome = Outcome(inserted=len(inserted))
+    progress = progress_for(state)
+    kept: dict[str, torch.Tensor] | None = None
+    for epoch in range(1, settings.epochs + 1):
+        module.train()
+        perm = torch.randperm(len(x_fit), generator=gen)
+        total, count = 0.0, 0
+        for i in range(0, len(perm), settings.batch):
+            idx = perm[i : i + settings.batch].to(dev)
+            xb, yb = x_fit[idx], y_fit[idx]
+            if settings.augment:
+                xb = augment(xb, gen, nhwc)
+            scores = logits_of(module(xb))
+            loss = objective.loss(module, xb, yb, scores)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_scores = logits_of(teacher(xb))
+                loss = loss + settings.distill * kd_loss(scores, t_scores, settings.temperature)
+            if not torch.isfinite(loss):
+                raise OnnxclpError(
+                    f"--method {state.params.method}: the training loss became {loss.item()} at epoch {epoch}; "
+                    "try a smaller --lr", 3
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            objective.after_step(module)
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        recompute_bn_stats(module, inserted, x_fit, 128)
+        right = val_right(module, x_val, y_val)
+        d = paired_drop(right_before, right)
+        within = d.drop <= budget + 1e-9
+        if within or kept is None:
+            kept = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            if within:
+                outcome.chosen_epoch = epoch
+        elapsed = time.perf_counter() - start
+        left = elapsed / epoch * (settings.epochs - epoch)
+        outcome.curve.append({"epoch": epoch, "loss": total / max(count, 1), "val_acc": d.acc_after,
+                              "drop": d.drop, "within": within, "seconds": elapsed})  # fmt: skip
+        progress.step(f"epoch {epoch}/{settings.epochs} loss {total / max(count, 1):.3f} val "
+                      f"{100 * d.acc_after:.1f}% (input {100 * d.acc_before:.1f}%) {elapsed:.0f} s, ~{left:.0f} s left")  # fmt: skip
+    assert kept is not None
+    module.load_state_dict(kept)
+    fold_batchnorm(module, inserted)
+    module.eval()
+    outcome.seconds = time.perf_counter() - start
+    last = outcome.curve[-1]
+    chosen = outcome.chosen_epoch
+    progress.done(
+        f"{settings.epochs} epochs on {len(x_fit)} images in {outcome.seconds:.0f} s; kept epoch "
+        + (f"{chosen} (val {100 * outcome.curve[chosen - 1]['val_acc']:.1f}%)" if chosen else
+           f"{len(outcome.curve)} (none within budget; last val {100 * last['val_acc']:.1f}%)")  # fmt: skip
+    )
+    return module, outcome
+
+
+def finish(state: State, module: OnnxModule, outcome: Outcome, settings: Settings, objective: Objective,
+           original: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
+    """Record the changed initializers in ``state.rewrites`` and the training in ``state.training``."""
+    from onnxclp.passes.rewrite import relative_change
+
+    module.to("cpu")
+    new = module.state_to_onnx()
+    if original is None:
+        assert state.index is not None
+        original = {name: state.store.read(state.index.initializers[name]) for name in new}
+    rewritten = []
+    for name, value in new.items():
+        old = original[name]
+        if old.shape == value.shape and np.array_equal(old, value):
+            continue
+        state.rewrites[name] = value
+        rewritten.append({"name": name, "relative_change": relative_change(old, value)})
+    rewritten.sort(key=lambda r: -1.0 if r["relative_change"] is None else -r["relative_change"])
+    state.training = {
+        "settings": {**settings.__dict__, **objective.describe()},
+        "curve": outcome.curve,
+        "chosen_epoch": outcome.chosen_epoch,
+        "reinserted_batchnorms": outcome.inserted,
+        "seconds": outcome.seconds,
+        "fit_images": len(state.clean.fit) if state.clean is not None else 0,
+        "rewritten": rewritten,
+        "largest_relative_change": max((r["relative_change"] or 0.0 for r in rewritten), default=0.0),
+    }
+    if state.guard is not None:
+        state.guard.selected_on_validation = True  # the epoch was chosen on the validation images
+    state.notes.append(
+        f"{state.params.method}: {len(rewritten)} initializers rewritten (largest relative change "
+        f"{state.training['largest_relative_change']:.3g}); the graph's nodes are unchanged"
+        if not state.added_nodes and state.graph_edit is None
+        else f"{state.params.method}: {len(rewritten)} initializers rewritten"
+    )
+

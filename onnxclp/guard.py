@@ -1,0 +1,209 @@
+"""The accuracy guard: a method given clean images never hands back a model it can measure as broken.
+
+The clean labelled images the user gives (``--clean-data``) are split once, seeded, into the part a method may
+use (to fit masks, fine-tune, invert triggers) and a **validation part it never sees** (``--val-fraction``,
+default 20 %, at least :data:`MIN_VAL` images). The input model's and the result's clean accuracy are measured
+on the validation part with onnxruntime; a result that loses more than ``--max-acc-drop`` points is not written
+(exit :data:`~onnxclp.errors.EXIT_REFUSED`) unless ``--force``.
+
+How sure the guard is. Both models classify the *same* validation images, so the drop is a paired difference:
+with ``d_i = [input right on i] - [result right on i]``, the drop is ``mean(d)`` and its standard error
+``sd(d) / sqrt(n)`` (only the images whose correctness changed contribute: a repair that changes few
+predictions is measured tightly even on 100 images, one that changes many is not). The rule, written down before
+any measurement:
+
+- **refused** when the measured drop exceeds the budget (the model is measured as broken);
+- **accepted** otherwise; the report gives the drop's two-sided 95 % interval and the probability (normal
+  approximation) that the true drop is within the budget. When the interval's upper end passes the budget, the
+  report and the terminal say so and suggest more clean images (``--clean-n``) or a smaller validation error.
+
+A method with a strength knob (checkpoints of a fine-tuning run, the number of pruned neurons) chooses it with
+:func:`choose_strongest`: the strongest candidate whose measured drop on the validation part stays within the
+budget, walking from the weakest up and stopping at the first one over budget (accuracy is not monotone in the
+strength on a few hundred images: a lucky strong candidate beyond a failing one is not taken). The final check
+then measures on the same validation images, which the method did not train on but which chose among its
+candidates: the report says so (``selected_on_validation``).
+
+Nothing here is imported by the weight-only sanitize path unless clean images are given: onnxruntime and torch
+are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnxclp.errors import EXIT_REFUSED, OnnxclpError
+
+__all__ = [
+    "DEFAULT_MAX_ACC_DROP",
+    "DEFAULT_VAL_FRACTION",
+    "MIN_VAL",
+    "GuardResult",
+    "Refused",
+    "choose_strongest",
+    "paired_drop",
+    "split_indices",
+]
+
+DEFAULT_VAL_FRACTION = 0.2
+DEFAULT_MAX_ACC_DROP = 3.0  # points of clean accuracy
+MIN_VAL = 100  # validation images at least (about +-4 points of accuracy at 80 %: 1.96 * sqrt(.8 * .2 / 100))
+MIN_FIT = 20  # images left for the method to use at least
+SPLIT_SEED = 0
+
+
+class Refused(OnnxclpError):
+    """The result lost more clean accuracy than the budget allows on the validation part: not written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_REFUSED)
+
+
+def split_indices(n: int, val_fraction: float = DEFAULT_VAL_FRACTION, min_val: int = MIN_VAL,
+                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(fit, validation) indices of ``n`` images: a seeded permutation, ``max(min_val, round(val_fraction * n))``
+    images for validation, the rest for the method. Raises :class:`OnnxclpError` when fewer than
+    ``min_val + MIN_FIT`` images are given or the fraction is outside (0, 1)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise OnnxclpError(f"--val-fraction must be between 0 and 1, got {val_fraction:g}")
+    n_val = max(min_val, round(val_fraction * n))
+    if n - n_val < MIN_FIT:
+        raise OnnxclpError(
+            f"{n} clean images are too few: the guard keeps {n_val} apart for validation (--val-fraction "
+            f"{val_fraction:g}, at least {min_val}) and a method needs at least {MIN_FIT} more; give more "
+            "images (--clean-n) or a smaller --val-fraction"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@dataclass
+class Drop:
+    """A paired accuracy drop in points: the estimate, its standard error and the 95 % interval."""
+
+    acc_before: float  # fraction
+    acc_after: float  # fraction
+    drop: float  # points
+    se: float  # points
+    n: int
+    changed: int  # images whose correctness changed
+
+    @property
+    def low(self) -> float:
+        return self.drop - 1.96 * self.se
+
+    @property
+    def high(self) -> float:
+        return self.drop + 1.96 * self.se
+
+    def p_within(self, budget: float) -> float:
+        """P(true drop <= budget) under the normal approximation (1 or 0 when nothing changed)."""
+        if self.se <= 0:
+            return 1.0 if self.drop <= budget + 1e-9 else 0.0
+        return 0.5 * (1.0 + math.erf((budget - self.drop) / (self.se * math.sqrt(2.0))))
+
+
+def paired_drop(right_before: np.ndarray, right_after: np.ndarray) -> Drop:
+    """The drop of accuracy from ``right_before`` to ``right_after`` (boolean per image, same images)."""
+    a = np.asarray(right_before, dtype=np.float64)
+    b = np.asarray(right_after, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError("paired_drop needs two boolean vectors of the same non-zero length")
+    d = a - b
+    n = d.size
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return Drop(float(a.mean()), float(b.mean()), 100.0 * float(d.mean()), 100.0 * se, n, int(np.count_nonzero(d)))
+
+
+def choose_strongest(candidates: Sequence[Any], measure: Callable[[Any], np.ndarray], right_before: np.ndarray,
+                     budget: float) -> tuple[int | None, list[dict[str, Any]]]:  # fmt: skip
+    """Index of the strongest candidate within ``budget`` (candidates ordered weakest first), and the trials.
+
+    ``measure(candidate)`` returns the boolean correctness per validation image. The walk stops at the first
+    candidate over budget; None when even the weakest is over.
+    """
+    chosen: int | None = None
+    trials: list[dict[str, Any]] = []
+    for i, c in enumerate(candidates):
+        d = paired_drop(right_before, measure(c))
+        within = d.drop <= budget + 1e-9
+        trials.append({"candidate": c, "acc": d.acc_after, "drop": d.drop, "within": within})
+        if not within:
+            break
+        chosen = i
+    return chosen, trials
+
+
+@dataclass
+class GuardResult:
+    """What the guard measured and decided (the report's ``guard`` entry)."""
+
+    n_fit: int
+    n_val: int
+    val_fraction: float
+    budget: float
+    acc_before: float
+    acc_after: float | None = None
+    drop: float | None = None
+    se: float | None = None
+    ci95: tuple[float, float] | None = None
+    p_within: float | None = None
+    changed_predictions: float | None = None  # share of validation images whose predicted class changed
+    accepted: bool | None = None
+    forced: bool = False
+    selected_on_validation: bool = False
+    metric: str = "clean accuracy"  # "agreement with the input model" on synthesized images
+    data: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        if self.acc_after is None or self.drop is None:
+            return f"guard: {self.metric} of the input {100 * self.acc_before:.1f}% on {self.n_val} validation images"
+        assert self.ci95 is not None and self.p_within is not None
+        verdict = "accepted" if self.accepted else ("FORCED over budget" if self.forced else "refused")
+        return (
+            f"guard: {self.metric} {100 * self.acc_before:.1f}% -> {100 * self.acc_after:.1f}% on {self.n_val} "
+            f"validation images the method never used: drop {self.drop:.1f} pt (95% CI {self.ci95[0]:.1f} to "
+            f"{self.ci95[1]:.1f}; P(within {self.budget:g} pt) {100 * self.p_within:.0f}%): {verdict}"
+        )
+
+
+def decide(result: GuardResult, drop: Drop, changed: float, force: bool) -> GuardResult:
+    """Fill ``result`` from the measured ``drop`` and apply the rule of the module docstring (raises
+    :class:`Refused` over budget unless ``force``)."""
+    result.acc_after = drop.acc_after
+    result.drop = drop.drop
+    result.se = drop.se
+    result.ci95 = (drop.low, drop.high)
+    result.p_within = drop.p_within(result.budget)
+    result.changed_predictions = changed
+    over = drop.drop > result.budget + 1e-9
+    result.accepted = not over
+    if over and force:
+        result.forced = True
+        result.notes.append(
+            f"WARNING: --force wrote a result that lost {drop.drop:.1f} points on the validation part "
+            f"(budget {result.budget:g})"
+        )
+    elif over:
+        raise Refused(
+            f"refused: the result lost {drop.drop:.1f} points of {result.metric} on {result.n_val} validation images "
+            f"({100 * drop.acc_before:.1f}% -> {100 * drop.acc_after:.1f}%; budget --max-acc-drop "
+            f"{result.budget:g}); nothing written. Try a gentler setting, more clean images (--clean-n), another "
+            "--method, or --force to write it anyway"
+        )
+    elif drop.high > result.budget:
+        result.notes.append(
+            f"guard: the drop's 95% interval reaches {drop.high:.1f} pt, past the {result.budget:g} pt budget: "
+            f"{result.n_val} validation images cannot tell; more clean images (--clean-n) would"
+        )
+    return result

@@ -1,0 +1,145 @@
+"""The accuracy guard's two passes (:mod:`onnxclp.guard` has the rule): ``split`` before the method decides,
+``check`` after the model was edited.
+
+``split`` runs only when clean images were given (``context['clean_data']``): it reads them once, splits them
+(seeded) into the part the method may use and the validation part it never sees (``state.clean``), and, when
+the model will be written, measures the input model on the validation part with onnxruntime. ``check``
+measures the edited model on the same images and applies the guard's rule (:func:`onnxclp.guard.decide`).
+Both import torch and onnxruntime inside (the ``eval`` extra): the weight-only path without clean images
+never reaches them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from onnxclp.errors import OnnxclpError
+from onnxclp.guard import DEFAULT_MAX_ACC_DROP, DEFAULT_VAL_FRACTION, GuardResult, decide, paired_drop, split_indices
+from onnxclp.pipeline import PassResult, State
+
+if TYPE_CHECKING:
+    import torch
+
+    from onnxclp.io import TensorStore
+
+INLINE_LIMIT = 2_000_000_000  # bytes: onnxruntime reads a model from memory only below protobuf's 2 GiB
+
+
+@dataclass
+class CleanSplit:
+    """The clean images as the model takes them (normalised, in its layout), split once for the whole run."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    fit: np.ndarray  # indices the method may use
+    val: np.ndarray  # indices it never sees
+    what: str
+    metric: str = "clean accuracy"
+    right_before: np.ndarray | None = None  # the input model right/wrong on each validation image
+    pred_before: np.ndarray | None = None
+
+    @property
+    def x_fit(self) -> torch.Tensor:
+        return self.x[self.fit]
+
+    @property
+    def y_fit(self) -> torch.Tensor:
+        return self.y[self.fit]
+
+    @property
+    def x_val(self) -> torch.Tensor:
+        return self.x[self.val]
+
+    @property
+    def y_val(self) -> torch.Tensor:
+        return self.y[self.val]
+
+
+def model_bytes(model: onnx.ModelProto, store: TensorStore) -> bytes:
+    """The model serialized with every tensor held inline (external data read through the checked store), for
+    an onnxruntime session in memory."""
+    from onnx import TensorProto
+
+    from onnxclp.io import iter_tensors
+
+    if not store.has_external:
+        return model.SerializeToString()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for t in iter_tensors(copy):
+        if t.data_location == TensorProto.EXTERNAL:
+            store.write(t, store.read(t))  # same value, now inline (the copy only)
+    if copy.ByteSize() > INLINE_LIMIT:
+        raise OnnxclpError("the accuracy guard cannot run a model over 2 GiB from memory yet; use --force")
+    return copy.SerializeToString()
+
+
+def predict(model: onnx.ModelProto, store: TensorStore, x: torch.Tensor, device: str = "auto") -> np.ndarray:
+    """Class predictions of ``model`` on ``x`` (model layout and normalisation) with onnxruntime."""
+    from onnxclp.eval.runner import OnnxClassifier
+
+    layout = "nhwc" if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3) else "nchw"
+    clf = OnnxClassifier(model_bytes(model, store), device=device, layout=layout)
+    return clf.predict(x.detach().cpu().numpy())
+
+
+def _context(state: State) -> dict[str, Any]:
+    return dict(state.options.context)
+
+
+def load_clean(state: State) -> CleanSplit:
+    """Read and split the clean images of ``state.options.context`` (see the module docstring)."""
+    from onnxclp.methods._fewshot import clean_images
+
+    ctx = _context(state)
+    x, y, what = clean_images(state)
+    fit, val = split_indices(len(y), float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION))
+    metric = str(ctx.get("guard_metric") or "clean accuracy")
+    return CleanSplit(x, y, fit, val, what, metric)
+
+
+def split(state: State) -> PassResult:
+    """Pipeline pass: read and split the clean images, measure the input on the validation part."""
+    ctx = _context(state)
+    if ctx.get("clean_data") is None:
+        return PassResult()
+    if state.clean is None:
+        state.clean = load_clean(state)
+    clean: CleanSplit = state.clean
+    budget = float(ctx["max_acc_drop"]) if ctx.get("max_acc_drop") is not None else DEFAULT_MAX_ACC_DROP
+    if budget < 0:
+        raise OnnxclpError(f"--max-acc-drop must be >= 0, got {budget:g}")
+    result = GuardResult(
+        n_fit=len(clean.fit),
+        n_val=len(clean.val),
+        val_fraction=float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION),
+        budget=budget,
+        acc_before=float("nan"),
+        metric=clean.metric,
+        data=clean.what,
+    )
+    if state.options.edit:
+        pred = predict(state.model, state.store, clean.x_val, str(ctx.get("device") or "auto"))
+        clean.pred_before = pred
+        clean.right_before = pred == clean.y_val.numpy()
+        result.acc_before = float(clean.right_before.mean())
+    state.guard = result
+    return PassResult(len(clean.val))
+
+
+def check(state: State) -> PassResult:
+    """Pipeline pass: measure the edited model on the validation part and apply the guard's rule."""
+    if state.guard is None or not state.options.edit:
+        return PassResult()
+    clean: CleanSplit = state.clean
+    assert clean.right_before is not None and clean.pred_before is not None
+    pred = predict(state.model, state.store, clean.x_val, str(_context(state).get("device") or "auto"))
+    right = pred == clean.y_val.numpy()
+    changed = float(np.mean(pred != clean.pred_before))
+    decide(state.guard, paired_drop(clean.right_before, right), changed, state.options.force)
+    state.notes.extend(state.guard.notes)
+    return PassResult(1)

@@ -1,0 +1,159 @@
+"""The accuracy guard (onnxclp.guard): the split, the paired drop, the strongest-within-budget rule, and the
+refusal of a damaged result end to end (nothing written, exit 5)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxclp.errors import EXIT_REFUSED, OnnxclpError
+from onnxclp.guard import GuardResult, Refused, choose_strongest, decide, paired_drop, split_indices
+
+REPO = Path(__file__).resolve().parents[1]
+needs_eval = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("torch") is None,
+    reason="needs the eval extra",
+)
+
+
+def test_split_is_seeded_disjoint_and_keeps_100():
+    fit, val = split_indices(500)
+    assert len(val) == 100 and len(fit) == 400
+    assert not set(fit) & set(val)
+    again = split_indices(500)
+    assert np.array_equal(fit, again[0]) and np.array_equal(val, again[1])
+    fit, val = split_indices(2500)
+    assert len(val) == 500  # 20 %
+    fit, val = split_indices(300, 0.1)
+    assert len(val) == 100  # the floor
+
+
+def test_split_refuses_too_few_images_and_bad_fraction():
+    with pytest.raises(OnnxclpError, match="too few"):
+        split_indices(110)
+    with pytest.raises(OnnxclpError, match="--val-fraction"):
+        split_indices(500, 1.5)
+
+
+def test_paired_drop_counts_only_changed_images():
+    before = np.array([True] * 80 + [False] * 20)
+    after = before.copy()
+    d = paired_drop(before, after)
+    assert d.drop == 0 and d.se == 0 and d.changed == 0 and d.p_within(0.0) == 1.0
+    after[:5] = False  # 5 right answers lost
+    d = paired_drop(before, after)
+    assert d.drop == pytest.approx(5.0)
+    assert d.changed == 5
+    assert d.low < 5.0 < d.high
+    assert 0.0 < d.p_within(3.0) < 0.5 < d.p_within(8.0) < 1.0
+
+
+def test_choose_strongest_stops_at_first_over_budget():
+    before = np.ones(100, bool)
+
+    def right(lost: int) -> np.ndarray:
+        r = before.copy()
+        r[:lost] = False
+        return r
+
+    # drops 0, 1, 2, 5, 1 points: budget 3 -> index 2 (the lucky 1-point candidate after 5 is not taken)
+    chosen, trials = choose_strongest([0, 1, 2, 5, 1], right, before, 3.0)
+    assert chosen == 2
+    assert [t["within"] for t in trials] == [True, True, True, False]
+    chosen, _ = choose_strongest([10], right, before, 3.0)
+    assert chosen is None
+
+
+def test_decide_refuses_over_budget_unless_forced():
+    before = np.ones(100, bool)
+    after = before.copy()
+    after[:10] = False
+    g = GuardResult(400, 100, 0.2, 3.0, 1.0)
+    with pytest.raises(Refused) as exc:
+        decide(g, paired_drop(before, after), 0.1, force=False)
+    assert exc.value.exit_code == EXIT_REFUSED
+    assert "10.0 points" in exc.value.message
+    g = GuardResult(400, 100, 0.2, 3.0, 1.0)
+    decide(g, paired_drop(before, after), 0.1, force=True)
+    assert g.forced and not g.accepted and any("WARNING" in n for n in g.notes)
+    g = GuardResult(400, 100, 0.2, 3.0, 1.0)
+    after = before.copy()
+    after[:2] = False
+    decide(g, paired_drop(before, after), 0.02, force=False)
+    assert g.accepted and g.drop == pytest.approx(2.0)
+    assert "accepted" in g.summary()
+
+
+def _self_labelled(tmp_path: Path, n: int = 300) -> tuple[Path, Path]:
+    """The example model and clean data labelled by the model itself (its accuracy is 100 % by construction)."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from make_example_model import build
+    finally:
+        sys.path.pop(0)
+    import onnx
+
+    model = build(seed=3, planted=4)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 3, 32, 32), dtype=np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {sess.get_inputs()[0].name: x})[0].reshape(n, -1).argmax(1)
+    data = tmp_path / "clean.npz"
+    np.savez(data, x_test=(x * 255).round().astype(np.uint8).transpose(0, 2, 3, 1), y_test=y)
+    # labels of the uint8 images as the model sees them
+    xq = (np.load(data)["x_test"].transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+    y = sess.run(None, {sess.get_inputs()[0].name: xq})[0].reshape(n, -1).argmax(1)
+    np.savez(data, x_test=(x * 255).round().astype(np.uint8).transpose(0, 2, 3, 1), y_test=y)
+    return path, data
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "onnxclp", *args], capture_output=True, text=True, cwd=REPO)
+
+
+@needs_eval
+def test_guard_refuses_a_damaging_prune_and_writes_nothing(tmp_path):
+    model, data = _self_labelled(tmp_path)
+    out = tmp_path / "out.onnx"
+    r = _cli("sanitize", str(model), str(out), "--u", "1", "--force", "--clean-data", str(data), "--clean-n", "300",
+             "--max-acc-drop", "0")  # fmt: skip
+    # --force also admits an over-budget result (with a warning): without it the same run is refused
+    assert r.returncode == 0, r.stderr
+    assert "FORCED over budget" in r.stderr or "accepted" in r.stderr
+    out.unlink(missing_ok=True)
+    import json
+
+    report = tmp_path / "r.json"
+    r = _cli("sanitize", str(model), str(out), "--method", "lpp", "--u", "1.5", "--clean-data", str(data),
+             "--clean-n", "300", "--max-acc-drop", "0", "--report", str(report))  # fmt: skip
+    if r.returncode == 0:  # nothing changed on the validation images: accepted with the measurement
+        assert json.loads(report.read_text())["guard"]["drop"] <= 0
+    else:
+        assert r.returncode == EXIT_REFUSED, r.stderr
+        assert "refused" in r.stderr and "nothing written" in r.stderr
+        assert not out.exists()
+
+
+@needs_eval
+def test_guard_in_the_report_and_on_the_terminal(tmp_path):
+    import json
+
+    model, data = _self_labelled(tmp_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    r = _cli("sanitize", str(model), str(out), "--clean-data", str(data), "--clean-n", "300", "--max-acc-drop",
+             "100", "--report", str(report))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    g = json.loads(report.read_text())["guard"]
+    assert g["n_val"] == 100 and g["n_fit"] == 200 and g["acc_before"] == pytest.approx(1.0)
+    assert g["accepted"] is True and g["ci95"][0] <= g["drop"] <= g["ci95"][1]
+    assert "guard: clean accuracy 100.0%" in r.stderr
+    assert f"report: {report}" in r.stderr
