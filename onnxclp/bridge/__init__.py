@@ -7,10 +7,14 @@ exist``). This package is a small executor instead: :func:`to_torch` checks ever
 of :mod:`onnxclp.bridge.ops` (raising :class:`UnsupportedOp`, naming every unsupported op and node, before
 anything runs) and returns an :class:`OnnxModule` that runs the graph node by node in topological order.
 
-Every floating-point initializer becomes an ``nn.Parameter`` (:meth:`OnnxModule.param_for`); integer
-initializers and Constant nodes become buffers. :meth:`OnnxModule.state_to_onnx` gives the current values
-per initializer name, in each initializer's own dtype, for the caller to write back through onnxclp's
-editor; the ONNX file itself is never touched here. Tensor values are read through
+Every floating-point initializer becomes an ``nn.Parameter`` (:meth:`OnnxModule.param_for`), except those
+read as statistics or numbers (BatchNormalization's running mean and variance, Upsample/Resize scales,
+Dropout's ratio), which are float buffers (:meth:`OnnxModule.buffer_for`); integer initializers and Constant
+nodes are buffers too. :meth:`OnnxModule.state_to_onnx` gives the current values per initializer name, in
+each initializer's own dtype, for the caller to write back through onnxclp's editor; the ONNX file itself is
+never touched here. A graph exported with a fixed batch runs at any batch (the fixed-batch rule of
+docs/bridge.md); taps (:meth:`OnnxModule.set_tap`) insert modules after any computed tensor; an op that fails
+while running is an :class:`~onnxclp.errors.OnnxclpError` with exit code 3 naming the node. Tensor values are read through
 :class:`onnxclp.io.TensorStore`, so external data goes through the same safety checks as everywhere else.
 """
 
@@ -135,13 +139,68 @@ def _check(graph: onnx.GraphProto, opset: int) -> None:
         else:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             attrs = {k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v for k, v in attrs.items()}
-            reason = unsupported_reason(node.op_type, attrs, len([o for o in node.output if o]))
+            reason = unsupported_reason(node.op_type, attrs, len([o for o in node.output if o]), opset)
             if reason:
                 bad[f"{node.op_type} ({reason})"].append(label)
     if graph.sparse_initializer:
         bad["sparse_initializer"].extend(t.values.name for t in graph.sparse_initializer)
     if bad:
         raise UnsupportedOp(bad)
+
+
+# Float inputs that a node reads as statistics or numbers, never as weights to train: (op type -> input
+# positions). BatchNormalization's running mean and variance (inputs 3 and 4: F.batch_norm cannot
+# differentiate with respect to them), Upsample's/Resize's roi and scales, Dropout's ratio.
+_BUFFER_INPUTS: dict[str, tuple[int, ...]] = {
+    "BatchNormalization": (3, 4),
+    "Upsample": (1,),
+    "Resize": (1, 2),
+    "Dropout": (1,),
+}
+
+# Ops whose constant shape-like input (position) gives the output's dimension 0: the fixed-batch rule.
+_BATCH_SHAPE_INPUT: dict[str, int] = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0}
+
+
+def _declared_batch(model: onnx.ModelProto, name: str) -> int | None:
+    """The fixed dimension 0 the graph input ``name`` declares (None: symbolic, unknown or rank 0)."""
+    for vi in model.graph.input:
+        if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            dims = vi.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+                return int(dims[0].dim_value)
+    return None
+
+
+def _rebatched(
+    op_type: str, shape: torch.Tensor, data: torch.Tensor | None, b0: int, b: int, from_input: bool
+) -> torch.Tensor | None:
+    """The fixed-batch rule for one node: its shape with the first entry ``b0`` replaced by ``b``, or None.
+
+    ``shape`` is the node's constant target shape (Reshape, Expand, ConstantOfShape) or repeats (Tile), of
+    at least two entries; ``b0`` the batch the graph input declares and ``b`` the batch forward was given.
+    The first entry is read as the batch when it equals ``b0`` and, per op:
+
+    - Reshape: the data input comes from the graph input (``from_input``) and its dimension 0 is ``b``;
+    - Expand: the data input's dimension aligned with the target's first is new, 1 or ``b``;
+    - Tile: the data input's dimension 0 is 1 (the output's dimension 0 is then the repeat count);
+    - ConstantOfShape: always.
+    """
+    if shape.dim() != 1 or shape.numel() < 2 or int(shape[0]) != b0:
+        return None
+    if op_type == "Reshape":
+        ok = from_input and data is not None and data.dim() > 0 and data.shape[0] == b
+    elif op_type == "Expand":
+        ok = data is not None and (shape.numel() > data.dim() or data.shape[0] in (1, b))
+    elif op_type == "Tile":
+        ok = data is not None and data.dim() > 0 and data.shape[0] == 1
+    else:
+        ok = op_type == "ConstantOfShape"
+    if not ok:
+        return None
+    out = shape.clone()
+    out[0] = b
+    return out
 
 
 def _topological(nodes: list[onnx.NodeProto], known: set[str]) -> list[onnx.NodeProto]:
@@ -183,28 +242,36 @@ class OnnxModule(nn.Module):
         self.opset = _default_opset(model)
         _check(graph, self.opset)
         self.params = nn.ParameterDict()
+        self.float_buffers = nn.Module()
         self.consts = nn.Module()
+        self.taps = nn.ModuleDict()
         self._param_key: dict[str, str] = {}  # initializer name -> key in self.params
+        self._buffer_key: dict[str, str] = {}  # float initializer read as statistic -> buffer in self.float_buffers
         self._const_key: dict[str, str] = {}  # tensor name -> buffer name in self.consts
+        self._tap_key: dict[str, str] = {}  # tapped tensor name -> key in self.taps
         self._dtype: dict[str, np.dtype] = {}  # initializer name -> its numpy dtype in the file
-        used: set[str] = set()
+        self._used_keys: set[str] = set()
+        key_for = self._new_key
 
-        def key_for(name: str, prefix: str) -> str:
-            base = prefix + re.sub(r"\W", "_", name)
-            key, k = base, 1
-            while key in used:
-                key, k = f"{base}_{k}", k + 1
-            used.add(key)
-            return key
-
+        as_buffer = {
+            n.input[i]
+            for n in graph.node
+            if n.domain in _DEFAULT_DOMAINS
+            for i in _BUFFER_INPUTS.get(n.op_type, ())
+            if i < len(n.input) and n.input[i]
+        }
         inits = {t.name: t for t in graph.initializer}
         for t in graph.initializer:
             arr = store.read(t)
             self._dtype[t.name] = arr.dtype
-            if _is_float(arr):
+            if _is_float(arr) and t.name not in as_buffer:
                 key = key_for(t.name, "p_")
                 self.params[key] = nn.Parameter(_to_tensor(arr))
                 self._param_key[t.name] = key
+            elif _is_float(arr):
+                key = key_for(t.name, "b_")
+                self.float_buffers.register_buffer(key, _to_tensor(arr))
+                self._buffer_key[t.name] = key
             else:
                 key = key_for(t.name, "c_")
                 self.consts.register_buffer(key, _to_tensor(arr))
@@ -214,18 +281,37 @@ class OnnxModule(nn.Module):
         self.output_names: list[str] = [o.name for o in graph.output]
 
         plan_nodes = []
-        for node in graph.node:
+        label_of: dict[int, str] = {}  # id(node) -> its name or a label naming op, position and output
+        for i, node in enumerate(graph.node):
+            label_of[id(node)] = _node_label(node, i)
             if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
                 key = key_for(node.output[0], "c_")
                 self.consts.register_buffer(key, _to_tensor(_constant_value(node, store)))
                 self._const_key[node.output[0]] = key
             else:
                 plan_nodes.append(node)
-        known = set(self.input_names) | set(self._param_key) | set(self._const_key)
+        known = set(self.input_names) | set(self._param_key) | set(self._buffer_key) | set(self._const_key)
         ordered = _topological(plan_nodes, known)
         self._plan: list[tuple[str, list[str], list[str], dict[str, Any]]] = [
             (n.op_type, list(n.input), list(n.output), _attrs(n, store)) for n in ordered
         ]
+        self._labels: list[str] = [label_of[id(n)] for n in ordered]
+        self._producer: dict[str, int] = {o: i for i, (_, _, outs, _) in enumerate(self._plan) for o in outs if o}
+
+        # The fixed-batch rule (docs/bridge.md): nodes whose constant shape may carry the declared batch.
+        self.fixed_batch: int | None = _declared_batch(model, self.input_names[0]) if self.input_names else None
+        self._batch_rule: dict[int, tuple[int, bool]] = {}  # plan index -> (shape input position or -1, from input)
+        if self.fixed_batch is not None:
+            from_input = set(self.input_names)
+            for i, (op_type, ins, outs, _) in enumerate(self._plan):
+                dependent = any(x in from_input for x in ins)
+                if dependent:
+                    from_input.update(o for o in outs if o)
+                pos = _BATCH_SHAPE_INPUT.get(op_type)
+                if op_type == "Reshape" and self.opset < 5:
+                    self._batch_rule[i] = (-1, dependent)
+                elif pos is not None and pos < len(ins) and ins[pos] in self._const_key:
+                    self._batch_rule[i] = (pos, bool(ins[0]) and ins[0] in from_input)
         # Intermediate values are dropped after their last reader (inference memory stays bounded).
         last: dict[str, int] = {}
         for i, (_, ins, _, _) in enumerate(self._plan):
@@ -238,31 +324,108 @@ class OnnxModule(nn.Module):
             if x in produced and x not in keep:
                 self._free[i].append(x)
 
-    # -- parameters -------------------------------------------------------------------------------------------
+    def _new_key(self, name: str, prefix: str) -> str:
+        """A fresh attribute-safe key for a tensor name (``\\W`` -> ``_``, numbered on a clash)."""
+        base = prefix + re.sub(r"\W", "_", name)
+        key, k = base, 1
+        while key in self._used_keys:
+            key, k = f"{base}_{k}", k + 1
+        self._used_keys.add(key)
+        return key
+
+    # -- parameters and buffers -------------------------------------------------------------------------------
 
     def param_for(self, initializer_name: str) -> nn.Parameter:
-        """The parameter holding a float initializer (KeyError for an unknown or non-float initializer)."""
+        """The parameter holding a float initializer (KeyError for an unknown, non-float or buffer initializer)."""
         return self.params[self._param_key[initializer_name]]
+
+    def buffer_for(self, initializer_name: str) -> torch.Tensor:
+        """The buffer holding a float initializer read as a statistic (BatchNormalization's running mean and
+        variance, Upsample/Resize scales and roi, Dropout's ratio); KeyError for any other name."""
+        return getattr(self.float_buffers, self._buffer_key[initializer_name])
 
     @property
     def float_initializer_names(self) -> list[str]:
         """Names of the initializers that are parameters, in graph order."""
         return [n for n in self.initializer_names if n in self._param_key]
 
+    @property
+    def buffer_initializer_names(self) -> list[str]:
+        """Names of the float initializers that are buffers (see :meth:`buffer_for`), in graph order."""
+        return [n for n in self.initializer_names if n in self._buffer_key]
+
+    def _file_value(self, name: str, t: torch.Tensor) -> np.ndarray:
+        t = t.detach().to("cpu")
+        arr = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        with np.errstate(over="ignore"):
+            return arr.astype(self._dtype[name], copy=True)
+
     def state_to_onnx(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Current values of the parameters, per initializer name, as numpy arrays in the file's dtype.
 
-        ``names`` restricts the result to those initializers (default: every float initializer). A value
-        that does not fit the initializer's dtype (a float16 weight pushed past 65504) comes back as inf:
-        the caller's writer (``onnxclp.io.cast_checked``) refuses it.
+        ``names`` restricts the result to those initializers (default: every float initializer that is a
+        parameter) and may also name float buffers (:attr:`buffer_initializer_names`); KeyError for any other
+        name. A value that does not fit the initializer's dtype (a float16 weight pushed past 65504) comes
+        back as inf: the caller's writer (``onnxclp.io.cast_checked``) refuses it.
         """
         out: dict[str, np.ndarray] = {}
         for name in self.float_initializer_names if names is None else names:
-            t = self.param_for(name).detach().to("cpu")
-            dtype = self._dtype[name]
-            arr = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
-            with np.errstate(over="ignore"):
-                out[name] = arr.astype(dtype, copy=True)
+            t = self.buffer_for(name) if name in self._buffer_key else self.param_for(name)
+            out[name] = self._file_value(name, t)
+        return out
+
+    def buffer_values(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Current values of the float buffers (default: all of them), per initializer name, in the file's dtype."""
+        return {
+            n: self._file_value(n, self.buffer_for(n))
+            for n in (self.buffer_initializer_names if names is None else names)
+        }
+
+    # -- taps and the plan ------------------------------------------------------------------------------------
+
+    def set_tap(self, tensor_name: str, module: nn.Module) -> None:
+        """Replace the tensor ``tensor_name`` by ``module(value)`` in every forward, before any reader sees it.
+
+        ``tensor_name`` is a node's output (a graph output included) or a graph input; the module becomes a
+        submodule (``self.taps``), so its parameters are the module's and it follows ``.to(device)``. A
+        second tap on the same tensor replaces the first.
+        """
+        if tensor_name not in self._producer and tensor_name not in self.input_names:
+            raise KeyError(f"{tensor_name!r} is neither a graph input nor the output of a node the bridge runs")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"a tap must be an nn.Module, got {type(module).__name__}")
+        key = self._tap_key.get(tensor_name)
+        if key is None:
+            key = self._tap_key[tensor_name] = self._new_key(tensor_name, "t_")
+        self.taps[key] = module
+
+    def remove_tap(self, tensor_name: str) -> None:
+        """Remove the tap on ``tensor_name`` (KeyError when there is none)."""
+        key = self._tap_key.pop(tensor_name)
+        del self.taps[key]
+        self._used_keys.discard(key)
+
+    def taps_by_name(self) -> dict[str, nn.Module]:
+        """The taps per tensor name."""
+        return {name: self.taps[key] for name, key in self._tap_key.items()}
+
+    def node_of_output(self, tensor_name: str) -> tuple[str, list[str], list[str], dict[str, Any]]:
+        """(op type, input names, output names, attributes) of the node producing ``tensor_name``.
+
+        Attributes are decoded values (tensor attributes as torch tensors). KeyError when no executed node
+        produces the name (graph inputs, initializers, and Constant nodes, which are buffers).
+        """
+        op_type, ins, outs, attrs = self._plan[self._producer[tensor_name]]
+        return op_type, list(ins), list(outs), {k: v for k, v in attrs.items() if not k.startswith("_")}
+
+    def conv_outputs(self) -> list[tuple[str, str, str | None]]:
+        """(output name, weight initializer, bias initializer or None) of each Conv whose weight is an
+        initializer, in execution order (the bias is None when absent or not an initializer)."""
+        inits = set(self.initializer_names)
+        out: list[tuple[str, str, str | None]] = []
+        for op_type, ins, outs, _ in self._plan:
+            if op_type == "Conv" and len(ins) > 1 and ins[1] in inits and outs and outs[0]:
+                out.append((outs[0], ins[1], ins[2] if len(ins) > 2 and ins[2] in inits else None))
         return out
 
     # -- running ----------------------------------------------------------------------------------------------
@@ -276,20 +439,68 @@ class OnnxModule(nn.Module):
         key = self._param_key.get(name)
         if key is not None:
             return self.params[key]
+        key = self._buffer_key.get(name)
+        if key is not None:
+            return getattr(self.float_buffers, key)
         return getattr(self.consts, self._const_key[name])
 
+    def _apply_batch_rule(
+        self, i: int, op_type: str, args: list[torch.Tensor | None], attrs: dict[str, Any], b0: int, b: int
+    ) -> tuple[list[torch.Tensor | None], dict[str, Any]]:
+        pos, from_input = self._batch_rule[i]
+        if pos < 0:  # Reshape-1: the shape is an attribute
+            new = _rebatched(op_type, torch.tensor(attrs["shape"]), args[0], b0, b, from_input)
+            return args, attrs if new is None else {**attrs, "shape": new.tolist()}
+        shape = args[pos]
+        if shape is not None:
+            data = args[0] if op_type != "ConstantOfShape" else None
+            new = _rebatched(op_type, shape, data, b0, b, from_input)
+            if new is not None:
+                args = list(args)
+                args[pos] = new
+        return args, attrs
+
+    def _node_error(self, i: int, exc: Exception) -> OnnxclpError:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
+        if not first or isinstance(exc, (KeyError, AssertionError, TypeError)):
+            first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        return OnnxclpError(
+            f"the torch bridge cannot run node {self._labels[i]!r} ({self._plan[i][0]}): {first}", EXIT_NOTHING
+        )
+
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the graph on ``inputs`` (the graph inputs that are not initializers, in declaration order).
+
+        A failure inside an op (a shape torch refuses, a value the op cannot take) is an
+        :class:`~onnxclp.errors.OnnxclpError` with exit code 3 naming the node and op; the fixed-batch rule
+        and the taps are described in docs/bridge.md.
+        """
         if len(inputs) != len(self.input_names):
             raise TypeError(f"the model takes {len(self.input_names)} input(s) ({self.input_names}), got {len(inputs)}")
-        env: dict[str, torch.Tensor] = dict(zip(self.input_names, inputs, strict=True))
-        for (op_type, ins, outs, attrs), free in zip(self._plan, self._free, strict=True):
+        taps = self.taps_by_name() if self._tap_key else {}
+        env: dict[str, torch.Tensor] = {}
+        for name, value in zip(self.input_names, inputs, strict=True):
+            tap = taps.get(name)
+            env[name] = value if tap is None else tap(value)
+        b0 = self.fixed_batch
+        b = int(inputs[0].shape[0]) if b0 is not None and inputs[0].dim() > 0 else None
+        for i, ((op_type, ins, outs, attrs), free) in enumerate(zip(self._plan, self._free, strict=True)):
             args = [self._value(env, x) for x in ins]
-            result = OPS[op_type](args, attrs, self.opset)
+            try:
+                if b0 is not None and b is not None and b != b0 and i in self._batch_rule:
+                    args, attrs = self._apply_batch_rule(i, op_type, args, attrs, b0, b)
+                result = OPS[op_type](args, attrs, self.opset)
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, ValueError, IndexError, KeyError, TypeError, AssertionError, ArithmeticError) as exc:
+                raise self._node_error(i, exc) from exc
             if isinstance(result, torch.Tensor):
                 result = (result,)
             for name, value in zip(outs, result, strict=False):
                 if name:
-                    env[name] = value
+                    tap = taps.get(name)
+                    env[name] = value if tap is None else tap(value)
             for name in free:
                 env.pop(name, None)
         values = [self._value(env, o) for o in self.output_names]

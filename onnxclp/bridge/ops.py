@@ -3,8 +3,11 @@
 Each function takes the node's inputs (torch tensors, ``None`` for an omitted optional input), its attributes
 (a plain dict, already decoded) and the model's default-domain opset, and returns one tensor or a tuple of
 tensors (the node's outputs in order). Semantics follow the ONNX operator specification
-(https://onnx.ai/onnx/operators/), including the attribute-vs-input forms that changed between opsets
-(Clip 11, Squeeze/Unsqueeze/Split/ReduceSum 13, the other Reduce* 18, Pad 11, Slice 10). Integer tensors
+(https://onnx.ai/onnx/operators/), including the forms that changed between opsets: attributes that became
+inputs (Reshape 5, Tile 6, Slice 10, Clip/Pad 11, Squeeze/Unsqueeze/Split/ReduceSum 13, the other Reduce* 18,
+Upsample 9), the opt-in ``broadcast``/``axis`` of the binary ops before 7, BatchNormalization's ``spatial``
+before 9, Softmax's 2-D coercion before 13, Dropout's mask type, Concat-1's default axis, Pad-1's
+``paddings``, Cast-1's type names and PRelu's per-channel slope before 7. Integer tensors
 (shapes, indices) stay int64 torch tensors on the model's device; an operator that needs their values reads
 them with ``.tolist()``.
 """
@@ -156,9 +159,23 @@ def conv_transpose(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpR
 
 @op("BatchNormalization")
 def batch_norm(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
+    """Inference form (running statistics), every version.
+
+    Before opset 9 the ``spatial`` attribute (default 1) chose per-channel statistics (shape (C)); with
+    ``spatial=0`` they are per activation, shaped like one sample (C, D1, ...). ``is_test``,
+    ``consumed_inputs`` (BatchNormalization-1/6) and ``momentum`` do not change the inference output.
+    """
     inp, scale, bias, mean, var = x[:5]
-    assert inp is not None and mean is not None and var is not None
-    return F.batch_norm(inp, mean, var, scale, bias, training=False, eps=float(a.get("epsilon", 1e-5)))
+    assert inp is not None and scale is not None and bias is not None and mean is not None and var is not None
+    eps = float(a.get("epsilon", 1e-5))
+    spatial = opset >= 9 or bool(a.get("spatial", 1))
+    if spatial and not (mean.requires_grad or var.requires_grad):
+        return F.batch_norm(inp, mean, var, scale, bias, training=False, eps=eps)
+    # Per-activation statistics, or statistics computed from parameters (a Cast of a float16 initializer):
+    # F.batch_norm cannot differentiate with respect to running statistics, so the formula is written out.
+    shape = (1, *inp.shape[1:]) if not spatial else (1, -1, *([1] * (inp.dim() - 2)))
+    inv = torch.rsqrt(var.reshape(shape) + eps)
+    return (inp - mean.reshape(shape)) * inv * scale.reshape(shape) + bias.reshape(shape)
 
 
 @op("InstanceNormalization")
@@ -214,9 +231,19 @@ def identity(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
 
 @op("Dropout")
 def dropout(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
-    """Inference: the input unchanged, and an all-true mask for a second output."""
-    assert x[0] is not None
-    return x[0], torch.ones_like(x[0], dtype=torch.bool)
+    """Inference: the input unchanged, and a mask for a second output.
+
+    Every version is run as inference: ``is_test`` (Dropout-1/6), ``ratio`` (attribute before 12, input from
+    12) and ``training_mode`` (input from 12) are not read, as onnxruntime's inference session does. The
+    mask has the input's type before Dropout-10 (``T``) and is boolean from 10 on (``T1``). Before Dropout-12
+    the spec leaves it unfilled outside training: zeros (false) here, as onnxruntime writes; from 12 on it is
+    all true (nothing dropped), the spec's reference.
+    """
+    inp = x[0]
+    assert inp is not None
+    if opset >= 12:
+        return inp, torch.ones_like(inp, dtype=torch.bool)
+    return inp, torch.zeros_like(inp, dtype=torch.bool if opset >= 10 else inp.dtype)
 
 
 @op("LeakyRelu")
@@ -253,8 +280,11 @@ def gelu(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
 
 @op("PRelu")
 def prelu(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
+    """From PRelu-7 the slope broadcasts unidirectionally (numpy); before, a 1-D slope of C values is per channel."""
     inp, slope = x[0], x[1]
     assert inp is not None and slope is not None
+    if opset < 7 and slope.dim() == 1 and inp.dim() > 2 and slope.numel() == inp.shape[1] > 1:
+        slope = slope.reshape(-1, *([1] * (inp.dim() - 2)))
     return torch.where(inp >= 0, inp, inp * slope)
 
 
@@ -281,6 +311,21 @@ def clip(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
     return inp
 
 
+def _legacy_broadcast(p: Tensor | None, q: Tensor | None, a: dict[str, Any], opset: int) -> tuple[Tensor, Tensor]:
+    """The operands of a binary op, ``q`` aligned to ``p`` as the op's opset defines.
+
+    Before opset 7 (Add/Sub/Mul/Div/Pow/comparisons/And/Or versions 1 and 6) broadcasting was opt-in:
+    ``broadcast=1`` lets ``B`` be broadcast onto ``A``, aligned at ``axis`` when given (``A`` (2, 3, 4, 5) with
+    ``B`` (3, 4) and ``axis=1`` reads ``B`` as (1, 3, 4, 1)) and at the trailing dimensions (numpy's rule) when
+    not. From opset 7 on both operands broadcast multidirectionally (numpy), which torch does itself.
+    """
+    assert p is not None and q is not None
+    if opset < 7 and a.get("broadcast", 0) and "axis" in a and q.dim() < p.dim():
+        axis = _axis(int(a["axis"]), p.dim())
+        q = q.reshape(*q.shape, *([1] * (p.dim() - axis - q.dim())))
+    return p, q
+
+
 def _div(p: Tensor, q: Tensor) -> Tensor:
     if p.dtype.is_floating_point or q.dtype.is_floating_point:
         return p / q
@@ -301,7 +346,7 @@ for _name, _fn2 in {
     "And": torch.logical_and,
     "Or": torch.logical_or,
 }.items():
-    OPS[_name] = (lambda f: lambda x, a, opset: f(x[0], x[1]))(_fn2)
+    OPS[_name] = (lambda f: lambda x, a, opset: f(*_legacy_broadcast(x[0], x[1], a, opset)))(_fn2)
 
 
 def _variadic(fn: Callable[[Tensor, Tensor], Tensor]) -> OpFn:
@@ -442,6 +487,171 @@ def global_max_pool(x: list[Tensor | None], a: dict[str, Any], opset: int) -> Op
     return torch.amax(x[0], dim=tuple(range(2, x[0].dim())), keepdim=True)
 
 
+@op("LRN")
+def lrn(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
+    """Local response normalisation across channels (LRN-1/13).
+
+    ``square_sum[n, c, ...] = sum(X[n, i, ...] ** 2)`` for ``max(0, c - floor((size - 1) / 2)) <= i <=
+    min(C - 1, c + ceil((size - 1) / 2))`` and ``Y = X / (bias + alpha / size * square_sum) ** beta``.
+    (``F.local_response_norm`` centres an even window the other way, so the sum is computed here.)
+    """
+    inp = x[0]
+    assert inp is not None
+    size = int(a["size"])
+    alpha, beta, bias = float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
+    sq = (inp * inp).reshape(inp.shape[0], 1, inp.shape[1], -1)
+    sq = F.pad(sq, (0, 0, (size - 1) // 2, size // 2))  # floor((size-1)/2) before, ceil((size-1)/2) after
+    square_sum = F.avg_pool2d(sq, (size, 1), stride=1) * size
+    return inp / (bias + alpha / size * square_sum.reshape(inp.shape)) ** beta
+
+
+# ------------------------------------------------------------------------------------------------------------
+# resampling: Upsample (7-9; deprecated in 10) and Resize (10+), nearest and (multi)linear
+
+
+def _source_coords(out: int, inp: int, scale: float, mode: str) -> Tensor:
+    """Input coordinate (float32, as onnxruntime computes it) of each output index along one axis.
+
+    ``mode`` is Resize's ``coordinate_transformation_mode`` (Resize-11 onwards; Upsample and Resize-10 are
+    ``asymmetric``): ``x_original = x_resized / scale`` for asymmetric, ``(x + 0.5) / scale - 0.5`` for
+    half_pixel, and the spec's other forms.
+    """
+    i = torch.arange(out, dtype=torch.float32)
+    s = torch.tensor(scale, dtype=torch.float32)
+    if mode == "asymmetric":
+        return i / s
+    if mode == "half_pixel":
+        return (i + 0.5) / s - 0.5
+    if mode == "pytorch_half_pixel":
+        return (i + 0.5) / s - 0.5 if out > 1 else torch.zeros(out, dtype=torch.float32)
+    if mode == "tf_half_pixel_for_nn":
+        return (i + 0.5) / s
+    if mode == "align_corners":
+        return i * (inp - 1) / (out - 1) if out > 1 else torch.zeros(out, dtype=torch.float32)
+    if mode == "half_pixel_symmetric":
+        offset = inp / 2 * (1 - out / (scale * inp))
+        return offset + (i + 0.5) / s - 0.5
+    raise ValueError(f"coordinate_transformation_mode {mode!r}")
+
+
+_COORD_MODES = (
+    "half_pixel",
+    "pytorch_half_pixel",
+    "tf_half_pixel_for_nn",
+    "align_corners",
+    "asymmetric",
+    "half_pixel_symmetric",
+)
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+def _nearest_index(coords: Tensor, inp: int, nearest_mode: str, downsampling: bool) -> Tensor:
+    """The input index each output index copies, clamped into [0, inp - 1] (Resize's ``nearest_mode``).
+
+    ``simple`` is Upsample's and Resize-10's rule (as onnxruntime implements it): floor when upsampling,
+    ceil when downsampling.
+    """
+    if nearest_mode == "round_prefer_floor":
+        idx = torch.where(coords - coords.floor() == 0.5, coords.floor(), coords.round())
+    elif nearest_mode == "round_prefer_ceil":
+        idx = torch.where(coords - coords.floor() == 0.5, coords.ceil(), coords.round())
+    elif nearest_mode == "floor":
+        idx = coords.floor()
+    elif nearest_mode == "ceil":
+        idx = coords.ceil()
+    elif nearest_mode == "simple":
+        idx = coords.ceil() if downsampling else coords.floor()
+    else:
+        raise ValueError(f"nearest_mode {nearest_mode!r}")
+    return idx.clamp(0, inp - 1).to(torch.int64)
+
+
+def _scaled_size(n: int, scale: float) -> int:
+    """``floor(n * scale)``, the product in float32 as onnxruntime computes it."""
+    return math.floor(float(torch.tensor(n, dtype=torch.float32) * torch.tensor(scale, dtype=torch.float32)))
+
+
+def _resample(
+    inp: Tensor, sizes: Sequence[int], scales: Sequence[float], mode: str, coord_mode: str, nearest_mode: str
+) -> Tensor:
+    """Resize ``inp`` axis by axis to ``sizes`` (``scales`` are the spec's per-axis scale factors).
+
+    Nearest copies the chosen input element; linear interpolates between the two neighbours of the source
+    coordinate, clamped into the input (the spec's edge padding), so N-D linear is the separable product of
+    1-D ones (bilinear for 2 spatial axes). Both are gathers and weighted sums: differentiable in ``inp``.
+    """
+    y = inp
+    for ax, (out, scale) in enumerate(zip(sizes, scales, strict=True)):
+        n = inp.shape[ax]
+        if out == n and scale == 1.0:
+            continue
+        coords = _source_coords(out, n, scale, coord_mode)
+        if mode == "nearest":
+            y = y.index_select(ax, _nearest_index(coords, n, nearest_mode, scale < 1).to(y.device))
+            continue
+        c = coords.clamp(0, n - 1)
+        lo = c.floor().to(torch.int64)
+        hi = (lo + 1).clamp(max=n - 1)
+        shape = [1] * y.dim()
+        shape[ax] = out
+        w = (c - lo.to(c.dtype)).reshape(shape).to(device=y.device, dtype=y.dtype)
+        y = y.index_select(ax, lo.to(y.device)) * (1 - w) + y.index_select(ax, hi.to(y.device)) * w
+    return y
+
+
+@op("Upsample")
+def upsample(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
+    """Upsample-7 (``scales`` attribute), -9 and -10 (``scales`` input): ``floor(in * scale)`` per axis,
+    asymmetric coordinates, mode ``nearest`` (default) or ``linear`` (Upsample-1 is refused by the check)."""
+    inp = x[0]
+    assert inp is not None
+    if opset < 9:
+        scales = [float(v) for v in a["scales"]]
+    else:
+        assert x[1] is not None
+        scales = [float(v) for v in x[1].reshape(-1).tolist()]
+    sizes = [_scaled_size(d, s) for d, s in zip(inp.shape, scales, strict=True)]
+    return _resample(inp, sizes, scales, a.get("mode", "nearest"), "asymmetric", "simple")
+
+
+@op("Resize")
+def resize(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
+    """Resize-10 (like Upsample-9) and Resize-11/13/18/19 with modes nearest and linear.
+
+    Inputs ``X, roi, scales, sizes`` (from 11; ``roi`` only matters for tf_crop_and_resize, refused); exactly
+    one of ``scales`` / ``sizes`` is given (an empty tensor counts as absent). With scales, the output size is
+    ``floor(in * scale)``; with sizes, the scale is ``out / in``. ``axes`` (18) restricts both to those axes.
+    """
+    inp = x[0]
+    assert inp is not None
+    rank = inp.dim()
+    mode = a.get("mode", "nearest")
+    if opset < 11:
+        assert x[1] is not None
+        scales_in: list[float] | None = [float(v) for v in x[1].reshape(-1).tolist()]
+        sizes_in: list[int] | None = None
+        coord_mode, nearest_mode = "asymmetric", "simple"
+    else:
+        sc = x[2] if len(x) > 2 else None
+        sz = x[3] if len(x) > 3 else None
+        scales_in = [float(v) for v in sc.reshape(-1).tolist()] if sc is not None and sc.numel() else None
+        sizes_in = _ints(sz) if sz is not None and sz.numel() else None
+        coord_mode = a.get("coordinate_transformation_mode", "half_pixel")
+        nearest_mode = a.get("nearest_mode", "round_prefer_floor")
+    axes = [_axis(int(v), rank) for v in a["axes"]] if "axes" in a else list(range(rank))
+    sizes, scales = list(inp.shape), [1.0] * rank
+    for i, ax in enumerate(axes):
+        if sizes_in is not None:
+            sizes[ax] = sizes_in[i]
+            scales[ax] = float(torch.tensor(sizes_in[i], dtype=torch.float32) / inp.shape[ax])
+        elif scales_in is not None:
+            scales[ax] = scales_in[i]
+            sizes[ax] = _scaled_size(inp.shape[ax], scales_in[i])
+        else:
+            raise ValueError("Resize needs scales or sizes")
+    return _resample(inp, sizes, scales, mode, coord_mode, nearest_mode)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # reductions
 
@@ -558,8 +768,9 @@ def unsqueeze(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult
 
 @op("Concat")
 def concat(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
+    """Concat-1 has an optional ``axis`` (default 1); from Concat-4 on it is required."""
     vals = [t for t in x if t is not None]
-    return torch.cat(vals, dim=_axis(int(a["axis"]), vals[0].dim()))
+    return torch.cat(vals, dim=_axis(int(a.get("axis", 1)), vals[0].dim()))
 
 
 @op("Split")
@@ -567,7 +778,8 @@ def split(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
     inp = x[0]
     assert inp is not None
     axis = _axis(int(a.get("axis", 0)), inp.dim())
-    sizes = (_ints(x[1]) if len(x) > 1 else None) if opset >= 13 else a.get("split")
+    from_input = opset >= 13 or (opset < 2 and "split" not in a)  # Split-1 took them as attribute or input
+    sizes = (_ints(x[1]) if len(x) > 1 else None) if from_input else a.get("split")
     if not sizes:
         n = int(a.get("num_outputs", a["_n_outputs"]))
         chunk = -(-inp.shape[axis] // n)
@@ -645,14 +857,22 @@ def expand(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
 
 @op("Tile")
 def tile(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
-    assert x[0] is not None
-    return x[0].repeat(_ints(x[1]) or [])
+    """Tile-1 takes scalar ``tiles`` and ``axis`` inputs (one axis); from Tile-6 on ``repeats`` per axis."""
+    inp = x[0]
+    assert inp is not None
+    if opset < 6:
+        repeats = [1] * inp.dim()
+        repeats[_axis(int((_ints(x[2]) or [0])[0]), inp.dim())] = int((_ints(x[1]) or [1])[0])
+        return inp.repeat(repeats)
+    return inp.repeat(_ints(x[1]) or [])
 
 
 @op("Cast")
 def cast(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
+    """Cast-1 names the target type as a string (``"FLOAT"``); from Cast-6 on it is a TensorProto enum."""
     assert x[0] is not None
-    return x[0].to(TORCH_DTYPE[int(a["to"])])
+    to = a["to"]
+    return x[0].to(TORCH_DTYPE[TensorProto.DataType.Value(to.upper()) if isinstance(to, str) else int(to)])
 
 
 @op("CastLike")
@@ -668,7 +888,8 @@ def pad(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
     mode = a.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if opset < 11:
-        pads, value, axes = list(a["pads"]), float(a.get("value", 0.0)), None
+        # Pad-1 calls the attribute ``paddings``; Pad-2 to Pad-10 ``pads``
+        pads, value, axes = list(a["pads"] if "pads" in a else a["paddings"]), float(a.get("value", 0.0)), None
     else:
         pads = _ints(x[1]) or []
         cv = x[2] if len(x) > 2 else None
@@ -755,8 +976,8 @@ def quantize_linear(x: list[Tensor | None], a: dict[str, Any], opset: int) -> Op
 
 
 # Attributes whose values the executor cannot honour: (op, check) -> reason when the check fails.
-def unsupported_reason(op_type: str, attrs: dict[str, Any], n_outputs: int) -> str | None:
-    """Why a node with these attributes cannot be run (None when it can)."""
+def unsupported_reason(op_type: str, attrs: dict[str, Any], n_outputs: int, opset: int = 21) -> str | None:
+    """Why a node with these attributes, at this default-domain opset, cannot be run (None when it can)."""
     if op_type in ("MaxPool",) and n_outputs > 1:
         return "MaxPool with an Indices output"
     if op_type == "AveragePool" and any(d != 1 for d in attrs.get("dilations", [])):
@@ -767,4 +988,18 @@ def unsupported_reason(op_type: str, attrs: dict[str, Any], n_outputs: int) -> s
         return "BatchNormalization in training mode"
     if op_type == "Pad" and attrs.get("mode", "constant") not in ("constant", "reflect", "edge", "wrap"):
         return f"Pad mode {attrs['mode']!r}"
+    if op_type == "Upsample" and opset < 7:
+        return "experimental Upsample-1"
+    if op_type in ("Upsample", "Resize") and attrs.get("mode", "nearest") not in ("nearest", "linear"):
+        return f"{op_type} mode {attrs['mode']!r}"
+    if op_type == "Resize":
+        coord = attrs.get("coordinate_transformation_mode", "half_pixel")
+        if coord not in _COORD_MODES:
+            return f"Resize coordinate_transformation_mode {coord!r}"
+        if attrs.get("nearest_mode", "round_prefer_floor") not in _NEAREST_MODES:
+            return f"Resize nearest_mode {attrs['nearest_mode']!r}"
+        if attrs.get("antialias", 0):
+            return "Resize with antialias"
+        if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+            return f"Resize keep_aspect_ratio_policy {attrs['keep_aspect_ratio_policy']!r}"
     return None
