@@ -15,6 +15,10 @@ ONNXCLP002 channel-outlier    warning 5.0 (medium)      flagged channel (``repor
 ONNXCLP003 scan-error         error   7.0 (high)        model that could not be read or scored
 ONNXCLP004 layer-skipped      note    none              layer the tool could not score (reason given)
 ONNXCLP005 nothing-scored     warning 4.0 (medium)      model read without error but with no scored layer
+ONNXCLP006 model-unverified   error   7.0 (high)        model no selected detector could examine (verdict
+                                                        ``unverified``); ``warning`` when it does not fail
+                                                        the gate (``--allow-unverified``, ``--fail-on``
+                                                        outliers or never)
 ========== ================== ======= ================= ===============================================
 
 Every result carries ``partialFingerprints["onnxclpFinding/v1"]``: a SHA-256 of rule id, model path
@@ -136,6 +140,26 @@ RULES: tuple[dict[str, Any], ...] = (
         "help": (
             "Check the skipped layers (ONNXCLP004) for the reasons; --include-fc or --inline-functions may make "
             "layers scorable. Transformer-only models are not covered by CLP/LPP."
+        ),
+    },
+    {
+        "id": "ONNXCLP006",
+        "name": "model-unverified",
+        "level": "error",
+        "security_severity": "7.0",
+        "precision": "very-high",
+        "tags": ["security", "backdoor", "onnx", "ml-model", "coverage"],
+        "short": "No detector could examine the model",
+        "full": (
+            "The model was read and its layers scored, but none of the selected model-level detectors could "
+            "examine it (for example no classifier layer the weight-only detector can read): its verdict is "
+            "unverified, not clean. `onnxclp scan --fail-on suspicious` fails on it (exit 6) unless "
+            "--allow-unverified."
+        ),
+        "help": (
+            "The message holds each detector's reason. Scan the model with a detector that reads it (--detector "
+            "mmbd runs the model and needs only a classifier output), check it by other means, or accept it "
+            "explicitly with --allow-unverified (the result then has level warning)."
         ),
     },
 )
@@ -306,6 +330,8 @@ def _channel_message(layer: Mapping[str, Any], channel: int, verdict: str) -> tu
     message += "; `onnxclp sanitize` would prune it."
     if verdict == "clean":
         message += " The model's verdict is clean: on its own this outlier is weak evidence."
+    elif verdict == "unverified":
+        message += " No model-level detector could examine this model: its verdict is unverified."
     props = {
         "channel": channel,
         "score": score,
@@ -323,7 +349,9 @@ def _channel_message(layer: Mapping[str, Any], channel: int, verdict: str) -> tu
     return message, props
 
 
-def _model_results(entry: Mapping[str, Any], base: Path | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _model_results(
+    entry: Mapping[str, Any], base: Path | None, unverified_level: str = "error"
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """SARIF artifact and results for one model entry of the ``scan --format json`` list."""
     path = str(entry.get("path") or "")
     artifact_location, rel = _location_parts(path, base)
@@ -361,6 +389,28 @@ def _model_results(entry: Mapping[str, Any], base: Path | None) -> tuple[dict[st
             )
         )
 
+    if verdict == "unverified":
+        skipped_detectors = entry.get("detectors_skipped") or {}
+        reasons = "; ".join(f"{n}: {why}" for n, why in sorted(skipped_detectors.items()))
+        message = f"Model '{rel}' is unverified: no selected detector could examine it" + (
+            f" ({reasons})." if reasons else "."
+        )
+        message += (
+            " It fails `--fail-on suspicious` (exit 6) unless --allow-unverified."
+            if unverified_level == "error"
+            else " It was accepted (--allow-unverified or a --fail-on that ignores verdicts)."
+        )
+        results.append(
+            _result(
+                "model-unverified",
+                message,
+                [_model_location(artifact_location)],
+                _fingerprint(RULES[_RULE_INDEX["model-unverified"]]["id"], rel),
+                {"verdict": verdict, "detectorsSkipped": dict(skipped_detectors)},
+                level=unverified_level,
+            )
+        )
+
     if isinstance(report, Mapping):
         layers = [layer for layer in report.get("layers") or [] if isinstance(layer, Mapping)]
         rule_outlier = RULES[_RULE_INDEX["channel-outlier"]]["id"]
@@ -375,7 +425,7 @@ def _model_results(entry: Mapping[str, Any], base: Path | None) -> tuple[dict[st
                         [_layer_location(artifact_location, node, channel)],
                         _fingerprint(rule_outlier, rel, node, channel),
                         props,
-                        level="warning" if verdict == "suspicious" else "note",
+                        level="warning" if verdict in ("suspicious", "unverified") else "note",
                     )
                 )
         rule_skipped = RULES[_RULE_INDEX["layer-skipped"]]["id"]
@@ -411,6 +461,8 @@ def _model_results(entry: Mapping[str, Any], base: Path | None) -> tuple[dict[st
             artifact_props["totals"] = totals
     if detectors:
         artifact_props["detectors"] = detectors
+    if entry.get("detectors_skipped"):
+        artifact_props["detectorsSkipped"] = entry.get("detectors_skipped")
     artifact = {
         "location": dict(artifact_location),
         "roles": ["analysisTarget"],
@@ -441,6 +493,8 @@ def to_sarif(
     tool_version: str,
     base_dir: str | os.PathLike[str] | None = None,
     information_uri: str | None = None,
+    fail_on: str | None = None,
+    allow_unverified: bool = False,
 ) -> dict[str, Any]:
     """Convert ``scan --format json`` results (one dict per model) into a SARIF 2.1.0 log.
 
@@ -453,6 +507,9 @@ def to_sarif(
             Without ``base_dir`` relative paths are kept relative (to ``%SRCROOT%``, left unresolved).
         information_uri: ``tool.driver.informationUri``; by default the ``[project.urls]`` home page of the
             installed package, omitted when there is none.
+        fail_on, allow_unverified: the gate (``scan --fail-on``, ``--allow-unverified``): a ``model-unverified``
+            result has level ``error`` unless the gate lets it pass (``allow_unverified``, or ``fail_on``
+            ``outliers`` or ``never``), then ``warning``.
 
     Returns:
         A JSON-serialisable dict (no NaN or infinity) valid against the SARIF 2.1.0 schema.
@@ -475,8 +532,9 @@ def to_sarif(
     artifacts: list[dict[str, Any]] = []
     sarif_results: list[dict[str, Any]] = []
     notifications: list[dict[str, Any]] = []
+    passes = allow_unverified or fail_on in ("outliers", "never")
     for entry in results:
-        artifact, model_results = _model_results(entry, base)
+        artifact, model_results = _model_results(entry, base, "warning" if passes else "error")
         index = len(artifacts)
         artifacts.append(artifact)
         for res in model_results:

@@ -1,8 +1,10 @@
 """``scan`` over many models: expand paths, scan each (in this process, a process pool or on Ray), render.
 
-Each model gives one JSON-ready object: ``path``, ``verdict`` (``clean``, ``suspicious`` or ``error``), ``target``,
-``error``, ``detectors`` (statistic, p-value, threshold per detector), ``detectors_skipped`` and ``report`` (the
-per-layer report). A model that cannot be read gets its own error entry; the others are still scanned.
+Each model gives one JSON-ready object: ``path``, ``verdict``, ``target``, ``error``, ``exit_code``, ``detectors``
+(statistic, p-value, threshold per detector), ``detectors_skipped`` (why each other detector did not apply) and
+``report`` (the per-layer report). The verdict is ``suspicious``, ``clean``, ``unverified`` (read, but no selected
+detector could examine it: the gate fails closed on it) or ``error`` (could not be read or scored: its own error
+entry; the others are still scanned).
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxclp.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_OUTLIERS, OnnxclpError
+from onnxclp.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_OUTLIERS, EXIT_UNVERIFIED, OnnxclpError
+
+VERDICTS = ("suspicious", "clean", "unverified", "error")
+DEFAULT_FPR = 0.01  # the CLI's --fpr default (docs/detect.md: the measured trade-off)
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,7 @@ class ScanConfig:
     exclude: tuple[str, ...] = ()
     inline_functions: bool = False
     detectors: tuple[str, ...] = ()
-    fpr: float = 0.05
+    fpr: float = DEFAULT_FPR
     force: bool = False
     streams: str = "strongest"
     context: dict[str, Any] = field(default_factory=dict)  # input geometry for detectors that run the model
@@ -47,13 +52,20 @@ class ScanConfig:
 
 def expand_paths(paths: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     """Files, folders (every ``*.onnx`` below, sorted) and globs -> model files (in order, without duplicates),
-    and an error entry for each argument that matches nothing."""
+    and an error entry for each argument that matches nothing. A weight file ``X.onnx.data`` stands for its model
+    ``X.onnx`` (a commit that changes only the weights is scanned: the pre-commit hook passes such files)."""
     files: list[str] = []
     missing: list[dict[str, Any]] = []
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
             found = sorted(str(f) for f in p.rglob("*.onnx") if f.is_file())
+        elif p.exists() and arg.endswith(".onnx.data"):
+            model = arg[: -len(".data")]
+            if not os.path.isfile(model):
+                missing.append(error_entry(arg, f"{arg}: external weights without their model {model}"))
+                continue
+            found = [model]
         elif p.exists():
             found = [arg]
         elif glob.has_magic(arg):
@@ -124,20 +136,121 @@ def _scan_task(item: tuple[str, ScanConfig]) -> dict[str, Any]:
     return scan_model(*item)
 
 
-def exit_code(results: list[dict[str, Any]], fail_on: str | None) -> int:
-    """The worst case over the models: an error's own code (2, 3, 4) over a finding (1) over clean (0)."""
-    code = EXIT_OK
+def fails_gate(r: dict[str, Any], fail_on: str | None, allow_unverified: bool = False) -> bool:
+    """Whether the model ``r`` (not an error entry) fails ``--fail-on``: a suspicious verdict, an unverified one
+    (unless ``allow_unverified``) with ``suspicious``; any flagged channel with ``outliers``."""
+    if fail_on == "suspicious":
+        return r["verdict"] == "suspicious" or (r["verdict"] == "unverified" and not allow_unverified)
+    if fail_on == "outliers":
+        return r["report"] is not None and r["report"]["totals"]["pruned_channels"] > 0
+    return False
+
+
+def exit_code(results: list[dict[str, Any]], fail_on: str | None, allow_unverified: bool = False) -> int:
+    """The most serious case over the models: an error's own code (the highest of 2, 3, 4: a model not scanned),
+    then a finding (1), then an unverified model under ``--fail-on suspicious`` (6), then 0."""
+    errors = [r.get("exit_code") or EXIT_INTERNAL for r in results if r["verdict"] == "error"]
+    if errors:
+        return max(errors)
+    failed = [r for r in results if fails_gate(r, fail_on, allow_unverified)]
+    if fail_on == "suspicious" and failed and all(r["verdict"] == "unverified" for r in failed):
+        return EXIT_UNVERIFIED
+    return EXIT_OUTLIERS if failed else EXIT_OK
+
+
+def tally(results: list[dict[str, Any]]) -> str:
+    """The closing line: ``18 models: 9 suspicious, 8 clean, 1 unverified, 0 errors``."""
+    n = {v: sum(r["verdict"] == v for r in results) for v in VERDICTS}
+    errors = f"{n['error']} error" + ("" if n["error"] == 1 else "s")
+    return (
+        f"{len(results)} model{'' if len(results) == 1 else 's'}: {n['suspicious']} suspicious, {n['clean']} clean, "
+        f"{n['unverified']} unverified, {errors}"
+    )
+
+
+def _unverified_reason(r: dict[str, Any]) -> str:
+    why = "; ".join(f"{n}: {reason}" for n, reason in (r.get("detectors_skipped") or {}).items())
+    return "no selected detector could examine it" + (f" - {why}" if why else "")
+
+
+def gate_lines(results: list[dict[str, Any]], fail_on: str | None, allow_unverified: bool = False) -> list[str]:
+    """One line per model that fails ``--fail-on`` (error entries are named by :func:`print_errors`)."""
+    lines = []
     for r in results:
-        c = r.get("exit_code", EXIT_OK)
-        if r["verdict"] == "error":
-            code = max(code, c)
+        if r["verdict"] == "error" or not fails_gate(r, fail_on, allow_unverified):
             continue
-        finding = (fail_on == "suspicious" and r["verdict"] == "suspicious") or (
-            fail_on == "outliers" and r["report"]["totals"]["pruned_channels"] > 0
-        )
-        if finding:
-            code = max(code, EXIT_OUTLIERS)
-    return code
+        if r["verdict"] == "unverified" and fail_on == "suspicious":
+            why = [_unverified_reason(r)]
+        elif fail_on == "outliers":
+            t = r["report"]["totals"]
+            why = [f"{t['pruned_channels']} channel(s) flagged"]
+        else:
+            why = [f"target class {r['target']}"] if r["target"] is not None else []
+            why += [f"{n} p={_fmt_p(d['p_value'])}" for n, d in r["detectors"].items() if d.get("suspicious")]
+        lines.append(f"FAIL {r['path']}: " + "; ".join([r["verdict"], *why]))
+    return [_printable(x) for x in lines]
+
+
+def next_step(
+    results: list[dict[str, Any]], method: str = "clp", detectors: tuple[str, ...] = (), allow_unverified: bool = False
+) -> str | None:
+    """One line on what to do next: sanitize a suspicious model (a data-free method, and one for clean data, from
+    the method registry), examine an unverified one with a detector that reads it; None when nothing is to do."""
+    suspicious = [r["path"] for r in results if r["verdict"] == "suspicious"]
+    unverified = [r for r in results if r["verdict"] == "unverified"]
+    parts = []
+    if suspicious:
+        free, few = suggested_methods(method)
+        model = suspicious[0] if len(suspicious) == 1 else "MODEL"
+        text = f"onnxclp sanitize {model} OUT.onnx --method {free}"
+        if few is not None:
+            text += f" (with clean labelled images: --method {few} --clean-data CLEAN.npz)"
+        parts.append(text + ", then evaluate the result")
+    if unverified:
+        ran = set(detectors) or set(_detector_defaults())
+        other = _other_detector(ran)
+        text = "an unverified model: " + (f"scan it with --detector {other}" if other else "check it by other means")
+        parts.append(text + ("" if allow_unverified else ", or accept it with --allow-unverified"))
+    return _printable("next: " + "; ".join(parts)) if parts else None
+
+
+def suggested_methods(method: str = "clp") -> tuple[str, str | None]:
+    """The methods ``next:`` suggests, from the registry: a data-free one (a method marked ``suggested``, else the
+    scan's own method when it needs nothing, else the first registered) and one that reads clean data (marked,
+    else the first registered; None when there is none)."""
+    from onnxclp import methods
+
+    found = {n: methods.get(n) for n in methods.names()}
+
+    def pick(needs: str, fallback: str | None) -> str | None:
+        names = [n for n, m in found.items() if m.needs == needs]
+        marked = [n for n in names if getattr(found[n], "suggested", False)]
+        if marked:
+            return marked[0]
+        if fallback in names:
+            return fallback
+        return names[0] if names else None
+
+    return pick("nothing", method) or method, pick("clean-data", None)
+
+
+def _detector_defaults() -> list[str]:
+    from onnxclp import detect
+
+    return detect.default_names()
+
+
+def _other_detector(ran: set[str]) -> str | None:
+    """A registered detector that did not run, preferring one that runs the model (it reads any classifier)."""
+    from onnxclp import detect
+
+    rest = [n for n in detect.names() if n not in ran]
+    runs_model = [n for n in rest if detect.get(n).extra is not None]
+    name = (runs_model or rest or [None])[0]
+    if name is None:
+        return None
+    extra = detect.get(name).extra
+    return name + (f" (needs the '{extra}' extra)" if extra else "")
 
 
 def _fmt_p(p: float | None) -> str:
@@ -146,7 +259,7 @@ def _fmt_p(p: float | None) -> str:
 
 def render_text(results: list[dict[str, Any]], *, quiet: bool = False, verbose: bool = False) -> str:
     """Plain text, never truncated: one summary line per model, then (unless ``quiet``) its flagged layers with
-    full names, one per line."""
+    full names, one per line; the closing :func:`tally` last."""
     lines = []
     for r in results:
         if r["verdict"] == "error":  # on stderr, one line each (print_errors)
@@ -154,6 +267,8 @@ def render_text(results: list[dict[str, Any]], *, quiet: bool = False, verbose: 
         t = r["report"]["totals"]
         det = "; ".join(f"{n} p={_fmt_p(d['p_value'])}" for n, d in r["detectors"].items())
         target = f" (target class {r['target']})" if r["target"] is not None else ""
+        if r["verdict"] == "unverified":  # the reasons: here with -q, else on the "not applied" lines below
+            target = f" ({_unverified_reason(r) if quiet else 'no selected detector could examine it'})"
         lines.append(
             f"{r['path']}: {r['verdict']}{target}; {t['pruned_channels']} of {t['channels']} channels flagged in "
             f"{t['layers_with_pruned_channels']} of {t['scored_layers']} layers" + (f"; {det}" if det else "")
@@ -185,6 +300,7 @@ def render_text(results: list[dict[str, Any]], *, quiet: bool = False, verbose: 
             lines.append(f"  skipped {s['node']} ({s['op']}): {s['reason']}")
         for n, why in r.get("detectors_skipped", {}).items():
             lines.append(f"  detector {n} not applied: {why}")
+    lines.append(tally(results))
     return "".join(_printable(x) + "\n" for x in lines)
 
 

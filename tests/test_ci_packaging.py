@@ -1,8 +1,9 @@
 """CI packaging: the GitHub Action (action.yml + ci/action-scan.sh), the pre-commit hook and the CI examples.
 
-The action's script is tested twice: against a stub ``onnxclp`` (its own logic: argument passing, SARIF first,
-exit code kept, outputs, the fallback log) and against the real CLI on tests/golden/*.onnx (skipped while
-``onnxclp scan`` has no ``--format``). The pre-commit hook is installed and run with ``pre-commit try-repo``.
+The action's script is tested twice: against a stub ``onnxclp`` (its own logic: argument passing, one scan, exit
+code kept, outputs, the fallback log) and against the real CLI on tests/golden/*.onnx (skipped while
+``onnxclp scan`` has no ``--format``). The pre-commit hook is installed and run with ``pre-commit try-repo``, from
+a copy of the working tree, on a commit that changes only a model's ``.onnx.data`` weights too.
 """
 
 from __future__ import annotations
@@ -73,26 +74,39 @@ def test_action_yml_structure() -> None:
     assert action["name"] and action["description"]
     assert action["runs"]["using"] == "composite"
     inputs = action["inputs"]
-    assert set(inputs) >= {"models", "method", "fail-on", "fpr", "sarif", "python-version", "extra-args"}
+    assert set(inputs) >= {"models", "method", "detector", "fail-on", "allow-unverified", "fpr", "sarif",
+                           "python-version", "cache", "extra-args", "summary"}  # fmt: skip
     assert inputs["models"]["required"] is True
     defaults = {k: v.get("default") for k, v in inputs.items()}
     assert defaults["method"] == "clp" and defaults["fail-on"] == "suspicious"
-    assert defaults["fpr"] == "0.05" and defaults["sarif"] == "onnxclp.sarif"
+    assert defaults["fpr"] == "" and defaults["sarif"] == "onnxclp.sarif"  # empty fpr: onnxclp's own default
+    assert defaults["allow-unverified"] == "false" and defaults["detector"] == "" and defaults["cache"] == "true"
     assert all(v.get("description") for v in inputs.values())
     assert set(action["outputs"]) == {"exit-code", "sarif"}
+    assert "6" in action["outputs"]["exit-code"]["description"]
 
     steps = action["runs"]["steps"]
-    assert any(str(s.get("uses", "")).startswith("actions/setup-python@") for s in steps)
+    # the job's Python is left alone: setup-python does not put its interpreter on PATH
+    [python] = [s for s in steps if str(s.get("uses", "")).startswith("actions/setup-python@")]
+    assert python["with"]["update-environment"] is False
+    [cache] = [s for s in steps if str(s.get("uses", "")).startswith("actions/cache@")]
+    assert cache["if"] == "inputs.cache == 'true'" and cache["with"]["key"] == "${{ steps.env.outputs.key }}"
     run_steps = [s for s in steps if "run" in s]
     assert all(s.get("shell") == "bash" for s in run_steps), "composite run steps need an explicit shell"
-    install, scan = run_steps
+    locate, install, scan, gate = run_steps
+    assert steps.index(locate) < steps.index(cache) < steps.index(install)
+    assert locate["id"] == "env" and "pyproject.toml" in locate["run"]
     assert install["env"]["ACTION_PATH"] == "${{ github.action_path }}" and "pip install" in install["run"]
+    assert install["env"]["PIP_CACHE_DIR"] == "${{ steps.env.outputs.pip-cache }}"
     assert "torch" not in install["run"] and "onnxruntime" not in install["run"]
-    assert scan["id"] == "scan" and "ci/action-scan.sh" in scan["run"]
+    # one scan, which records the exit code and the outputs; the last step fails the action with that code
+    assert scan["id"] == "scan" and "ci/action-scan.sh" in scan["run"] and scan["run"].endswith("|| true")
+    assert gate["env"]["RC"] == "${{ steps.scan.outputs.exit-code }}" and gate["run"] == 'exit "${RC:-4}"'
     for step in run_steps:  # script injection: no expression inside the script text
         assert "${{" not in step["run"]
     mapped = {k: v for k, v in scan["env"].items() if k.startswith("INPUT_")}
-    for name in ("models", "method", "fail-on", "fpr", "sarif", "extra-args"):
+    names = ["models", "method", "detector", "fail-on", "allow-unverified", "fpr", "sarif", "extra-args", "summary"]
+    for name in names:
         assert mapped[f"INPUT_{name.upper().replace('-', '_')}"] == f"${{{{ inputs.{name} }}}}"
 
 
@@ -102,35 +116,51 @@ def test_examples_parse() -> None:
     job = next(iter(workflow["jobs"].values()))
     assert job["permissions"]["security-events"] == "write"
     upload = next(s for s in job["steps"] if str(s.get("uses", "")).startswith("github/codeql-action/upload-sarif@"))
-    assert "always()" in upload["if"]
-    scan = next(s for s in job["steps"] if s.get("id") == "onnxclp")
-    assert upload["with"]["sarif_file"] == scan["with"]["sarif"]
+    assert "always()" in upload["if"] and "steps.onnxclp.outputs.sarif" in upload["if"]
+    assert upload["with"]["sarif_file"] == "${{ steps.onnxclp.outputs.sarif }}"  # the action's output, not a name
+    assert "hashFiles" not in (ROOT / "docs" / "examples" / "github-workflow.yml").read_text(encoding="utf-8")
 
     gitlab = yaml.safe_load((ROOT / "docs" / "examples" / "gitlab-ci.yml").read_text(encoding="utf-8"))
     job = gitlab["onnxclp-scan"]
     assert job["artifacts"]["when"] == "always"
     assert {"onnxclp.sarif", "onnxclp.json"} <= set(job["artifacts"]["paths"])
     assert "reports" not in job["artifacts"], "reports:sast takes GitLab's schema, not SARIF (see docs/ci.md)"
+    [scan] = [line for line in job["script"] if "onnxclp scan" in line]  # one scan writes both reports
+    assert "--sarif onnxclp.sarif" in scan and "--json onnxclp.json" in scan
+
+
+def test_ci_doc_matches_the_cli() -> None:
+    """Issue 22.12: docs/ci.md does not call --fail-on suspicious the CLI's default, names no `sanitize --json`,
+    and its JSON example has every field a scan entry has."""
+    text = (ROOT / "docs" / "ci.md").read_text(encoding="utf-8")
+    assert "sanitize --json" not in text
+    assert "(the default;" not in text and "Without `--fail-on`, `scan` reports and exits 0" in text
+    for field in ("exit_code", "detectors_skipped", "unverified"):
+        assert f'"{field}"' in text or f"`{field}`" in text
+    from onnxclp import scanning
+
+    keys = set(scanning.error_entry("m.onnx", "x"))
+    example = text[text.index("```json") : text.index("```", text.index("```json") + 7)]
+    assert all(f'"{k}"' in example for k in keys)
+    assert "| 6    |" in text
 
 
 # --- ci/action-scan.sh against a stub onnxclp ---------------------------------------------------------------------
 
 STUB = r"""#!/usr/bin/env bash
-# stub onnxclp: records its arguments; writes a SARIF log for --format sarif; exits $STUB_RC for that call
+# stub onnxclp: records its arguments; writes a SARIF log for --sarif FILE, prints a text report; exits $STUB_RC
 printf '%s\n' "---" "$@" >>"$STUB_LOG"
-fmt=""; out=""
+sarif=""
 while [[ $# -gt 0 ]]; do
-  case "$1" in --format) fmt="$2"; shift ;; --output) out="$2"; shift ;; esac
+  case "$1" in --sarif) sarif="$2"; shift ;; esac
   shift
 done
-if [[ "$fmt" == "sarif" ]]; then
-  [[ -n "${STUB_NO_SARIF:-}" ]] && exit "${STUB_RC:-0}"
-  printf '{"version": "2.1.0", "runs": [{"tool": {"driver": {"name": "onnxclp"}}, "results": []}]}' >"$out"
-  exit "${STUB_RC:-0}"
+if [[ -n "$sarif" && -z "${STUB_NO_SARIF:-}" ]]; then
+  printf '{"version": "2.1.0", "runs": [{"tool": {"driver": {"name": "onnxclp"}}, "results": []}]}' >"$sarif"
 fi
-[[ -f "$STUB_SARIF_CHECK" ]] || { echo "summary ran before the SARIF was written" >&2; exit 9; }
-echo "SUMMARY: 2 models, 0 suspicious"
-exit 7
+echo "2 models: 0 suspicious, 2 clean, 0 unverified, 0 errors"
+echo "FAIL stub.onnx: suspicious" >&2
+exit "${STUB_RC:-0}"
 """
 
 
@@ -157,9 +187,10 @@ def calls(env: dict[str, str]) -> list[list[str]]:
     return [chunk.strip("\n").split("\n") for chunk in text.split("---\n") if chunk.strip()]
 
 
-@pytest.mark.parametrize("rc", [0, 1, 2, 3])
+@pytest.mark.parametrize("rc", [0, 1, 2, 3, 6])
 def test_script_passes_inputs_and_keeps_exit_code(stub: dict[str, str], tmp_path: Path, rc: int) -> None:
-    """Models split on spaces and newlines with globs unexpanded; options mapped; SARIF first; exit code kept."""
+    """Models split on spaces and newlines with globs unexpanded; options mapped; one scan writes the SARIF and the
+    text report (stdout and stderr both reach the log and the job summary); exit code kept."""
     (tmp_path / "a.onnx").write_bytes(b"x")  # a glob that would match here must still reach onnxclp unexpanded
     env = {
         **stub,
@@ -168,29 +199,35 @@ def test_script_passes_inputs_and_keeps_exit_code(stub: dict[str, str], tmp_path
         "INPUT_METHOD": "lpp",
         "INPUT_FAIL_ON": "outliers",
         "INPUT_FPR": "0.1",
+        "INPUT_DETECTOR": "classifier, mmbd\n",
+        "INPUT_ALLOW_UNVERIFIED": "true",
         "INPUT_EXTRA_ARGS": "--include-fc  --u 3.5",
     }
     proc = run_script(env, tmp_path)
     assert proc.returncode == rc, proc.stdout + proc.stderr
-    gate, summary = calls(env)
+    [gate] = calls(env)  # scanned once
     assert gate == [
         "scan", "*.onnx", "models/", "zoo/b.onnx", "--method", "lpp", "--fail-on", "outliers", "--fpr", "0.1",
-        "--include-fc", "--u", "3.5", "--format", "sarif", "--output", env["INPUT_SARIF"],
+        "--detector", "classifier", "--detector", "mmbd", "--allow-unverified", "--include-fc", "--u", "3.5",
+        "--format", "text", "--output", "-", "--sarif", env["INPUT_SARIF"],
     ]  # fmt: skip
-    assert summary[-4:] == ["--format", "text", "--output", "-"]
-    assert "SUMMARY: 2 models" in proc.stdout
-    assert f"exit-code={rc}" in Path(env["GITHUB_OUTPUT"]).read_text(encoding="utf-8")
-    assert "SUMMARY: 2 models" in Path(env["GITHUB_STEP_SUMMARY"]).read_text(encoding="utf-8")
+    assert "2 models: 0 suspicious" in proc.stdout and "FAIL stub.onnx" in proc.stdout
+    outputs = Path(env["GITHUB_OUTPUT"]).read_text(encoding="utf-8")
+    assert f"exit-code={rc}" in outputs and f"sarif={env['INPUT_SARIF']}" in outputs
+    summary = Path(env["GITHUB_STEP_SUMMARY"]).read_text(encoding="utf-8")
+    assert "2 models: 0 suspicious" in summary and "FAIL stub.onnx" in summary and f"exit code {rc}" in summary
     assert json.loads(Path(env["INPUT_SARIF"]).read_text(encoding="utf-8"))["version"] == "2.1.0"
 
 
 def test_script_defaults_and_no_summary(stub: dict[str, str], tmp_path: Path) -> None:
-    """Defaults: clp, --fail-on suspicious, --fpr 0.05; summary=false makes a single call."""
+    """Defaults: clp, --fail-on suspicious, onnxclp's own --fpr and detectors; summary=false: -q, no job summary."""
     env = {**stub, "INPUT_MODELS": "m.onnx", "INPUT_SUMMARY": "false"}
     proc = run_script(env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     [gate] = calls(env)
-    assert gate[:8] == ["scan", "m.onnx", "--method", "clp", "--fail-on", "suspicious", "--fpr", "0.05"]
+    assert gate == ["scan", "m.onnx", "--method", "clp", "--fail-on", "suspicious", "--format", "text", "--output", "-",
+                    "--sarif", env["INPUT_SARIF"], "-q"]  # fmt: skip
+    assert not Path(env["GITHUB_STEP_SUMMARY"]).exists()
 
 
 @pytest.mark.parametrize(
@@ -199,6 +236,8 @@ def test_script_defaults_and_no_summary(stub: dict[str, str], tmp_path: Path) ->
         ({"INPUT_MODELS": " \n "}, "'models' is empty"),
         ({"INPUT_MODELS": "m.onnx", "INPUT_FAIL_ON": "always"}, "'fail-on' must be"),
         ({"INPUT_MODELS": "m.onnx", "INPUT_METHOD": "abc"}, "'method' must be"),
+        ({"INPUT_MODELS": "m.onnx", "INPUT_ALLOW_UNVERIFIED": "yes"}, "'allow-unverified' must be"),
+        ({"INPUT_MODELS": "m.onnx", "INPUT_DETECTOR": "--output=x"}, "'detector' must be"),
     ],
 )
 def test_script_rejects_bad_inputs(stub: dict[str, str], tmp_path: Path, inputs: dict[str, str], message: str) -> None:
@@ -235,7 +274,7 @@ def test_script_on_golden_models(tmp_path: Path) -> None:
         "INPUT_FAIL_ON": "suspicious",
     }
     proc = run_script(env, ROOT)
-    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    assert proc.returncode in (0, 1, 6), proc.stdout + proc.stderr
     log = json.loads(sarif.read_text(encoding="utf-8"))
     errors = list(sarif_validator().iter_errors(log))
     assert not errors, errors[:3]
@@ -249,9 +288,17 @@ def test_script_on_golden_models(tmp_path: Path) -> None:
         for r in run["results"]
         if r["ruleId"] == "ONNXCLP001"
     }
+    unverified = {
+        r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+        for r in run["results"]
+        if r["ruleId"] == "ONNXCLP006"
+    }
+    assert "tests/golden/qdq.onnx" in unverified  # its Conv feeds the output: no classifier layer to read
     assert (proc.returncode == 1) == bool(suspicious)
+    assert (proc.returncode == 6) == (not suspicious and bool(unverified))
     for model in GOLDEN:  # the text summary names every model in full, untruncated
         assert model.name in proc.stdout
+    assert f"{len(GOLDEN)} models: " in proc.stdout  # the tally
 
 
 @needs_new_cli
@@ -288,7 +335,11 @@ def test_pre_commit_manifest() -> None:
     assert hook["id"] == "onnxclp-scan"
     assert hook["language"] == "python"
     assert hook["entry"] == "onnxclp scan --fail-on suspicious"
-    assert hook["files"] == r"\.onnx$"
+    assert hook["files"] == r"\.onnx(\.data)?$"
+    import re
+
+    files = re.compile(hook["files"])
+    assert files.search("m/model.onnx") and files.search("m/model.onnx.data") and not files.search("notes.txt")
     assert hook.get("pass_filenames", True) is True
 
 
@@ -304,20 +355,35 @@ def _git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True)
 
 
+def _hook_repo(dest: Path) -> Path:
+    """A git repository holding this working tree's package and hook manifest (tracked and untracked files, as
+    they are now, so that uncommitted changes are what is tried), committed."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    keep = ("onnxclp/", "pyproject.toml", "README.md", ".pre-commit-hooks.yaml")
+    for name in listed:
+        if name.startswith(keep) and (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    _git(dest, "init", "-q")
+    _git(dest, "add", "-A")
+    _git(dest, "commit", "-q", "-m", "snapshot")
+    return dest
+
+
 @pytest.mark.slow
 def test_pre_commit_try_repo(tmp_path: Path) -> None:
-    """``pre-commit try-repo`` on a clone of this repository's HEAD: the hook installs (from PyPI) and scans a model.
+    """``pre-commit try-repo`` on a snapshot of this working tree: the hook installs (from PyPI) and scans a staged
+    model, and a commit that changes only a model's ``.onnx.data`` weights (issue 22.14) scans that model.
 
     Slow (builds a virtual environment and installs onnx, numpy, typer and rich from PyPI: about a minute).
-    Skipped when pre-commit is missing, and while HEAD's CLI has no ``--fail-on`` (issue 13's CLI not landed).
+    Skipped when pre-commit is missing.
     """
     pre_commit = shutil.which("pre-commit") or str(Path(sys.executable).with_name("pre-commit"))
     if not Path(pre_commit).exists():
         pytest.skip("pre-commit is not installed (pip install -e .[test])")
-    hook_repo = tmp_path / "hook-repo"
-    subprocess.run(
-        ["git", "clone", "--quiet", "--depth", "1", f"file://{ROOT}", str(hook_repo)], check=True, capture_output=True
-    )
+    hook_repo = _hook_repo(tmp_path / "hook-repo")
     target = tmp_path / "target"
     target.mkdir()
     _git(target, "init", "-q")
@@ -325,22 +391,52 @@ def test_pre_commit_try_repo(tmp_path: Path) -> None:
     (target / "notes.txt").write_text("not a model\n", encoding="utf-8")
     _git(target, "add", "model.onnx", "notes.txt")
     env = {**os.environ, "PRE_COMMIT_HOME": str(tmp_path / "pre-commit-home"), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    proc = subprocess.run(
-        [pre_commit, "try-repo", str(hook_repo), "onnxclp-scan", "--files", "model.onnx", "notes.txt", "--verbose"],
-        cwd=target,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    out = proc.stdout + proc.stderr
-    if "No such option" in out and "--fail-on" in out:
-        pytest.skip("HEAD's onnxclp scan has no --fail-on yet (issue 13's CLI not landed)")
+
+    def try_repo(*files: str) -> tuple[int, str]:
+        args = ["--files", *files] if files else []  # no files: the staged ones, as at commit time
+        proc = subprocess.run(
+            [pre_commit, "try-repo", str(hook_repo), "onnxclp-scan", *args, "--verbose"],
+            cwd=target, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        return proc.returncode, proc.stdout + proc.stderr
+
+    def direct(model: str) -> int:
+        proc = subprocess.run([ONNXCLP, "scan", "--fail-on", "suspicious", model], cwd=target, capture_output=True,
+                              text=True)  # fmt: skip
+        assert proc.returncode in (0, 1, 6), proc.stdout + proc.stderr
+        return proc.returncode
+
+    rc, out = try_repo("model.onnx", "notes.txt")
     assert "onnxclp-scan" in out, out
     # the hook gives the verdict the CLI gives on the same file (the golden VGG has random weights, no backdoor)
-    direct = subprocess.run(
-        [ONNXCLP, "scan", "--fail-on", "suspicious", "model.onnx"], cwd=target, capture_output=True, text=True
-    )
-    assert direct.returncode in (0, 1), direct.stdout + direct.stderr
-    assert proc.returncode == direct.returncode, out
-    assert ("Passed" in out) == (direct.returncode == 0), out
+    assert rc == direct("model.onnx"), out
+    assert ("Passed" in out) == (rc == 0), out
+
+    # a model with external weights, committed; then a commit that changes only its weights
+    shutil.copy(ROOT / "tests" / "golden" / "resnet.dynamo.onnx", target / "net.onnx")
+    data = (ROOT / "tests" / "golden" / "resnet.dynamo.onnx.data").read_bytes()
+    model = onnx_load_with_location(target / "net.onnx", "resnet.dynamo.onnx.data", "net.onnx.data", data)
+    _git(target, "add", "-A")
+    _git(target, "commit", "-q", "-m", "models")
+    raw = bytearray((target / "net.onnx.data").read_bytes())
+    raw[:4] = raw[4:8]  # a changed weight
+    (target / "net.onnx.data").write_bytes(bytes(raw))
+    _git(target, "add", "net.onnx.data")
+    rc, out = try_repo()
+    assert "no files to check" not in out, out  # the weights-only commit is checked...
+    assert "net.onnx: " in out, out  # the hook scanned net.onnx (its text report)
+    assert rc == direct(model), out  # ...as the model it belongs to
+
+
+def onnx_load_with_location(path: Path, old: str, new: str, data: bytes) -> str:
+    """Point ``path``'s external tensors from ``old`` to ``new`` (written with ``data``); returns the model path."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    for tensor in m.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    onnx.save(m, str(path))
+    (path.parent / new).write_bytes(data)
+    return path.name

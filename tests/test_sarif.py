@@ -152,6 +152,7 @@ def test_rules_are_stable() -> None:
         ("ONNXCLP003", "scan-error", "error", "7.0"),
         ("ONNXCLP004", "layer-skipped", "note", "-"),
         ("ONNXCLP005", "nothing-scored", "warning", "4.0"),
+        ("ONNXCLP006", "model-unverified", "error", "7.0"),
     ]
     assert len({r["id"] for r in RULES}) == len(RULES)
 
@@ -176,6 +177,7 @@ def test_driver_and_rules(validator: Any) -> None:
         "ONNXCLP003": "7.0",
         "ONNXCLP004": None,
         "ONNXCLP005": "4.0",
+        "ONNXCLP006": "7.0",
     }
     assert log["runs"][0]["results"] == []
 

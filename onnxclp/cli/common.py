@@ -56,15 +56,29 @@ def run_guarded(fn: Callable[[], T], debug: bool) -> T:
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
+# The README's install routes ("Quick start"): torch first, the build for the machine; from PyPI alone torch is the
+# multi-GB CUDA build, so a CPU-only machine takes PyTorch's CPU index. onnxruntime-gpu replaces onnxruntime.
+TORCH_ROUTES = (
+    "install torch for this machine first (README, 'Quick start'): without an NVIDIA GPU, "
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install 'onnxclp[{extra}]'; "
+    "with one, pip install torch && pip install 'onnxclp[eval-gpu]'"
+)
+
+
+def extra_hint(extra: str) -> str:
+    """How to install ``extra``: the README's CPU/GPU routes for the extras that bring torch, else plain pip."""
+    if extra in ("eval", "eval-gpu"):
+        return TORCH_ROUTES.format(extra=extra)
+    return f"pip install 'onnxclp[{extra}]'"
+
+
 def require_extra(extra: str, *modules: str) -> None:
     """Refuse, with one line naming the extra to install (exit 2), when one of ``modules`` cannot be imported."""
     import importlib.util
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise OnnxclpError(
-            f"this needs the '{extra}' extra ({', '.join(missing)} not installed): pip install 'onnxclp[{extra}]'"
-        )
+        raise OnnxclpError(f"this needs the '{extra}' extra ({', '.join(missing)} not installed): {extra_hint(extra)}")
 
 
 def write_text(target: str | Path, text: str, what: str = "output") -> None:
@@ -97,6 +111,13 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class ReportFormat(str, Enum):
+    """``sanitize --report-format``: the formats a report file can take (text is the terminal's)."""
+
+    json = "json"
+    sarif = "sarif"
+
+
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary line.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="List every layer, even on large models.")]
@@ -114,6 +135,7 @@ Streams = Annotated[
     str,
     typer.Option(
         "--streams",
+        metavar="RULE",
         help="Residual-stream rule: strongest (a channel summed into one stream is pruned in its most outlying "
         "layer only) or all (every layer decides alone).",
         rich_help_panel=METHOD_PANEL,
@@ -132,7 +154,7 @@ InlineFunctions = Annotated[
 def _method_help() -> str:
     from onnxclp import methods
 
-    return "; ".join(f"{n}: {methods.get(n).description}" for n in methods.names())
+    return f"Defence: {', '.join(methods.names())}; `onnxclp methods` describes each and what it needs."
 
 
 def method_option(default: str = "clp") -> inspect.Parameter:
@@ -141,7 +163,10 @@ def method_option(default: str = "clp") -> inspect.Parameter:
         "method",
         inspect.Parameter.KEYWORD_ONLY,
         default=default,
-        annotation=Annotated[str, typer.Option("--method", "-m", help=_method_help(), rich_help_panel=METHOD_PANEL)],
+        annotation=Annotated[
+            str,
+            typer.Option("--method", "-m", metavar="NAME", help=_method_help(), rich_help_panel=METHOD_PANEL),
+        ],
     )
 
 

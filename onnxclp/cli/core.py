@@ -16,6 +16,7 @@ from onnxclp.cli.common import (
     Exclude,
     InlineFunctions,
     Quiet,
+    ReportFormat,
     Streams,
     Verbose,
     check_writable,
@@ -25,7 +26,7 @@ from onnxclp.cli.common import (
     with_method_options,
     write_text,
 )
-from onnxclp.errors import EXIT_OK, EXIT_OUTLIERS, OnnxclpError
+from onnxclp.errors import EXIT_OK, OnnxclpError
 
 
 class Format(str, Enum):
@@ -111,17 +112,36 @@ def sanitize(
         bool, typer.Option("--fuse-bn", help="Fold paired BatchNormalizations into their layers.")
     ] = False,
     inline_functions: InlineFunctions = False,
+    drop_initializer_inputs: Annotated[
+        bool,
+        typer.Option(
+            "--drop-initializer-inputs",
+            help="Also remove the initializers from the graph inputs, so that no caller can feed the weights "
+            "(IR version 4 or later; IR version 3 requires them as inputs).",
+        ),
+    ] = False,
     report: Annotated[str | None, typer.Option("--report", help="Write the report here ('-' = stdout).")] = None,
     report_format: Annotated[
-        Format, typer.Option("--report-format", help="Format of --report: json (default), sarif.")
-    ] = Format.json,
+        ReportFormat, typer.Option("--report-format", help="Format of --report: json (default) or sarif.")
+    ] = ReportFormat.json,
     force: Annotated[
         bool, typer.Option("--force", help="Allow OUTPUT to be INPUT, and parameter values far outside the paper's.")
     ] = False,
     clean_data: Annotated[
-        Path | None, typer.Option("--clean-data", help="Clean labelled images for methods that need them.")
+        Path | None,
+        typer.Option(
+            "--clean-data",
+            help="Clean labelled images of the model's task: an .npz with x_test (N,H,W,C or N,C,H,W; uint8 0-255 "
+            "or float 0-1) and y_test (N, int), a CIFAR batch or a folder of class folders. Needed by repairs; "
+            "with any method the accuracy guard measures the result on a held-out part.",
+        ),
     ] = None,
-    clean_n: Annotated[int, typer.Option("--clean-n", help="How many clean images such a method reads.")] = 500,
+    clean_n: Annotated[int, typer.Option("--clean-n", help="How many clean images are read (seeded subset).")] = 500,
+    x_key: Annotated[str | None, typer.Option("--x-key", help="Images array of the --clean-data .npz.")] = None,
+    y_key: Annotated[str | None, typer.Option("--y-key", help="Labels array of the --clean-data .npz.")] = None,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Share of the clean images kept for validation (>= 100).")
+    ] = 0.2,
     calibrate: Annotated[
         Path | None,
         typer.Option(
@@ -129,8 +149,11 @@ def sanitize(
         ),
     ] = None,
     max_acc_drop: Annotated[
-        float, typer.Option("--max-acc-drop", help="Calibration budget: clean accuracy drop in points.")
-    ] = 1.0,
+        float,
+        typer.Option(
+            "--max-acc-drop", help="Budget in points of clean accuracy: a result losing more is not written."
+        ),
+    ] = 3.0,
     calibrate_grid: Annotated[
         str | None, typer.Option("--calibrate-grid", help="Candidate u for --calibrate [0.5:8:0.25].")
     ] = None,
@@ -150,15 +173,22 @@ def sanitize(
 
         values = dict(method_values)
         check_output(input, output, force)  # every output path is checked before any work
-        if report is not None and report_format is Format.text:
-            raise OnnxclpError("--report-format: json or sarif")
         check_writable(report, "report")
         m = methods.get(method)
         context = model_context(mean, std, input_shape, device)
-        if m.needs == "clean-data":
-            if clean_data is None:
-                raise OnnxclpError(f"--method {method} needs clean labelled images: give --clean-data")
-            context.update(clean_data=clean_data, clean_n=clean_n)
+        if m.needs == "clean-data" and clean_data is None:
+            raise OnnxclpError(f"--method {method} needs clean labelled images: give --clean-data")
+        context.update(quiet=quiet)
+        if clean_data is not None:  # any method: the accuracy guard measures the result (onnxclp.guard)
+            require_extra("eval", "onnxruntime", "torch")
+            context.update(clean_data=clean_data, clean_n=clean_n, x_key=x_key, y_key=y_key,
+                           val_fraction=val_fraction, max_acc_drop=max_acc_drop)  # fmt: skip
+            if mean is None and std is None and not quiet:
+                typer.echo(
+                    "warning: no --mean/--std: the clean images go to the model as [0, 1] pixels; give the "
+                    "normalisation the model was trained with",
+                    err=True,
+                )
         if values.get("target_from") == "mmbd":
             require_extra("eval", "torch")
         if m.extra is not None:
@@ -178,16 +208,24 @@ def sanitize(
         rep = sanitize_file(
             input, output, method, score=score, include_fc=include_fc, exclude=exclude or (), fuse_bn=fuse_bn,
             force=force, allow_risky=allow_risk, inline_functions=inline_functions, context=context, streams=streams,
-            **values,
+            drop_initializer_inputs=drop_initializer_inputs, **values,
         )  # fmt: skip
         if calibrate is not None:
             rep.notes.append(f"calibrated on {calibrate}: {', '.join(f'{k}={v:g}' for k, v in values.items())}")
-        _write_report(rep, report_format, report)
+        _write_report(rep, Format(report_format.value), report)
         if report != "-":
             _print(rep, quiet, verbose)
-        for note in rep.notes:
+        from onnxclp.report import unique_notes
+
+        for note in unique_notes(rep.notes):
             typer.echo(one_line(note), err=True)
+        if rep.guard is not None and not quiet:
+            from onnxclp.guard import GuardResult
+
+            typer.echo(GuardResult(**rep.guard).summary(), err=True)
         typer.echo(f"wrote {one_line(', '.join(rep.written))}", err=True)
+        if report is not None and report != "-":
+            typer.echo(f"report: {report}", err=True)
 
     run_guarded(go, debug)
 
@@ -207,17 +245,29 @@ def scan(
     json_path: Annotated[
         str | None, typer.Option("--json", help="Also write the JSON list here ('-' = stdout).")
     ] = None,
+    sarif_path: Annotated[
+        str | None, typer.Option("--sarif", help="Also write the SARIF log here ('-' = stdout).")
+    ] = None,
     detector: Annotated[
         list[str] | None,
         typer.Option("--detector", help="Model-level detectors to run (default: the weight-only ones)."),
     ] = None,
     fpr: Annotated[
         float, typer.Option("--fpr", help="False-positive rate of the verdict: suspicious when p < fpr.")
-    ] = 0.05,
+    ] = 0.01,
     fail_on: Annotated[
         FailOn | None,
-        typer.Option("--fail-on", help="Exit 1 on: suspicious (model verdict), outliers (any flagged channel), never."),
+        typer.Option(
+            "--fail-on",
+            metavar="WHEN",
+            help="Fail on: suspicious (exit 1; an unverified model exits 6), outliers (any flagged channel: 1), "
+            "never. Default: report only.",
+        ),
     ] = None,
+    allow_unverified: Annotated[
+        bool,
+        typer.Option("--allow-unverified", help="Let a model no detector could examine pass --fail-on suspicious."),
+    ] = False,
     fail_on_outliers: Annotated[
         bool, typer.Option("--fail-on-outliers", help="Exit 1 when any channel is flagged (= --fail-on outliers).")
     ] = False,
@@ -248,10 +298,10 @@ def scan(
             raise OnnxclpError("--fail-on and --fail-on-outliers exclude each other")
         if not 0 < fpr < 1:
             raise OnnxclpError(f"--fpr must be between 0 and 1, got {fpr:g}")
-        for target in (output, json_path):
+        for target in (output, json_path, sarif_path):
             check_writable(target)
         if plot is not None:
-            require_extra("eval", "matplotlib")
+            require_extra("plot", "matplotlib")
         from onnxclp import detect
 
         for n in detector or ():
@@ -270,15 +320,23 @@ def scan(
         scanning.print_errors(results)
         if json_path is not None:
             write_text(json_path, json.dumps(results, indent=2) + "\n", "JSON report")
+        mode = FailOn.outliers if fail_on_outliers else fail_on
+        gate = None if mode is None else mode.value
+        if sarif_path is not None or fmt is Format.sarif:
+            from onnxclp import __version__
+            from onnxclp.sarif import to_sarif
+
+            log = to_sarif(
+                results, tool_version=__version__, base_dir=".", fail_on=gate, allow_unverified=allow_unverified
+            )
+            sarif = json.dumps(log, indent=2)
+            if sarif_path is not None:
+                write_text(sarif_path, sarif + "\n", "SARIF report")
         target = output if output is not None else ("-" if fmt is not Format.text else None)
         if fmt is Format.json:
             write_text(target or "-", json.dumps(results, indent=2) + "\n", "JSON report")
         elif fmt is Format.sarif:
-            from onnxclp import __version__
-            from onnxclp.sarif import to_sarif
-
-            sarif = to_sarif(results, tool_version=__version__, base_dir=".")
-            write_text(target or "-", json.dumps(sarif, indent=2) + "\n", "SARIF report")
+            write_text(target or "-", sarif + "\n", "SARIF report")
         else:
             write_text(target or "-", scanning.render_text(results, quiet=quiet, verbose=verbose))
         if plot is not None:
@@ -287,13 +345,24 @@ def scan(
             for r in results:
                 if r.get("report") is not None:
                     write_score_plots(r["report"], plot / Path(r["path"]).stem if len(results) > 1 else plot)
-        mode = FailOn.outliers if fail_on_outliers else fail_on
-        return scanning.exit_code(results, None if mode is None else mode.value)
+        code = scanning.exit_code(results, gate, allow_unverified)
+        # the terminal (stderr) names what failed even when the report went to a file, in JSON/SARIF or with -q
+        if fmt is not Format.text or target not in (None, "-"):
+            typer.echo(scanning.tally(results), err=True)
+        for line in scanning.gate_lines(results, gate, allow_unverified):
+            typer.echo(line, err=True)
+        failed = sum(r["verdict"] == "error" or scanning.fails_gate(r, gate, allow_unverified) for r in results)
+        if code != EXIT_OK:
+            typer.echo(f"scan: {failed} of {len(results)} models failed the gate (--fail-on {gate}): exit {code}"
+                       if gate else f"scan: {failed} of {len(results)} models could not be scanned: exit {code}",
+                       err=True)  # fmt: skip
+        hint = None if quiet else scanning.next_step(results, method, tuple(detector or ()), allow_unverified)
+        if hint:
+            typer.echo(hint, err=True)
+        return code
 
     code = run_guarded(go, debug)
     if code != EXIT_OK:
-        if code == EXIT_OUTLIERS and not quiet:
-            typer.echo("scan: finding(s) per --fail-on (exit 1)", err=True)
         raise typer.Exit(code)
 
 
@@ -302,19 +371,36 @@ def methods(
         bool, typer.Option("--json", help="Print a JSON list (name, needs, description, defaults...).")
     ] = False,
 ) -> None:
-    """List the registered defence methods."""
+    """List the registered defence methods: the data and the extra each needs, what it does, its defaults."""
+    import shutil
+    import textwrap
+
+    from onnxclp.cli.common import extra_hint
     from onnxclp.methods import describe
 
     rows = describe()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    width = max(60, shutil.get_terminal_size((80, 24)).columns)  # COLUMNS, else the terminal's, else 80
+    data = {"nothing": "none", "clean-data": "--clean-data"}
+    cells = [["method", "data", "extra", "what it does (defaults)"]]
     for r in rows:
-        params = " ".join(f"{p['flag']}={p['default']}" for p in r["parameters"])
-        typer.echo(f"{r['name']:<8} needs {r['needs']:<10} {r['description']}")
-        typer.echo(
-            f"{'':<8} {params}  score={r['defaults']['score']}" + (f"  extra={r['extra']}" if r["extra"] else "")
-        )
+        defaults = [f"{p['flag']}={p['default']}" for p in r["parameters"]]
+        defaults += [f"--score={r['defaults']['score']}"] if r["defaults"]["score"] else []
+        text = f"{r['description']} ({', '.join(defaults)})" if defaults else r["description"]
+        cells.append([r["name"], data.get(r["needs"], r["needs"]), r["extra"] or "-", text])
+    widths = [max(len(c[i]) for c in cells) for i in range(3)]
+    indent = sum(widths) + 2 * 3
+    for c in cells:
+        head = "  ".join(x.ljust(w) for x, w in zip(c, widths, strict=False)) + "  "
+        lines = textwrap.wrap(c[3], max(20, width - indent), break_on_hyphens=False) or [""]
+        typer.echo(head + lines[0])
+        for line in lines[1:]:
+            typer.echo(" " * indent + line)
+    extras = sorted({r["extra"] for r in rows if r["extra"]})
+    for extra in extras:
+        typer.echo(textwrap.fill(f"extra {extra}: {extra_hint(extra)}", width, subsequent_indent="  "))
 
 
 def version() -> None:

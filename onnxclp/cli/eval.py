@@ -189,16 +189,30 @@ def _write_json(target: str, payload: dict[str, Any]) -> None:
 def _attack_line(attack: dict[str, Any]) -> str:
     name = attack["attack"]
     if name == "none":
-        return "none (ASR/RA: clean images of the attacked subset)"
+        return "none (no trigger: ASR and RA not measured; --attack NAME or --attack-config to measure them)"
     to = f"target {attack['target']}" if attack["mode"] == "a2o" else "y → y+1"
     return f"{name} {attack['mode']} {to}, seed {attack['seed']}  {json.dumps(attack['params'])}"
 
 
-def _norm_line(attack: dict[str, Any]) -> str:
+def _norm_line(attack: dict[str, Any], source: str | None = None) -> str:
     norm = attack.get("normalize")
     if not norm:
-        return "none (model fed [0, 1] pixels)"
-    return f"mean {','.join(f'{v:g}' for v in norm['mean'])}  std {','.join(f'{v:g}' for v in norm['std'])}"
+        return "none: the model is fed [0, 1] pixels (give --mean/--std if it was trained on normalised images)"
+    text = f"mean {','.join(f'{v:g}' for v in norm['mean'])}  std {','.join(f'{v:g}' for v in norm['std'])}"
+    return text + (f"  (from {source})" if source and source != "--mean/--std" else "")
+
+
+def chance_warning(acc: float | None, num_classes: int, attack: dict[str, Any], what: str = "the model") -> str | None:
+    """A warning when a model fed raw [0, 1] pixels (no --mean/--std, none recorded) scores near chance
+    (ACC <= 1.5 / classes): the usual cause is a model trained on normalised images."""
+    if acc is None or attack.get("normalize") or num_classes < 2 or acc > 1.5 / num_classes:
+        return None
+    return (
+        f"warning: {what} scores {100 * acc:.1f}% ACC, near chance for {num_classes} classes "
+        f"({100 / num_classes:.1f}%), and was fed raw [0, 1] pixels: if it was trained on normalised images, give "
+        "--mean/--std (CIFAR-10: --mean 0.4914,0.4822,0.4465 --std 0.2470,0.2435,0.2616; ImageNet: --mean "
+        "0.485,0.456,0.406 --std 0.229,0.224,0.225)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -250,7 +264,8 @@ AttackOpt = Annotated[
     AttackName | None,
     typer.Option(
         "--attack",
-        help="Trigger (default: the config's, else none); see the evaluate docs.",
+        metavar="NAME",
+        help=f"Trigger: {', '.join(attack_names())} (default: the config's, else none; docs/evaluate.md).",
         rich_help_panel=ATTACK_PANEL,
     ),
 ]
@@ -546,15 +561,22 @@ def evaluate_command(
             if json_path == "-":
                 return
         m = result.metrics
+        triggered = result.attack["attack"] != "none"  # no trigger: nothing to succeed, no ASR or RA line
         lines = [
             ("model", result.model),
             ("provider", f"{result.provider}  ({describe_input(result.input)}; {result.num_classes} classes)"),
             ("data", f"{result.data}: {result.n_samples} samples"),
             ("attack", _attack_line(result.attack)),
-            ("normalize", _norm_line(result.attack)),
+            ("normalize", _norm_line(result.attack, result.normalize_source)),
             ("ACC", f"{_pct(m.acc)}  {m.clean_correct} / {result.n_samples}"),
-            ("ASR", f"{_pct(m.asr)}  {m.attack_hits} / {result.n_attacked}"),
-            ("RA", f"{_pct(m.ra)}  {m.attack_robust} / {result.n_attacked}"),
+            *(
+                [
+                    ("ASR", f"{_pct(m.asr)}  {m.attack_hits} / {result.n_attacked}"),
+                    ("RA", f"{_pct(m.ra)}  {m.attack_robust} / {result.n_attacked}"),
+                ]
+                if triggered
+                else []
+            ),
             (
                 "throughput",
                 f"{result.images_per_second:.0f} images/s  ({result.images} images in {result.seconds:.2f} s; "
@@ -565,6 +587,9 @@ def evaluate_command(
             lines.append(("examples", result.examples))
         for key, text in lines:
             typer.echo(f"{key:<11} {text}")
+        warning = chance_warning(m.acc, result.num_classes, result.attack)
+        if warning:
+            typer.echo(warning, err=True)
 
     run_guarded(body, debug)
 
@@ -598,19 +623,25 @@ def compare_command(
         )
         typer.echo(f"{'data':<11} {result.data}: {result.n_samples} samples, {result.n_attacked} attacked")
         typer.echo(f"{'attack':<11} {_attack_line(result.attack)}")
-        typer.echo(f"{'normalize':<11} {_norm_line(result.attack)}")
+        typer.echo(f"{'normalize':<11} {_norm_line(result.attack, result.normalize_source)}")
         typer.echo(f"{'':<11} {'original':>10} {'sanitized':>10} {'change':>11}")
-        for name in ("acc", "asr", "ra"):
+        triggered = result.attack["attack"] != "none"  # no trigger: no ASR or RA row
+        for name in ("acc", "asr", "ra") if triggered else ("acc",):
             a, b = getattr(o, name), getattr(s_, name)
             typer.echo(f"{name.upper():<11} {_pct(a):>10} {_pct(b):>10} {_pts(result.deltas[name]):>11}")
         typer.echo(
-            f"{'agreement':<11} {_pct(result.agreement).strip()} of clean predictions, "
-            f"{_pct(result.triggered_agreement).strip()} of triggered ones"
+            f"{'agreement':<11} {_pct(result.agreement).strip()} of clean predictions"
+            + (f", {_pct(result.triggered_agreement).strip()} of triggered ones" if triggered else "")
         )
         typer.echo(
             f"{'throughput':<11} {result.images_per_second:.0f} images/s  ({result.images} images in "
             f"{result.seconds:.2f} s; {result.total_seconds:.2f} s in all)"
         )
+        for what, metrics in (("the original model", o), ("the sanitized model", s_)):
+            warning = chance_warning(metrics.acc, result.num_classes, result.attack, what)
+            if warning:
+                typer.echo(warning, err=True)
+                break
 
     run_guarded(body, debug)
 

@@ -39,6 +39,21 @@ def grid_command(
     ],
     data: Annotated[Path | None, typer.Option("--data", help="Test data (overrides the config's 'data').")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Samples drawn (overrides the config's).")] = None,
+    clean_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--clean-data",
+            help="Clean labelled images for every method cell: the few-shot methods' data and the accuracy "
+            "guard's validation part (overrides the config's 'clean_data' path).",
+        ),
+    ] = None,
+    clean_n: Annotated[
+        int | None, typer.Option("--clean-n", help="Clean images read (overrides every clean_data's 'n').")
+    ] = None,
+    max_acc_drop: Annotated[
+        float | None,
+        typer.Option("--max-acc-drop", help="The guard's budget in points (overrides every clean_data's).", min=0.0),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the JSON here ('-': stdout, the table on stderr).")
     ] = None,
@@ -53,7 +68,9 @@ def grid_command(
     debug: Debug = False,
 ) -> None:
     """Sanitize each (model, method, parameters) in memory and measure ACC/ASR under each attack, in a process
-    pool (--workers) or on Ray (--ray). Exit 1 when some cell has an error entry."""
+    pool (--workers) or on Ray (--ray); with clean data, every method cell gets it and the accuracy guard's
+    validation accuracy is recorded (a result it refuses is an error entry). Exit 1 when some cell has an error
+    entry."""
 
     def go() -> int:
         require_extra("eval", "onnxruntime", "torch", "PIL")
@@ -68,6 +85,9 @@ def grid_command(
             device=None if device is None else device.value,
             batch_size=batch_size,
             threads=threads,
+            clean_data=clean_data,
+            clean_n=clean_n,
+            max_acc_drop=max_acc_drop,
         )
         t0 = time.perf_counter()
         cells = grid.run_grid(spec, workers=workers, ray=ray, retries=retries,

@@ -137,7 +137,10 @@ def tac_command(
                     f"{t['tac_over_median']:.1f}", f"{t['score_z']:+.2f}", "yes" if t["pruned"] else "no",
                 ]
             )  # fmt: skip
-        typer.echo(f"{model}: TAC on {result.n_images} attacked images; {method} u={result.params.get('u')}")
+        from onnxclp.report import Report, report_title
+
+        title = report_title(Report(result.method, result.params)).removeprefix("onnxclp ")  # the method's own
+        typer.echo(f"{model}: TAC on {result.n_images} attacked images; {title}")
         _echo_table(rows)
         s = result.summary()
         typer.echo(

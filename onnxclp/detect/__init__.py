@@ -3,7 +3,8 @@
 A detector turns a scanned model (the pipeline's :class:`~onnxclp.pipeline.State`: scores, layers, weights) into
 one statistic and a p-value under its null hypothesis "no backdoor", plus the suspected target class where it
 yields one. :func:`verdict` combines the detectors that ran: the model is ``suspicious`` when the smallest p-value,
-Bonferroni-corrected for the number of detectors, is below the false-positive rate ``fpr``. The p-values are
+Bonferroni-corrected for the number of detectors, is below the false-positive rate ``fpr``; ``unverified`` when no
+detector could examine it (each one's reason is kept: the gate fails closed, never calls it ``clean``). The p-values are
 computed within the model (no clean reference model is needed at scan time); how well they hold on real clean
 models is measured in docs/detect.md (bench/detect_roc.py).
 """
@@ -73,11 +74,20 @@ def run_detectors(
     state: State, chosen: tuple[str, ...] | list[str] = ()
 ) -> tuple[dict[str, DetectorResult], dict[str, str]]:
     """Run the chosen detectors (default: :func:`default_names`); returns results and the reasons of those that
-    did not apply."""
+    did not apply. A detector that fails (raises) did not apply either: its reason says how it failed."""
+    from onnxclp.errors import OnnxclpError
+
     results: dict[str, DetectorResult] = {}
     skipped: dict[str, str] = {}
     for n in chosen or default_names():
-        out = get(n).run(state)
+        try:
+            out = get(n).run(state)
+        except OnnxclpError as exc:
+            out = f"failed: {exc.message}"
+        except MemoryError:
+            out = "failed: out of memory"
+        except Exception as exc:  # a bug or an unexpected model: this detector says nothing, the others still run
+            out = f"failed: {type(exc).__name__}: {exc}"
         if isinstance(out, str):
             skipped[n] = out
         else:
@@ -87,9 +97,10 @@ def run_detectors(
 
 def verdict(results: dict[str, DetectorResult], fpr: float) -> tuple[str, int | None]:
     """``suspicious`` when a detector's p-value is below ``fpr / len(results)`` (Bonferroni), else ``clean``;
-    the target class of the most significant suspicious detector. Marks each result with its threshold."""
+    ``unverified`` when no detector ran (none could examine the model: fail closed). The target class of the most
+    significant suspicious detector. Marks each result with its threshold."""
     if not results:
-        return "clean", None
+        return "unverified", None
     threshold = fpr / len(results)
     best: tuple[float, int | None] | None = None
     for r in results.values():

@@ -8,6 +8,7 @@
 - :mod:`onnxclp.eval.runner`: onnxruntime sessions, provider selection, batching.
 - :mod:`onnxclp.eval.run`: :func:`prepare_run` and the batch loop evaluate and compare share.
 - :mod:`onnxclp.eval.metrics`: :class:`Metrics` (ACC / ASR / RA and their counts) and the label rules.
+- :mod:`onnxclp.eval.normalize`: the input normalisation a model records in its metadata (no torch).
 - :mod:`onnxclp.eval.api`: :func:`evaluate` and :func:`compare`.
 - the ``evaluate`` and ``compare`` commands live in :mod:`onnxclp.cli.eval`.
 
@@ -27,6 +28,7 @@ __all__ = [
     "RunOptions",
     "compare",
     "evaluate",
+    "normalization_from_metadata",
     "prepare_run",
     "resolve_device",
 ]
@@ -37,6 +39,7 @@ _HOME = {
     "compare": "api",
     "evaluate": "api",
     "Metrics": "metrics",
+    "normalization_from_metadata": "normalize",
     "Run": "run",
     "prepare_run": "run",
     "RunOptions": "options",

@@ -49,6 +49,7 @@ class EvalResult:
     images_per_second: float
     total_seconds: float
     examples: str | None = None
+    normalize_source: str | None = None  # --mean/--std, attack config, model metadata (KEY), or None: raw pixels
 
     @property
     def acc(self) -> float | None:
@@ -67,8 +68,11 @@ class EvalResult:
         head = {k: getattr(self, k) for k in ("model", "data", "provider", "input", "num_classes", "attack")}
         tail = {
             k: getattr(self, k)
-            for k in ("n_samples", "n_attacked", "images", "seconds", "images_per_second", "total_seconds", "examples")
-        }
+            for k in (
+                "n_samples", "n_attacked", "images", "seconds", "images_per_second", "total_seconds", "examples",
+                "normalize_source",
+            )
+        }  # fmt: skip
         return {**head, **self.metrics.to_dict(), **tail}
 
 
@@ -94,6 +98,7 @@ class CompareResult:
     images_per_second: float
     total_seconds: float
     deltas: dict[str, float | None] = field(default_factory=dict)
+    normalize_source: str | None = None  # as in EvalResult
 
     def __post_init__(self) -> None:
         if not self.deltas:
@@ -192,6 +197,7 @@ def evaluate(
         images_per_second=loop.images / loop.seconds if loop.seconds > 0 else 0.0,
         total_seconds=time_now() - t_start,
         examples=None if loop.examples is None else str(loop.examples),
+        normalize_source=run.normalize_source,
     )
 
 
@@ -231,4 +237,5 @@ def compare(
         seconds=loop.seconds,
         images_per_second=loop.images / loop.seconds if loop.seconds > 0 else 0.0,
         total_seconds=time_now() - t_start,
+        normalize_source=run.normalize_source,
     )

@@ -141,6 +141,7 @@ class Run:
     pre: Preprocess
     num_classes: int
     options: RunOptions
+    normalize_source: str | None = None  # where the normalisation came from (None: none, raw [0, 1] pixels)
 
     @property
     def has_trigger(self) -> bool:
@@ -189,6 +190,7 @@ def prepare_run(models: Sequence[Any], data: PathLike | ImageSet, options: RunOp
         elif spec.height is not None and spec.width is not None:
             folder_size = (spec.height, spec.width)
         dataset = load_dataset(data, options.x_key, options.y_key, channels=spec.channels, size=folder_size)
+    config, source = _with_model_normalization(config, options, runners)
     _check_channels(spec, dataset.channels, config.normalize)
     size = _plan_size(spec, (dataset.height, dataset.width), options.input_size)
     h, w = size or (dataset.height, dataset.width)
@@ -207,7 +209,36 @@ def prepare_run(models: Sequence[Any], data: PathLike | ImageSet, options: RunOp
     )
     indices = _select(len(dataset), options, config.seed)
     name = dataset.description if isinstance(data, ImageSet) else str(data)
-    return Run(runners, dataset, name, indices, config, built, pre, num_classes, options)
+    return Run(runners, dataset, name, indices, config, built, pre, num_classes, options, source)
+
+
+def _with_model_normalization(
+    config: AttackConfig, options: RunOptions, runners: Sequence[OnnxClassifier]
+) -> tuple[AttackConfig, str | None]:
+    """The normalisation and where it came from: ``mean``/``std`` given, else the attack config's, else the one
+    the models record in their metadata (:mod:`onnxclp.eval.normalize`; models that record different ones are
+    refused), else none."""
+    if options.mean is not None:
+        return config, "--mean/--std"
+    if config.normalize is not None:
+        return config, "attack config"
+    from dataclasses import replace
+
+    from onnxclp.eval.normalize import read_normalization
+
+    found = {}
+    for r in runners:
+        got = read_normalization(r.session.get_modelmeta().custom_metadata_map)
+        if got is not None:
+            found[str(r.path)] = got
+    if not found:
+        return config, None
+    values = {(tuple(m), tuple(s)) for m, s, _ in found.values()}
+    if len(values) > 1:
+        detail = "; ".join(f"{p}: mean {list(m)} std {list(s)}" for p, (m, s, _) in found.items())
+        raise OnnxclpError(f"the models record different normalisations ({detail}); give --mean/--std")
+    mean, std, key = next(iter(found.values()))
+    return replace(config, normalize={"mean": list(mean), "std": list(std)}), f"model metadata ({key})"
 
 
 class _Progress:
