@@ -114,7 +114,13 @@ def sanitize(
     """
     params = _params(method, {"u": u, **method_params}, score, include_fc)
     options = Options(
-        tuple(exclude), fuse_bn, inline_functions, True, force, dict(context or {}), streams,
+        tuple(exclude),
+        fuse_bn,
+        inline_functions,
+        True,
+        force,
+        dict(context or {}),
+        streams,
         drop_initializer_inputs=drop_initializer_inputs,
     )
     state = run_method(model_or_path, params, options, base_dir)
@@ -185,7 +191,13 @@ def sanitize_file(
     params = _params(method, {"u": u, **method_params}, score, include_fc)
     risky = force if allow_risky is None else allow_risky
     options = Options(
-        tuple(exclude), fuse_bn, inline_functions, True, risky, dict(context or {}), streams,
+        tuple(exclude),
+        fuse_bn,
+        inline_functions,
+        True,
+        risky,
+        dict(context or {}),
+        streams,
         drop_initializer_inputs=drop_initializer_inputs,
     )
     state = run_method(Path(src), params, options)

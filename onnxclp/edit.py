@@ -2,7 +2,10 @@
 
 Only the tensors that must change are touched, and each is written back in its own dtype. A constant that
 another node (or a subgraph, or a graph output) also reads is copied first into a new initializer that only
-the edited node reads, so the other users keep the original value (copy-on-write).
+the edited node reads, so the other users keep the original value (copy-on-write). In a model of IR version 3,
+where every initializer must be a graph input, such a copy is declared a graph input too
+(:meth:`onnxclp.graph.GraphIndex.add_initializer`). An initializer that is also a graph input is edited in place
+like any other: it stays a graph input, so the model's interface does not change.
 """
 
 from __future__ import annotations
@@ -54,8 +57,7 @@ class Editor:
         copy.doc_string = src.tensor.doc_string
         if self.store.size_hint is not None:
             self.store.size_hint += copy.ByteSize()
-        self.index.graph.initializer.append(copy)
-        new = self.index.graph.initializer[-1]
+        new = self.index.add_initializer(copy)
         self._rewire(node, input_index, new.name)
         return new
 
@@ -79,14 +81,13 @@ class Editor:
             return
         old = node.input[input_index]
         copy = onnx.numpy_helper.from_array(np.ascontiguousarray(value), self.unique_name(old))
-        self.index.graph.initializer.append(copy)
+        self.index.add_initializer(copy)
         self._rewire(node, input_index, copy.name)
 
     def _rewire(self, node: NodeProto, input_index: int, new: str) -> None:
-        """Point ``node.input[input_index]`` at the initializer ``new``, keeping the index true."""
+        """Point ``node.input[input_index]`` at the initializer ``new`` (already added), keeping the index true."""
         old = node.input[input_index]
         node.input[input_index] = new
-        self.index.initializers[new] = self.index.graph.initializer[-1]
         users = self.index.consumers.get(old, [])
         for i, user in enumerate(users):
             if user is node:
@@ -125,7 +126,8 @@ class Editor:
         """Make each channel's output before the activation exactly 0 (docs/algorithms.md, "Editing").
 
         With a paired affine, its scale and shift are zeroed (BatchNormalization gamma and beta, or the Mul
-        and Add constants); otherwise the kernel slices and the bias of the layer.
+        and Add constants), and the shifts of the per-channel Mul/Add that follow a BatchNormalization (Caffe2's
+        scale layer); otherwise the kernel slices and the bias of the layer.
         """
         if not channels:
             return
@@ -134,6 +136,8 @@ class Editor:
             self._per_channel(aff.scale, channels, 0.0)
             if aff.shift is not None:
                 self._per_channel(aff.shift, channels, 0.0)
+            for shift in aff.tail_shifts:
+                self._per_channel(shift, channels, 0.0)
             return
 
         def fn(rows: np.ndarray) -> None:

@@ -1,15 +1,23 @@
 """An index of one ONNX graph: producers, consumers, and the constants behind node inputs.
 
 Constants are resolved through initializers, ``Constant`` nodes and ``Identity`` chains. An initializer
-that is also a graph input is not a constant (a caller can override it at run time). Uses are counted across
-the whole graph, subgraph bodies (which can read outer-scope names) and graph outputs, so that an edit can
-tell whether a tensor is shared and must be copied first.
+that is also a graph input (IR version 3 requires every initializer to be one; torch's
+``keep_initializers_as_inputs=True`` writes them so) is the model's stored weight: it is a constant here, marked
+:attr:`ConstSource.graph_input`, because that is the value the model runs with unless a caller feeds another
+(onnxruntime lets a caller do so from IR version 4). Uses are counted across the whole graph, subgraph bodies
+(which can read outer-scope names) and graph outputs, so that an edit can tell whether a tensor is shared and
+must be copied first.
+
+Each node's arity and attribute types are read from its operator's schema *at the model's opset*
+(:func:`model_opset`): Unsqueeze takes ``axes`` as an attribute before opset 13 and as an input from 13, and a
+model valid at its own opset is never refused for lacking what a newer signature requires.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import onnx
 from onnx import NodeProto, TensorProto
@@ -21,6 +29,22 @@ from onnxclp.io import iter_graphs
 MAX_NESTING = 8
 # Nodes a constant may pass through on its way to a layer and still count as that layer's constant weight.
 TRANSFORM_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "DequantizeLinear"})
+# Below this IR version every initializer must also be a graph input (ONNX IR, "Graphs"); from it they may not be.
+INITIALIZER_INPUTS_OPTIONAL_IR = 4
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def model_opset(model: onnx.ModelProto, domain: str = "") -> int | None:
+    """The version of ``domain`` (the default ONNX domain: ``""`` or its alias ``ai.onnx``) the model imports."""
+    names = _ONNX_DOMAINS if domain in _ONNX_DOMAINS else (domain,)
+    versions = [int(o.version) for o in model.opset_import if o.domain in names]
+    return max(versions) if versions else None
+
+
+def initializer_inputs(graph: onnx.GraphProto) -> list[str]:
+    """Names of the graph's initializers that are also graph inputs, in initializer order."""
+    inputs = {i.name for i in graph.input}
+    return [t.name for t in graph.initializer if t.name in inputs]
 
 
 @dataclass
@@ -31,6 +55,7 @@ class ConstSource:
     initializer: bool
     node: NodeProto | None = None  # the Constant node, when not an initializer
     via: list[NodeProto] = field(default_factory=list)  # transform nodes from the reader back to it
+    graph_input: bool = False  # an initializer that is also a graph input (a runtime may let callers override it)
 
     @property
     def plain(self) -> bool:
@@ -57,12 +82,24 @@ def _subgraph_reads(node: NodeProto) -> set[str]:
 class GraphIndex:
     """Producers, consumers and constants of a graph; validated on construction.
 
-    Raises :class:`OnnxclpError` when the graph reads a name nothing defines, defines a name twice, or has
-    a cycle (nodes cannot be ordered).
+    ``opset`` is the model's default-domain opset (:func:`model_opset`): node checks read each operator's schema
+    at that version (None: the newest schema onnx knows). ``ir_version`` is the model's IR version (None:
+    unknown); below 4, an initializer an edit creates is declared a graph input too (:meth:`add_initializer`).
+    :meth:`of` builds the index of a model's main graph with both. Raises :class:`OnnxclpError` when the graph
+    reads a name nothing defines, defines a name twice, or has a cycle (nodes cannot be ordered).
     """
 
-    def __init__(self, graph: onnx.GraphProto, outer: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+        outer: set[str] | None = None,
+        *,
+        opset: int | None = None,
+        ir_version: int | None = None,
+    ) -> None:
         self.graph = graph
+        self.opset = opset
+        self.ir_version = ir_version
         self.initializers: dict[str, TensorProto] = {}
         for t in graph.initializer:
             if t.name in self.initializers:
@@ -82,7 +119,7 @@ class GraphIndex:
         pending: list[NodeProto] = []
         for pos, node in enumerate(graph.node):
             self.position[id(node)] = pos
-            _check_node(node)
+            _check_node(node, opset)
             for out in node.output:
                 if not out:
                     continue
@@ -100,6 +137,30 @@ class GraphIndex:
             pending.append(node)
         self._check_order(pending, defined)
         self._check_weights()
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> GraphIndex:
+        """The index of the model's main graph, read at the model's opset and IR version."""
+        return cls(model.graph, opset=model_opset(model), ir_version=int(model.ir_version) or None)
+
+    @property
+    def initializers_are_inputs(self) -> bool:
+        """Whether every initializer must also be a graph input (IR version 3 and earlier)."""
+        return self.ir_version is not None and self.ir_version < INITIALIZER_INPUTS_OPTIONAL_IR
+
+    def add_initializer(self, tensor: TensorProto) -> TensorProto:
+        """Append ``tensor`` to the graph's initializers (and, where the IR version requires it, to its inputs).
+
+        Returns the stored tensor (the graph's copy). The index learns the name; nothing reads it yet.
+        """
+        self.graph.initializer.append(tensor)
+        stored = self.graph.initializer[-1]
+        self.initializers[stored.name] = stored
+        if self.initializers_are_inputs and stored.name not in self.graph_inputs:
+            dims = [int(d) for d in stored.dims]
+            self.graph.input.append(onnx.helper.make_tensor_value_info(stored.name, stored.data_type, dims))
+            self.graph_inputs.add(stored.name)
+        return stored
 
     def _check_weights(self) -> None:
         """A Conv/ConvTranspose weight of rank < 3, a Gemm weight not 2-D, or an empty one: the model is invalid.
@@ -183,15 +244,16 @@ class GraphIndex:
         reader back to the stored constant. Those other inputs (a shape, axes, a scale) may themselves come
         through transforms, but at most :data:`MAX_NESTING` deep: a hostile graph nesting them thousands deep
         overflowed the stack, and reading a value doubles its work at each level that reuses one.
+        Initializers that are also graph inputs count as constants (:attr:`ConstSource.graph_input` says so).
         """
         via: list[NodeProto] = []
         seen: set[str] = set()
         while name not in seen:
             seen.add(name)
+            if name in self.initializers:
+                return ConstSource(self.initializers[name], True, None, via, name in self.graph_inputs)
             if name in self.graph_inputs:
                 return None
-            if name in self.initializers:
-                return ConstSource(self.initializers[name], True, None, via)
             node = self.producer.get(name)
             if node is None:
                 return None
@@ -209,7 +271,7 @@ class GraphIndex:
         return None
 
     def is_graph_input_initializer(self, name: str) -> bool:
-        """Whether the name (through Identity chains) is an initializer that callers can override."""
+        """Whether the name (through transform chains) is an initializer that is also a graph input."""
         seen: set[str] = set()
         while name not in seen:
             seen.add(name)
@@ -240,27 +302,44 @@ class GraphIndex:
 
 # Standard ops whose inputs and attributes onnxclp reads: they are checked against their ONNX schema.
 _CHECKED_OPS = frozenset(
-    {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add", "Identity", "Constant"}
+    {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add", "Sum", "Dropout", "Identity"}
+    | {"Constant"}
     | set(TRANSFORM_OPS)
 )
 # The weight input of the scored ops, and the rank their weight must have (None: any rank >= 3).
 _WEIGHT_RANK = {"Conv": None, "ConvTranspose": None, "Gemm": 2}
 
 
-def _check_node(node: NodeProto) -> None:
+@lru_cache(maxsize=512)
+def schema_at(op_type: str, opset: int | None) -> onnx.defs.OpSchema | None:
+    """The default domain's schema of ``op_type`` in force at ``opset`` (None: the newest onnx knows).
+
+    None when onnx knows no such operator at that opset (onnx's checker refuses such a node first).
+    """
+    try:
+        if opset is None:
+            return onnx.defs.get_schema(op_type, domain="")
+        return onnx.defs.get_schema(op_type, max_inclusive_version=int(opset), domain="")
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _check_node(node: NodeProto, opset: int | None = None) -> None:
     """A node of an op onnxclp reads has its required inputs and outputs, and attributes of the right type.
 
-    Ops of other domains, and standard ops onnxclp does not read, are not checked: they pass through.
+    The rules are those of the operator's schema at ``opset`` (the model's), not its newest signature: before
+    opset 13 Unsqueeze has one input and ``axes`` is an attribute. Ops of other domains, and standard ops onnxclp
+    does not read, are not checked: they pass through.
     """
-    if node.op_type not in _CHECKED_OPS or node.domain not in ("", "ai.onnx"):
+    if node.op_type not in _CHECKED_OPS or node.domain not in _ONNX_DOMAINS:
         return
-    try:
-        schema = onnx.defs.get_schema(node.op_type, domain="")
-    except onnx.defs.SchemaError:  # pragma: no cover - every op of _CHECKED_OPS has a schema
+    schema = schema_at(node.op_type, opset)
+    if schema is None:
         return
     who = f"{node.op_type} node {node.name!r}" if node.name else f"a {node.op_type} node"
+    at = f" at opset {opset}" if opset is not None else ""
     if len(node.input) < schema.min_input or not all(node.input[: schema.min_input]):
-        raise OnnxclpError(f"{who} lacks a required input (it needs {schema.min_input})")
+        raise OnnxclpError(f"{who} lacks a required input (it needs {schema.min_input}{at})")
     if len(node.output) < schema.min_output or not all(node.output[: schema.min_output]):
         raise OnnxclpError(f"{who} lacks a required output")
     for a in node.attribute:
@@ -268,7 +347,7 @@ def _check_node(node: NodeProto) -> None:
         if spec is not None and int(a.type) != int(spec.type):
             have = onnx.AttributeProto.AttributeType.Name(a.type)
             want = onnx.AttributeProto.AttributeType.Name(int(spec.type))
-            raise OnnxclpError(f"{who}: attribute {a.name!r} is {have}, the ONNX spec says {want}")
+            raise OnnxclpError(f"{who}: attribute {a.name!r} is {have}, the ONNX spec{at} says {want}")
 
 
 def _check_declared_shapes(graph: onnx.GraphProto) -> None:

@@ -322,6 +322,7 @@ class TensorStore:
         check_text(model)
         self._external: dict[tuple, ExternalRef] = {}
         self.edited_external: set[str] = set()
+        self.edited: set[str] = set()  # names of the tensors :meth:`write` changed (the report lists some)
         # Serialized size of the model as loaded (None when unknown); tensors copied on write add to it.
         self.size_hint: int | None = None
         for t in iter_tensors(model):
@@ -333,9 +334,11 @@ class TensorStore:
                 _check_inline(t)
 
     def write(self, tensor: TensorProto, value: np.ndarray) -> None:
-        """:func:`write_array`, remembering (by name) a tensor that was external, so it is saved external."""
+        """:func:`write_array`, remembering (by name) the tensor, and one that was external, so it is saved external."""
         if tensor.data_location == TensorProto.EXTERNAL and tensor.name:
             self.edited_external.add(tensor.name)
+        if tensor.name:
+            self.edited.add(tensor.name)
         write_array(tensor, value)
 
     def external_ref(self, tensor: TensorProto) -> ExternalRef | None:

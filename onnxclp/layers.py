@@ -3,9 +3,20 @@
 A *scored layer* is a Conv (any spatial rank, grouped, depthwise), ConvTranspose, Gemm or MatMul whose
 weight is a constant. Each output channel ``k`` has a kernel slice ``W_k``; this module knows how to view a
 stored weight as ``(K, ...)`` with the output channel first (:class:`WeightLayout`) and back. Pairing is by
-data flow: a BatchNormalization that is the only consumer of the layer's output, or a Mul by per-channel
-constants (optionally followed by an Add of per-channel constants). A layer that cannot be handled is
-returned as a :class:`SkippedLayer` with the reason.
+data flow: a BatchNormalization that is the only consumer of the layer's output (and the per-channel Mul/Add
+that Caffe2 models put after one), or a Mul by per-channel constants (optionally followed by an Add of
+per-channel constants); an inference Dropout or an Identity between the layer and its affine is passed through.
+A layer that cannot be handled is returned as a :class:`SkippedLayer` with the reason.
+
+Every operator is read at the model's opset (``GraphIndex.opset``): a Mul or Add before opset 7 broadcasts only
+with ``broadcast=1`` (and aligns a constant at its ``axis``), Sum broadcasts from opset 8, BatchNormalization
+before opset 9 may have ``spatial=0`` (one value per activation: such a layer is skipped), BatchNormalization and
+Dropout before opset 7 are in training mode unless ``is_test=1`` (not paired, not passed through), and Dropout
+from opset 12 reads ``training_mode`` as an input. Initializers that are graph inputs too (IR version 3, torch's
+``keep_initializers_as_inputs=True``) are weights like any other.
+
+The classifier (``Layer.is_output``) is found back from the graph outputs; a 1x1 Conv whose input or output is
+globally pooled (SqueezeNet, DenseNet) is treated as the Gemm classifier is (docs/compatibility.md).
 """
 
 from __future__ import annotations
@@ -46,11 +57,15 @@ class WeightLayout:
     group: int = 1
 
     def to_channels(self, w: np.ndarray) -> np.ndarray:
-        """Stored weight -> canonical array with the output channel on axis 0."""
+        """Stored weight -> canonical array with the output channel on axis 0.
+
+        ``rows`` also takes a 1x1 convolution's (K, C, 1, 1) weight (a classifier convolution, an FC layer in
+        effect): its rows are the output channels.
+        """
         if self.kind == "conv":
             return w
         if self.kind == "rows":
-            return w[:, None, :]
+            return w.reshape(w.shape[0], 1, -1)
         if self.kind == "cols":
             return w.T[:, None, :]
         g = self.group
@@ -102,6 +117,9 @@ class Affine:
     mean: PerChannel | None = None  # BN only
     var: PerChannel | None = None  # BN only
     epsilon: float = 1e-5
+    via: list[NodeProto] = field(default_factory=list)  # Identity/inference Dropout between the layer and nodes[0]
+    tail_scales: list[PerChannel] = field(default_factory=list)  # a per-channel Mul after a BatchNormalization
+    tail_shifts: list[PerChannel] = field(default_factory=list)  # a per-channel Add after a BatchNormalization
 
 
 @dataclass
@@ -146,7 +164,8 @@ def _per_channel(
     """The constant at ``node.input[input_index]`` if it holds exactly one value per channel on ``axis``.
 
     ``axis`` counts from the end (-1 last); ``rank`` is the rank of the tensor it broadcasts against, if
-    known. A constant whose dims are all 1 but one equal to ``channels`` at ``axis`` qualifies.
+    known. A constant whose dims are all 1 but one equal to ``channels`` at ``axis`` qualifies. Before opset 7
+    a Mul/Add/Sub/Div broadcasts its second input only with ``broadcast=1``, aligned at ``axis`` when given.
     """
     if input_index >= len(node.input) or not node.input[input_index]:
         return None
@@ -161,6 +180,19 @@ def _per_channel(
         return None
     if rank is not None and len(dims) > rank:
         return None
+    legacy = _legacy_broadcast(index, node)
+    if legacy is not None:
+        broadcast, start = legacy
+        if not broadcast or input_index != 1:
+            return None  # same shapes required (or the constant is the broadcast target): not per channel
+        if start is not None:
+            if rank is None:
+                return None
+            start = start + rank if start < 0 else start
+            j = rank + axis - start  # the constant's dim that lines up with the channel axis
+            if not 0 <= j < len(dims) or start + len(dims) > rank or dims[j] != channels:
+                return None
+            return PerChannel(src, node, input_index)
     if len(dims) < -axis:
         return None
     if dims[axis] != channels or any(d != 1 for i, d in enumerate(dims) if i != len(dims) + axis):
@@ -176,6 +208,65 @@ def value_info(index: GraphIndex, store: TensorStore, src: ConstSource) -> tuple
     return tuple(value.shape), value.dtype.kind == "f"
 
 
+# Element-wise ops that broadcast with ``broadcast``/``axis`` attributes before opset 7.
+_LEGACY_BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def _legacy_broadcast(index: GraphIndex, node: NodeProto) -> tuple[bool, int | None] | None:
+    """``(broadcast, axis)`` of a Mul/Add/Sub/Div before opset 7 (None from opset 7: numpy broadcasting)."""
+    if index.opset is None or index.opset >= 7 or node.op_type not in _LEGACY_BROADCAST_OPS:
+        return None
+    axis = attr(node, "axis", None)
+    return bool(attr(node, "broadcast", 0)), None if axis is None else int(axis)
+
+
+def _is_add(index: GraphIndex, node: NodeProto) -> bool:
+    """An Add, or a Sum of two inputs where Sum broadcasts (opset 8 on): what adds a per-channel shift."""
+    if node.domain not in _ONNX_DOMAINS:
+        return False
+    if node.op_type == "Add":
+        return True
+    return node.op_type == "Sum" and len(node.input) == 2 and (index.opset is None or index.opset >= 8)
+
+
+def inference_dropout(index: GraphIndex, store: TensorStore, node: NodeProto) -> bool:
+    """A Dropout that passes its input through unchanged when the model runs, its mask output unread.
+
+    Before opset 7 only with ``is_test=1`` (training mode is its default there); from opset 12 its optional
+    ``training_mode`` input must be absent or a constant false.
+    """
+    if node.op_type != "Dropout" or node.domain not in _ONNX_DOMAINS or not node.input or not node.input[0]:
+        return False
+    mask = node.output[1] if len(node.output) > 1 else ""
+    if mask and (index.consumers.get(mask) or mask in index.graph_outputs):
+        return False
+    if index.opset is not None and index.opset < 7 and not attr(node, "is_test", 0):
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        src = index.constant(node.input[2])
+        if src is None or src.graph_input:
+            return False
+        value = weights.read(index, store, src)
+        if value.size != 1 or bool(value.reshape(-1)[0]):
+            return False
+    return True
+
+
+def _pass_through(index: GraphIndex, store: TensorStore, name: str) -> tuple[str, list[NodeProto]]:
+    """From the layer's output ``name``, past the Identity and inference Dropout nodes that are its only reader."""
+    via: list[NodeProto] = []
+    node = index.only_consumer(name)
+    while (
+        node is not None
+        and len(via) < 8
+        and ((node.op_type == "Identity" and node.domain in _ONNX_DOMAINS) or inference_dropout(index, store, node))
+    ):
+        via.append(node)
+        name = node.output[0]
+        node = index.only_consumer(name)
+    return name, via
+
+
 _FLOAT_TYPES = (
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
@@ -186,18 +277,29 @@ _FLOAT_TYPES = (
 
 def _pair_affine(
     index: GraphIndex, store: TensorStore, name: str, channels: int, axis: int, rank: int | None, allow_bn: bool
-):
-    """The affine consuming tensor ``name`` (the layer's output), or None."""
+) -> Affine | str | None:
+    """The affine consuming tensor ``name`` (the layer's output), None, or why the layer cannot be handled.
+
+    Identity and inference Dropout nodes in between are passed through (``Affine.via``).
+    """
+    name, via = _pass_through(index, store, name)
     node = index.only_consumer(name)
     if node is None or node.domain not in _ONNX_DOMAINS:
         return None
     if node.op_type == "BatchNormalization" and allow_bn and node.input[0] == name:
+        if attr(node, "spatial", 1) != 1:
+            return (
+                f"its BatchNormalization {index.node_key(node)!r} has spatial=0 (opset < 9: one value per "
+                "activation, not per channel)"
+            )
         if attr(node, "training_mode", 0) or sum(1 for o in node.output if o) != 1 or len(node.input) != 5:
             return None
+        if index.opset is not None and index.opset < 7 and not attr(node, "is_test", 0):
+            return None  # before opset 7, training mode unless is_test=1
         parts = [_per_channel(index, store, node, i, channels, -1, 1) for i in range(1, 5)]
         if any(p is None for p in parts):
             return None
-        return Affine(
+        aff = Affine(
             "BatchNormalization",
             [node],
             parts[0],
@@ -205,15 +307,18 @@ def _pair_affine(
             parts[2],
             parts[3],
             float(attr(node, "epsilon", 1e-5)),
+            via=via,
         )
+        _pair_tail(index, store, aff, channels, axis, rank)
+        return aff
     if node.op_type == "Mul":
         other = 1 if node.input[0] == name else 0
         scale = _per_channel(index, store, node, other, channels, axis, rank)
         if scale is None:
             return None
-        aff = Affine("Mul", [node], scale=scale)
+        aff = Affine("Mul", [node], scale=scale, via=via)
         add = index.only_consumer(node.output[0])
-        if add is not None and add.op_type == "Add" and add.domain in _ONNX_DOMAINS:
+        if add is not None and _is_add(index, add):
             other = 1 if add.input[0] == node.output[0] else 0
             shift = _per_channel(index, store, add, other, channels, axis, rank)
             if shift is not None:
@@ -221,6 +326,26 @@ def _pair_affine(
                 aff.shift = shift
         return aff
     return None
+
+
+def _pair_tail(index: GraphIndex, store: TensorStore, aff: Affine, channels: int, axis: int, rank: int | None) -> None:
+    """A per-channel Mul, then Add, after a paired BatchNormalization (Caffe2's BN + scale layer): part of the
+    affine, so that a zeroed channel stays zero after them (:meth:`onnxclp.edit.Editor.zero_channels`)."""
+    out = aff.nodes[-1].output[0]
+    mul = index.only_consumer(out)
+    if mul is not None and mul.op_type == "Mul" and mul.domain in _ONNX_DOMAINS:
+        scale = _per_channel(index, store, mul, 1 if mul.input[0] == out else 0, channels, axis, rank)
+        if scale is None:
+            return
+        aff.nodes.append(mul)
+        aff.tail_scales.append(scale)
+        out = mul.output[0]
+    add = index.only_consumer(out)
+    if add is not None and _is_add(index, add):
+        shift = _per_channel(index, store, add, 1 if add.input[0] == out else 0, channels, axis, rank)
+        if shift is not None:
+            aff.nodes.append(add)
+            aff.tail_shifts.append(shift)
 
 
 # Hidden-layer activations: a layer whose path to the model output crosses one of these is not the classifier.
@@ -247,30 +372,87 @@ HIDDEN_ACTIVATIONS = frozenset(
 )
 
 
-def _output_layers(index: GraphIndex) -> set[int]:
-    """ids of scored-op nodes that produce a model output: the classifier (docs/algorithms.md, "Channels").
+# Global pools: after one, a layer's channels are the model's output values (SqueezeNet: conv -> Relu -> pool).
+GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+# What may stand between a classifier convolution and the model output once a hidden activation was crossed:
+# single-input ops that keep channel k in channel k (or flatten it to column k).
+_CLASSIFIER_TAIL = (
+    HIDDEN_ACTIVATIONS
+    | GLOBAL_POOLS
+    | {
+        "Identity",
+        "Dropout",
+        "Softmax",
+        "LogSoftmax",
+        "Sigmoid",
+        "Flatten",
+        "Reshape",
+        "Squeeze",
+        "BatchNormalization",
+    }
+)
+
+
+def _output_layers(index: GraphIndex) -> dict[int, bool]:
+    """ids of scored-op nodes that produce a model output (the classifier; docs/algorithms.md, "Channels"), each
+    with whether a global pool lies between it and the output.
 
     Searches back from the graph outputs; the search stops at scored ops (found) and at hidden-layer
-    activations (a layer behind a Relu is a feature layer, not the classifier).
+    activations (a layer behind a Relu is a feature layer, not the classifier), except after a global pool:
+    ``conv -> Relu -> GlobalAveragePool -> Softmax`` (SqueezeNet) makes the convolution's channels the classes.
+    Past such an activation only a chain of single-input, channel-keeping ops (:data:`_CLASSIFIER_TAIL`) leads
+    to a convolution; a merge (Add, Concat) ends it, so a feature extractor's last block is not taken for one.
     """
-    found: set[int] = set()
-    seen: set[str] = set()
-    queue = deque(index.graph_outputs)
+    found: dict[int, bool] = {}
+    seen: set[tuple[str, bool, bool]] = set()
+    queue: deque[tuple[str, bool, bool]] = deque((name, False, False) for name in index.graph_outputs)
     while queue:
-        name = queue.popleft()
-        if name in seen:
+        item = queue.popleft()
+        if item in seen:
             continue
-        seen.add(name)
+        seen.add(item)
+        name, pooled, crossed = item
         node = index.producer.get(name)
         if node is None:
             continue
         if node.op_type in SCORED_OPS and node.domain in _ONNX_DOMAINS:
-            found.add(id(node))
+            if not crossed or node.op_type == "Conv":
+                found[id(node)] = found.get(id(node), False) or pooled
             continue
-        if node.op_type in HIDDEN_ACTIVATIONS:
+        pooled = pooled or (node.op_type in GLOBAL_POOLS and node.domain in _ONNX_DOMAINS)
+        if crossed or node.op_type in HIDDEN_ACTIVATIONS:
+            if not pooled or node.op_type not in _CLASSIFIER_TAIL or node.domain not in _ONNX_DOMAINS:
+                continue
+            if node.input and node.input[0]:
+                queue.append((node.input[0], pooled, True))
             continue
-        queue.extend(x for x in node.input if x)
+        queue.extend((x, pooled, False) for x in node.input if x)
     return found
+
+
+def _pooled_input(index: GraphIndex, name: str) -> bool:
+    """Whether tensor ``name`` comes from a global pool through channel-keeping single-input ops (DenseNet's
+    classifier: GlobalAveragePool -> 1x1 Conv)."""
+    for _ in range(16):
+        node = index.producer.get(name)
+        if node is None or node.domain not in _ONNX_DOMAINS or not node.input or not node.input[0]:
+            return False
+        if node.op_type in GLOBAL_POOLS:
+            return True
+        if node.op_type not in _CLASSIFIER_TAIL:
+            return False
+        name = node.input[0]
+    return False
+
+
+def _as_classifier(index: GraphIndex, layer: Layer, pooled: bool) -> None:
+    """An output 1x1 Conv (group 1) whose input or output is globally pooled is an FC classifier in effect
+    (SqueezeNet, DenseNet, ONNX Model Zoo): it is treated as the Gemm classifier is (rows are classes)."""
+    if layer.op != "Conv" or layer.layout.group != 1 or any(d != 1 for d in layer.weight_shape[2:]):
+        return
+    if pooled or _pooled_input(index, layer.input_name):
+        layer.layout = WeightLayout("rows")
+        layer.is_fc = True
 
 
 def _final_output(layer: Layer) -> str:
@@ -298,6 +480,8 @@ def find_layers(index: GraphIndex, store: TensorStore) -> LayerSet:
         found.is_output = id(node) in outputs or (
             found.bias_node is not None and found.bias_node.output[0] in index.graph_outputs
         )
+        if found.is_output:
+            _as_classifier(index, found, outputs.get(id(node), False))
         found.output = _final_output(found)
         result.layers.append(found)
     return result
@@ -319,10 +503,6 @@ def _weight(index: GraphIndex, store: TensorStore, node: NodeProto, i: int, key:
     name = node.input[i] if i < len(node.input) else ""
     if not name:
         return SkippedLayer(key, node.op_type, f"input {i} (weight) is missing")
-    if index.is_graph_input_initializer(name):
-        return SkippedLayer(
-            key, node.op_type, "weight is an initializer that is also a graph input (not constant)", name
-        )
     src = index.constant(name)
     if src is None:
         producer = index.producer.get(name)
@@ -361,8 +541,7 @@ def _conv_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str
         if bias is None:
             return SkippedLayer(key, op, "bias is not a constant vector with one value per channel", src.tensor.name)
         layer.bias = bias
-    layer.affine = _pair_affine(index, store, node.output[0], k, -(rank - 1), rank, allow_bn=True)
-    return layer
+    return _with_affine(layer, _pair_affine(index, store, node.output[0], k, -(rank - 1), rank, allow_bn=True))
 
 
 def _gemm_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | SkippedLayer:
@@ -384,22 +563,16 @@ def _gemm_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str
         if bias is None:
             return SkippedLayer(key, "Gemm", "C is not a constant with one value per output channel", src.tensor.name)
         layer.bias = bias
-    layer.affine = _pair_affine(index, store, node.output[0], k, -1, 2, allow_bn=True)
-    return layer
+    return _with_affine(layer, _pair_affine(index, store, node.output[0], k, -1, 2, allow_bn=True))
 
 
 def _matmul_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: str) -> Layer | SkippedLayer:
     if len(node.input) != 2:
         return SkippedLayer(key, "MatMul", "MatMul without two inputs")
-    consts = [index.constant(x) is not None and not index.is_graph_input_initializer(x) for x in node.input]
+    consts = [index.constant(x) is not None for x in node.input]
     if consts[0] and consts[1]:
         return SkippedLayer(key, "MatMul", "both operands are constant (constant folding left undone)")
     if not (consts[0] or consts[1]):
-        for x in node.input:
-            if index.is_graph_input_initializer(x):
-                return SkippedLayer(
-                    key, "MatMul", "weight is an initializer that is also a graph input (not constant)", x
-                )
         return SkippedLayer(key, "MatMul", _NO_CONST_MATMUL)
     wi = 1 if consts[1] else 0
     src = _weight(index, store, node, wi, key)
@@ -418,14 +591,21 @@ def _matmul_layer(index: GraphIndex, store: TensorStore, node: NodeProto, key: s
     layer = Layer(key, node, src, wi, layout, k, shape, is_fc=True, input_name=node.input[1 - wi])
     out = node.output[0]
     add = index.only_consumer(out)
-    if add is not None and add.op_type == "Add" and add.domain in _ONNX_DOMAINS:
+    if add is not None and _is_add(index, add):
         other = 1 if add.input[0] == out else 0
         bias = _per_channel(index, store, add, other, k, axis, None)
         if bias is not None:
             layer.bias = bias
             layer.bias_node = add
             out = add.output[0]
-    layer.affine = _pair_affine(index, store, out, k, axis, None, allow_bn=False)
+    return _with_affine(layer, _pair_affine(index, store, out, k, axis, None, allow_bn=False))
+
+
+def _with_affine(layer: Layer, affine: Affine | str | None) -> Layer | SkippedLayer:
+    """The layer with its paired affine, or skipped with the reason pairing gave."""
+    if isinstance(affine, str):
+        return SkippedLayer(layer.key, layer.op, affine, layer.weight.tensor.name)
+    layer.affine = affine
     return layer
 
 

@@ -20,7 +20,10 @@ A model that onnx's checker rejects, or whose layers contradict their own weight
    input (through ops that keep the channel count) or from a graph input's static shape; where neither is known,
    nothing is assumed.
 
-Every failure raises :class:`onnxclp.errors.OnnxclpError` (exit 2) with one line naming the problem.
+Every failure raises :class:`onnxclp.errors.OnnxclpError` (exit 2) with one line naming the problem. Every rule
+holds at every opset (a Conv's ``group`` and a BatchNormalization's inputs have not changed; ``spatial=0`` before
+opset 9 is recognised); the node arity checks of :class:`onnxclp.graph.GraphIndex` read each operator's schema at
+the model's opset, so a model onnx's checker accepts is not refused for an older signature.
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ def run_checker(model: ModelProto, where: str = "model") -> None:
     except Exception as exc:  # ValidationError, SchemaError, or anything else the checker raises: fail closed
         from onnxclp.graph import GraphIndex  # graph imports io, which imports this module lazily
 
-        GraphIndex(model.graph)  # raises its own message when it sees the problem too
+        GraphIndex.of(model)  # raises its own message when it sees the problem too
         raise OnnxclpError(
             f"{where}: not a valid ONNX model (onnx {onnx.__version__} checker: {_one_line(str(exc))})"
         ) from exc

@@ -5,7 +5,8 @@ shared kernel, mixed-precision exports Cast a float16 weight, and QDQ-quantized 
 ``quantize_static``) read ``DequantizeLinear(q, scale, zero_point)``. :func:`read` applies that chain to the
 stored value; :func:`write` inverts it, so an edit lands in the stored tensor in its own form:
 
-- Transpose, Reshape, Squeeze, Unsqueeze, Identity: exact inverses;
+- Transpose, Reshape, Squeeze, Unsqueeze, Identity: exact inverses (each in the form of its opset: ``axes`` an
+  attribute or an input, Reshape's ``shape`` an attribute before opset 5, Cast's ``to`` a type name before 6);
 - Cast: the value is cast back to the stored dtype (float16 stays float16);
 - DequantizeLinear: a zeroed channel or weight gets the zero-point as its quantized value (exactly 0 after
   dequantization); a channel scaled by ``c`` gets its per-channel scale multiplied by ``c``; any other change
@@ -26,9 +27,10 @@ from onnxclp.io import TensorStore, cast_checked
 
 _ATTR_TYPES = {
     "perm": onnx.AttributeProto.INTS,
+    "shape": onnx.AttributeProto.INTS,
     "axes": onnx.AttributeProto.INTS,
     "allowzero": onnx.AttributeProto.INT,
-    "to": onnx.AttributeProto.INT,
+    "to": (onnx.AttributeProto.INT, onnx.AttributeProto.STRING),  # Cast before opset 6: a type name
     "axis": onnx.AttributeProto.INT,
     "block_size": onnx.AttributeProto.INT,
 }
@@ -40,11 +42,11 @@ def _attr(node: NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
             want = _ATTR_TYPES.get(name)
-            if want is not None and a.type != want:
+            allowed = want if isinstance(want, tuple) else (want,)
+            if want is not None and a.type not in allowed:
                 got = _ATTR_NAMES.get(a.type, str(a.type))
-                raise OnnxclpError(
-                    f"{node.op_type} {node.name!r}: attribute {name!r} is {got}, not {_ATTR_NAMES[want]}"
-                )
+                names = " or ".join(_ATTR_NAMES[t] for t in allowed)
+                raise OnnxclpError(f"{node.op_type} {node.name!r}: attribute {name!r} is {got}, not {names}")
             return onnx.helper.get_attribute_value(a)
     return default
 
@@ -70,6 +72,18 @@ def _int_values(index: GraphIndex, store: TensorStore, node: NodeProto, i: int) 
     return [int(v) for v in value.reshape(-1)]
 
 
+def _cast_target(node: NodeProto) -> int:
+    """A Cast's target type: an int from opset 6, a type name ("FLOAT") before."""
+    to = _attr(node, "to", onnx.TensorProto.FLOAT)
+    if isinstance(to, bytes | str):
+        name = to.decode() if isinstance(to, bytes) else to
+        try:
+            return int(onnx.TensorProto.DataType.Value(name.upper()))
+        except ValueError as exc:
+            raise OnnxclpError(f"Cast {node.name!r}: unknown target type {name[:40]!r}") from exc
+    return int(to)
+
+
 def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray) -> np.ndarray:
     op = node.op_type
     if op == "Identity":
@@ -80,7 +94,10 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
             raise OnnxclpError(f"Transpose {node.name!r}: perm {list(perm)} does not permute {x.ndim} axes")
         return np.transpose(x, perm if perm is not None else None)
     if op == "Reshape":
-        shape = _int_values(index, store, node, 1)
+        if len(node.input) > 1 and node.input[1]:
+            shape = _int_values(index, store, node, 1)
+        else:  # Reshape before opset 5: the shape is an attribute
+            shape = [int(d) for d in _attr(node, "shape", []) or []]
         if not _attr(node, "allowzero", 0):
             shape = [x.shape[i] if d == 0 and i < x.ndim else d for i, d in enumerate(shape)]
         try:
@@ -104,7 +121,7 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
             out = np.expand_dims(out, a)
         return out
     if op == "Cast":
-        to = int(_attr(node, "to", onnx.TensorProto.FLOAT))
+        to = _cast_target(node)
         try:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to))
         except (KeyError, ValueError, TypeError) as exc:

@@ -167,3 +167,116 @@ def test_sweep_with_workers_equals_serial(setup: Path, tmp_path: Path) -> None:
         for p in d["points"]:
             p.pop("sanitize_s")
     assert a == b and len(a["points"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Clean data: every method cell gets the clean images (shared once), the accuracy guard measures each result
+
+
+@pytest.fixture(scope="module")
+def clean_setup(setup: Path) -> Path:
+    """300 random images labelled by the resnet itself (its clean accuracy is 100 % on them, so any change of
+    prediction is a drop), and a 1 model × (clp u=1, clp u=50, ft) config reading 200 of them."""
+    from onnxclp.eval.runner import OnnxClassifier
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (300, 16, 16, 3), np.uint8)
+    clf = OnnxClassifier(str(setup / "resnet.torchscript.onnx"), device="cpu", layout="nchw")
+    y = clf.predict((x.transpose(0, 3, 1, 2) / 255.0).astype(np.float32))
+    np.savez(setup / "clean.npz", x_train=x, y_train=y)
+    config = {
+        "models": ["resnet.torchscript.onnx"],
+        # u=1 prunes the resnet to chance on these images (refused); u=50 prunes nothing; ft: one epoch
+        "methods": [{"method": "clp", "u": [1, 50]}, {"method": "ft", "epochs": 1, "lr": 0.001}],
+        "attacks": ["attack.json"],
+        "data": "d.npz",
+        "limit": 40,
+        "baseline": True,
+        "clean_data": {"path": "clean.npz", "n": 200, "x_key": "x_train", "y_key": "y_train", "max_acc_drop": 10},
+    }
+    (setup / "grid-clean.json").write_text(json.dumps(config))
+    return setup
+
+
+def _clean_grid(setup: Path, *extra: object) -> dict[str, Any]:
+    r = invoke("grid", setup / "grid-clean.json", "--output", "-", *extra)
+    assert r.exit_code == 1, r.stderr  # 1: the refused cell is an error entry
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def clean_one(clean_setup: Path) -> tuple[dict[str, Any], list[str]]:
+    """The clean-data grid on one worker, and the data sets read meanwhile (``load_dataset`` calls)."""
+    import onnxclp.eval.data
+
+    reads: list[str] = []
+    real = onnxclp.eval.data.load_dataset
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnxclp.eval.data, "load_dataset", counting)
+        one = _clean_grid(clean_setup, "--workers", "1")
+    return one, reads
+
+
+def test_clean_data_cells_guard_and_refusal(clean_setup: Path, clean_one: tuple[dict[str, Any], list[str]]) -> None:
+    """The guard's entries on every written method cell, the refused one an error entry with the guard's reason,
+    the clean set read once (by the driver, never by a cell), and the same JSON on 2 workers."""
+    one, reads = clean_one
+    assert sorted(reads) == ["clean.npz", "d.npz"]  # the test set and the clean set, once each
+    base, refused, kept, ft = one["cells"]
+    assert base["method"] is None and base["guard"] is None and base["error"] is None
+    assert refused["params"] == {"u": 1} and refused["error"].startswith("refused: the result lost")
+    assert "validation images" in refused["error"] and refused["acc"] is None and refused["guard"] is None
+    g = kept["guard"]
+    assert kept["error"] is None and kept["pruned"] == 0 and (kept["acc"], kept["asr"]) == (base["acc"], base["asr"])
+    assert (g["n_fit"], g["n_val"], g["acc_before"], g["acc_after"], g["drop"]) == (100, 100, 1.0, 1.0, 0.0)
+    assert g["accepted"] is True and g["forced"] is False
+    assert ft["method"] == "ft" and ft["error"] is None, ft["error"]
+    assert ft["guard"]["acc_before"] == 1.0 and ft["guard"]["accepted"] and ft["guard"]["drop"] <= 10
+    assert 0 <= ft["acc"] <= 1 and ft["n_attacked"] == base["n_attacked"]
+
+    # the pre-loaded arrays give what `sanitize --clean-data PATH --clean-n 200` measures
+    import onnxclp
+
+    ctx = {"clean_data": str(clean_setup / "clean.npz"), "clean_n": 200, "x_key": "x_train", "y_key": "y_train",
+           "max_acc_drop": 10, "quiet": True}  # fmt: skip
+    _, rep = onnxclp.sanitize(clean_setup / "resnet.torchscript.onnx", "clp", u=1, force=True, context=ctx)
+    assert rep.guard["forced"] and f"lost {rep.guard['drop']:.1f} points" in refused["error"]
+
+    assert _clean_grid(clean_setup, "--workers", "2") == one
+
+
+def test_clean_data_on_ray(clean_setup: Path, clean_one: tuple[dict[str, Any], list[str]], ray_local: Any) -> None:
+    assert _clean_grid(clean_setup, "--ray", "local") == clean_one[0]
+
+
+def test_clean_data_config(clean_setup: Path, tmp_path: Path) -> None:
+    from onnxclp.study import grid
+
+    cfg = json.loads((clean_setup / "grid-clean.json").read_text())
+    cfg["models"] = [
+        "resnet.torchscript.onnx",
+        {"path": "vgg.torchscript.onnx", "clean_data": None},  # this model: no clean data
+        {"path": "vgg.torchscript.onnx", "label": "v2", "clean_data": "clean.npz"},
+    ]
+    spec = grid.parse_config(cfg, clean_setup, clean_n=150, max_acc_drop=2)
+    a, b, c = (spec.clean_of(m) for m in spec.models)
+    assert a is not None and a.label == "clean.npz" and (a.n, a.max_acc_drop, a.x_key) == (150, 2.0, "x_train")
+    assert b is None and c is not None and (c.n, c.x_key, c.max_acc_drop) == (150, None, 2.0)
+    cli = grid.parse_config(cfg, clean_setup, clean_data=tmp_path / "other.npz")
+    assert cli.clean is not None and cli.clean.path == str(tmp_path / "other.npz") and cli.clean.n == 200
+    for bad, message in (
+        ({**cfg, "clean_data": {"path": "clean.npz", "nn": 3}}, "unknown key"),
+        ({**cfg, "clean_data": {"path": "clean.npz", "n": 0}}, "positive integer"),
+        ({**cfg, "clean_data": {"path": "clean.npz", "mean": [0.5]}}, "both mean and std"),
+        ({**cfg, "clean_data": {"n": 10}}, "with 'path'"),
+    ):
+        with pytest.raises(OnnxclpError, match=message):
+            grid.parse_config(bad, clean_setup)
+    too_few = grid.parse_config({**cfg, "clean_data": {**cfg["clean_data"], "n": 110}}, clean_setup)
+    with pytest.raises(OnnxclpError, match="too few"):  # before any cell runs
+        grid.resolve(too_few)

@@ -135,12 +135,14 @@ def test_shared_weight_pruned_in_both_users():
     assert np.all(y[:, 2] == 0)
 
 
-def test_graph_input_weight_is_skipped_with_reason():
+def test_graph_input_weight_is_scored_and_listed():
+    """Issue 19: an initializer that is also a graph input (IR 3, keep_initializers_as_inputs) is a weight: it
+    is scored like any other and stays a graph input (tests/test_compat_opsets.py edits and checks it)."""
     m = _two_convs_sharing(np.ones((3, 2, 1, 1), dtype=np.float32))
     m.graph.input.append(helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [3, 2, 1, 1]))
-    with pytest.raises(NothingToSanitize) as e:
-        onnxclp.scan(m)
-    assert "graph input" in str(e.value)
+    rep = onnxclp.scan(m)
+    assert rep.layers and all(layer.weight == "W" for layer in rep.layers)
+    assert not any("graph input" in s.reason for s in rep.skipped)
 
 
 def test_constant_node_and_identity_chain_weights():

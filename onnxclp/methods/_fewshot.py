@@ -42,23 +42,31 @@ def clean_images(state: State) -> tuple[torch.Tensor, torch.Tensor, str]:
 
     ``context``: ``clean_data`` (a path ``onnxclp.eval.data.load_dataset`` reads: .npz with x_test/y_test or
     the arrays ``x_key``/``y_key``, CIFAR batch, ImageFolder), ``clean_n`` (default 500; a seeded random subset when the set is larger),
-    ``mean``, ``std`` (per channel, or None: images in [0, 1] as they are).
+    ``mean``, ``std`` (per channel, or None: images in [0, 1] as they are). ``clean_arrays`` (``(x, y,
+    description)``: images already loaded, (N, H, W, C) or (N, C, H, W), uint8 or float in [0, 1], as
+    ``load_dataset`` checks them; e.g. ``onnxclp grid``'s clean set, shared once per worker) is used instead of
+    ``clean_data`` when given.
     """
     import torch
 
     from onnxclp.defences._inputs import normaliser, to_model
-    from onnxclp.eval.data import load_dataset
+    from onnxclp.eval.data import ArrayImages, _check_images, _check_labels, load_dataset
 
     ctx = state.options.context
     name = state.params.method
-    path = ctx.get("clean_data")
+    arrays = ctx.get("clean_arrays")
+    path = ctx.get("clean_data") if arrays is None else arrays[2]
     if path is None:
         raise OnnxclpError(f"--method {name} needs clean labelled images: give --clean-data")
     n = int(ctx.get("clean_n") or 500)
     if n < 1:
         raise OnnxclpError(f"--clean-n must be >= 1, got {n}")
     layout, channels, hw = input_layout(state)
-    data = load_dataset(path, ctx.get("x_key"), ctx.get("y_key"), channels=channels, size=hw)
+    if arrays is not None:  # already loaded (onnxclp grid shares them once per worker): the checks load_npz makes
+        xs, xs_layout = _check_images(np.asarray(arrays[0]), channels, str(path))
+        data = ArrayImages(xs, _check_labels(np.asarray(arrays[1]), xs.shape[0], str(path)), xs_layout, str(path))
+    else:
+        data = load_dataset(path, ctx.get("x_key"), ctx.get("y_key"), channels=channels, size=hw)
     if len(data) == 0:
         raise OnnxclpError(f"{path}: no images")
     idx = np.arange(len(data))

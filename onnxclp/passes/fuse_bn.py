@@ -2,7 +2,11 @@
 
 ``s = gamma / sqrt(var + eps)``; ``W'_k = s_k W_k``; ``b'_k = s_k (b_k - mean_k) + beta_k``. The layer takes
 over the BatchNormalization's output name, so every reader and value_info of that name is unchanged; the
-BatchNormalization node is removed, and its constants too when nothing else reads them.
+BatchNormalization node is removed, and its constants too when nothing else reads them (never a graph input:
+the model's interface is kept). An Identity or inference Dropout between the layer and the BatchNormalization
+stays, and it is that node which takes over the name. A per-channel Mul/Add after the BatchNormalization
+(Caffe2) is left in place. In a model of IR version 3 the new bias is declared a graph input too, as that IR
+version requires of every initializer.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def _bn_scale(layer: Layer, index: GraphIndex, store: TensorStore) -> tuple[np.n
 
 def fuse_batchnorm(model: onnx.ModelProto, store: TensorStore) -> int:
     """Fold every paired BatchNormalization of the main graph; returns how many were folded."""
-    index = GraphIndex(model.graph)
+    index = GraphIndex.of(model)
     editor = Editor(index, store)
     layers = [
         layer
@@ -62,8 +66,7 @@ def fuse_batchnorm(model: onnx.ModelProto, store: TensorStore) -> int:
             dtype = weights.read(index, store, layer.weight).dtype
             name = editor.unique_name(f"{layer.key}.bias")
             value = cast_checked(shift / beta_attr, dtype, f"layer {layer.key!r}: folded BatchNormalization bias")
-            bias = onnx.numpy_helper.from_array(value, name)
-            model.graph.initializer.append(bias)
+            index.add_initializer(onnx.numpy_helper.from_array(value, name))
             while len(node.input) < 2:
                 node.input.append("")
             if len(node.input) == 2:
@@ -71,8 +74,9 @@ def fuse_batchnorm(model: onnx.ModelProto, store: TensorStore) -> int:
             else:
                 node.input[2] = name
         bn = layer.affine.nodes[0]
-        old_out = node.output[0]
-        node.output[0] = bn.output[0]
+        writer = layer.affine.via[-1] if layer.affine.via else node  # the node whose output the BN read
+        old_out = writer.output[0]
+        writer.output[0] = bn.output[0]
         removed.append(bn)
         kept_vi = [vi for vi in model.graph.value_info if vi.name != old_out]
         if len(kept_vi) != len(model.graph.value_info):
@@ -90,7 +94,7 @@ def fuse_batchnorm(model: onnx.ModelProto, store: TensorStore) -> int:
 
 def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
     """Remove initializers among ``candidates`` that nothing reads any more (never graph inputs)."""
-    index = GraphIndex(model.graph)
+    index = GraphIndex.of(model)
     unused = {
         name
         for name in candidates

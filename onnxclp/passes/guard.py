@@ -18,7 +18,16 @@ import numpy as np
 import onnx
 
 from onnxclp.errors import OnnxclpError
-from onnxclp.guard import DEFAULT_MAX_ACC_DROP, DEFAULT_VAL_FRACTION, GuardResult, decide, paired_drop, split_indices
+from onnxclp.guard import (
+    DEFAULT_MAX_ACC_DROP,
+    DEFAULT_VAL_FRACTION,
+    MIN_FIT,
+    MIN_VAL,
+    GuardResult,
+    decide,
+    paired_drop,
+    split_indices,
+)
 from onnxclp.pipeline import PassResult, State
 
 if TYPE_CHECKING:
@@ -41,6 +50,7 @@ class CleanSplit:
     metric: str = "clean accuracy"
     right_before: np.ndarray | None = None  # the input model right/wrong on each validation image
     pred_before: np.ndarray | None = None
+    synthetic: dict[str, Any] | None = None  # --clean-data synthetic: what the synthesis did (onnxclp.defences.synth)
 
     @property
     def x_fit(self) -> torch.Tensor:
@@ -96,16 +106,63 @@ def load_clean(state: State) -> CleanSplit:
     from onnxclp.methods._fewshot import clean_images
 
     ctx = _context(state)
+    if ctx.get("clean_arrays") is None and _is_synthetic(ctx.get("clean_data")):
+        return load_synthetic(state)
     x, y, what = clean_images(state)
     fit, val = split_indices(len(y), float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION))
     metric = str(ctx.get("guard_metric") or "clean accuracy")
     return CleanSplit(x, y, fit, val, what, metric)
 
 
+# -- --clean-data synthetic[:N] (issue 21): stand-in images made from the model itself -------------------------
+
+SYNTHETIC_METRIC = "agreement with the input model"
+
+
+def _is_synthetic(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower().startswith("synthetic")
+
+
+def load_synthetic(state: State) -> CleanSplit:
+    """``clean_data`` = ``synthetic[:N]``: N images synthesized from the input model (:mod:`onnxclp.defences.synth`),
+    labelled by the input model with onnxruntime (so the input agrees with every label), split like clean images;
+    the guard's metric is agreement with the input model. ``save_synthetic`` (a folder) receives the set and a
+    grid picture (:func:`onnxclp.defences.synth.save`)."""
+    import torch
+
+    from onnxclp.defences._inputs import normaliser, to_model
+    from onnxclp.defences.synth import parse_spec, save, synthesize_for_state
+    from onnxclp.methods._fewshot import input_layout
+
+    ctx = _context(state)
+    n, overrides = parse_spec(ctx["clean_data"])
+    if n < MIN_VAL + MIN_FIT:
+        raise OnnxclpError(f"--clean-data synthetic:{n}: the guard needs at least {MIN_VAL + MIN_FIT} images")
+    syn = synthesize_for_state(state, n, overrides)
+    layout, channels, hw = input_layout(state)
+    x = to_model(torch.from_numpy(syn.x), normaliser((channels, *hw), ctx.get("mean"), ctx.get("std"), 1, "cpu"))
+    if layout == "nhwc":
+        x = x.permute(0, 2, 3, 1).contiguous()
+    y = predict(state.model, state.store, x, str(ctx.get("device") or "auto"))  # the labels the guard checks
+    syn.y = y.astype(np.int64)
+    if ctx.get("save_synthetic") is not None:
+        save(syn, ctx["save_synthetic"])
+    info = syn.info
+    what = (
+        f"{n} images synthesized from the input model ({info['mode']}, {info['settings']['steps']} steps, "
+        f"{info['batchnorm_layers_matched']} BatchNorm layers matched, {info['seconds']:.0f} s), labelled by it"
+    )
+    fit, val = split_indices(n, float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION))
+    clean = CleanSplit(x, torch.as_tensor(syn.y), fit, val, what, SYNTHETIC_METRIC)
+    clean.synthetic = {k: v for k, v in info.items() if k != "label_counts"}
+    clean.synthetic["label_counts"] = np.bincount(syn.y, minlength=int(info["classes"])).tolist()
+    return clean
+
+
 def split(state: State) -> PassResult:
     """Pipeline pass: read and split the clean images, measure the input on the validation part."""
     ctx = _context(state)
-    if ctx.get("clean_data") is None:
+    if ctx.get("clean_data") is None and ctx.get("clean_arrays") is None:
         return PassResult()
     if state.clean is None:
         state.clean = load_clean(state)
@@ -122,6 +179,12 @@ def split(state: State) -> PassResult:
         metric=clean.metric,
         data=clean.what,
     )
+    if clean.synthetic is not None:
+        info = clean.synthetic
+        result.notes.append(
+            f"synthetic data: {clean.what}; {100 * info['reached_target']:.0f}% labelled with the class they were "
+            f"made for; labels per class {info['label_counts']}"
+        )
     if state.options.edit:
         pred = predict(state.model, state.store, clean.x_val, str(ctx.get("device") or "auto"))
         clean.pred_before = pred
@@ -140,6 +203,11 @@ def check(state: State) -> PassResult:
     pred = predict(state.model, state.store, clean.x_val, str(_context(state).get("device") or "auto"))
     right = pred == clean.y_val.numpy()
     changed = float(np.mean(pred != clean.pred_before))
+    if clean.synthetic is not None:  # data-free: never silent about a model changed on many inputs (issue 21)
+        state.guard.notes.append(
+            f"synthetic data: the result changed its predicted class on {100 * changed:.1f}% of the {len(clean.val)} "
+            "synthesized validation images (agreement with the input model, not clean accuracy)"
+        )
     decide(state.guard, paired_drop(clean.right_before, right), changed, state.options.force)
     state.notes.extend(state.guard.notes)
     return PassResult(1)

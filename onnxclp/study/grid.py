@@ -16,8 +16,13 @@ How the work is shared out:
   of the last (model, attack) groups it saw (:func:`onnxclp.study.measure.prepare`: the evaluator's own
   ``prepare_run``, so the numbers are ``evaluate``'s); the cells of a group are consecutive, so a worker
   prepares each group at most once (``prepared_count`` counts them).
-- **Errors stay in their cell.** A method that refuses a model, or a worker that dies, gives that cell an
-  ``error`` line; the other cells complete.
+- **The clean images travel once too.** With ``clean_data`` in the config, the driver reads the clean set once,
+  keeps the ``n`` images the methods would draw (the seeded subset of :func:`onnxclp.methods._fewshot.clean_images`)
+  and ships them in the same shared dict; each method cell gets them as ``context["clean_arrays"]``, so the
+  few-shot methods train on them and the accuracy guard (:mod:`onnxclp.guard`) measures every method on their
+  validation part. A folder of images is read once per worker instead (at the model's input size).
+- **Errors stay in their cell.** A method that refuses a model, a result the accuracy guard refuses, or a worker
+  that dies gives that cell an ``error`` line; the other cells complete.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ PathLike = str | os.PathLike[str]
 __all__ = [
     "AttackSpec",
     "Cell",
+    "CleanSpec",
     "GridSpec",
     "MethodSpec",
     "ModelSpec",
@@ -60,6 +66,11 @@ __all__ = [
 ATTACK_KEYS = ("config", "attack", "params", "target", "mode", "seed", "mean", "std")
 #: Keys of the config's ``run`` section: RunOptions fields shared by every cell.
 RUN_KEYS = ("batch_size", "device", "threads", "mean", "std", "layout", "input_size", "x_key", "y_key")
+#: Keys of a ``clean_data`` entry (a path alone is ``{"path": ...}``).
+CLEAN_KEYS = ("path", "n", "x_key", "y_key", "val_fraction", "max_acc_drop", "mean", "std", "force")
+#: What a written cell records of the accuracy guard's report entry (``report.guard``).
+GUARD_KEYS = ("n_fit", "n_val", "acc_before", "acc_after", "drop", "ci95", "p_within", "accepted", "forced",
+              "selected_on_validation")  # fmt: skip
 #: Parameters every method takes besides its registry parameters.
 COMMON_PARAMS = ("score", "include_fc")
 #: Prepared (model, attack) groups a worker keeps (CIFAR-10, 10,000 images: ~250 MB each, float32).
@@ -79,13 +90,35 @@ class AttackSpec:
 
 
 @dataclass(frozen=True)
+class CleanSpec:
+    """The clean labelled images given to every method cell (the few-shot methods' data and the accuracy
+    guard's validation part): ``label`` is the path as written, ``path`` the resolved one; the rest are the
+    ``sanitize --clean-n/--x-key/--y-key/--val-fraction/--max-acc-drop/--mean/--std`` settings (None: the
+    defaults; ``mean``/``std`` None: the attack's normalisation). ``force``: a result over the budget is
+    measured anyway (its cell then has ``guard.forced``) instead of being an error entry."""
+
+    label: str
+    path: str
+    n: int = 500
+    x_key: str | None = None
+    y_key: str | None = None
+    val_fraction: float | None = None
+    max_acc_drop: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """One model: a label (the path as written in the config), the resolved path, and its own attacks (None:
-    the grid's)."""
+    """One model: a label (the path as written in the config), the resolved path, its own attacks (None: the
+    grid's) and its own clean data (when ``own_clean``; None then: none for this model)."""
 
     label: str
     path: str
     attacks: tuple[AttackSpec, ...] | None = None
+    clean: CleanSpec | None = None
+    own_clean: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,10 +149,15 @@ class GridSpec:
     options: RunOptions = field(default_factory=RunOptions)
     baseline: bool = True
     data_label: str | None = None
+    clean: CleanSpec | None = None
 
     def attacks_of(self, model: ModelSpec) -> tuple[AttackSpec, ...]:
         """The attacks ``model`` is measured under."""
         return model.attacks if model.attacks is not None else tuple(self.attacks)
+
+    def clean_of(self, model: ModelSpec) -> CleanSpec | None:
+        """The clean images ``model``'s method cells get (None: none)."""
+        return model.clean if model.own_clean else self.clean
 
 
 @dataclass(frozen=True)
@@ -214,6 +252,53 @@ def _attack(entry: Any, base: Path, where: str) -> AttackSpec:
     return AttackSpec(str(label), tuple(sorted(opts.items(), key=lambda kv: kv[0])))
 
 
+def _floats(value: Any, what: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.split(",")
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise OnnxclpError(f"grid config: {what} must be a list of numbers, got {value!r}") from None
+
+
+def _clean(entry: Any, base: Path, where: str) -> CleanSpec | None:
+    """``"clean.npz"`` (a path) or a mapping of :data:`CLEAN_KEYS` (``path`` required); None: no clean data."""
+    if entry is None:
+        return None
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, Mapping) or "path" not in entry:
+        raise OnnxclpError(f"grid config: {where} must be a path or a mapping with 'path'")
+    unknown = sorted(set(entry) - set(CLEAN_KEYS))
+    if unknown:
+        raise OnnxclpError(
+            f"grid config: {where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(CLEAN_KEYS)})"
+        )
+    n = entry.get("n", 500)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise OnnxclpError(f"grid config: {where}.n must be a positive integer, got {n!r}")
+    numbers = {}
+    for key in ("val_fraction", "max_acc_drop"):
+        v = entry.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise OnnxclpError(f"grid config: {where}.{key} must be a number, got {v!r}")
+        numbers[key] = None if v is None else float(v)
+    if numbers["max_acc_drop"] is not None and numbers["max_acc_drop"] < 0:
+        raise OnnxclpError(f"grid config: {where}.max_acc_drop must be >= 0")
+    mean, std = _floats(entry.get("mean"), f"{where}.mean"), _floats(entry.get("std"), f"{where}.std")
+    if (mean is None) != (std is None):
+        raise OnnxclpError(f"grid config: {where}: give both mean and std, or neither")
+    force = entry.get("force", False)
+    if not isinstance(force, bool):
+        raise OnnxclpError(f"grid config: {where}.force must be true or false")
+    return CleanSpec(
+        str(entry["path"]), _path(entry["path"], base, f"{where}.path"), n, entry.get("x_key"), entry.get("y_key"),
+        numbers["val_fraction"], numbers["max_acc_drop"], mean, std, force,
+    )  # fmt: skip
+
+
 def _freeze(value: Any) -> Any:
     """Lists as tuples, so that a spec is hashable and compares by value."""
     if isinstance(value, list | tuple):
@@ -269,9 +354,10 @@ def _methods(entries: Any, defaults: Mapping[str, Any]) -> list[MethodSpec]:
 def parse_config(config: Mapping[str, Any], base_dir: PathLike = ".", **overrides: Any) -> GridSpec:
     """A :class:`GridSpec` from a config mapping (docs/scale.md, "Grid"). Relative paths are taken from
     ``base_dir`` (the config file's folder). ``overrides``: ``data``, ``limit``, ``device``, ``batch_size``,
-    ``threads`` from the command line (None: keep the config's)."""
+    ``threads``, ``clean_data`` (the grid's clean set), ``clean_n``, ``max_acc_drop`` (every clean set's) from
+    the command line (None: keep the config's)."""
     base = Path(base_dir)
-    known = {"models", "methods", "attacks", "params", "data", "limit", "run", "baseline"}
+    known = {"models", "methods", "attacks", "params", "data", "limit", "run", "baseline", "clean_data"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise OnnxclpError(f"grid config: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -284,6 +370,26 @@ def parse_config(config: Mapping[str, Any], base_dir: PathLike = ".", **override
         models_raw = [models_raw]
     if not isinstance(models_raw, list) or not models_raw:
         raise OnnxclpError("grid config: 'models' must be a non-empty list of model paths")
+    clean_n, max_drop = overrides.pop("clean_n", None), overrides.pop("max_acc_drop", None)
+    clean_cli = overrides.pop("clean_data", None)
+
+    def cli_clean(c: CleanSpec | None) -> CleanSpec | None:  # --clean-n / --max-acc-drop over every clean set
+        if c is None:
+            return None
+        if clean_n is not None:
+            if clean_n < 1:
+                raise OnnxclpError(f"--clean-n must be >= 1, got {clean_n}")
+            c = replace(c, n=int(clean_n))
+        if max_drop is not None:
+            if max_drop < 0:
+                raise OnnxclpError(f"--max-acc-drop must be >= 0, got {max_drop:g}")
+            c = replace(c, max_acc_drop=float(max_drop))
+        return c
+
+    clean = _clean(config.get("clean_data"), base, "clean_data")
+    if clean_cli is not None:  # the command line's path (from the current folder), the config's other settings
+        clean = replace(clean or CleanSpec("", ""), label=str(clean_cli), path=str(clean_cli))
+    clean = cli_clean(clean)
     models = []
     for i, m in enumerate(models_raw):
         if isinstance(m, str):
@@ -291,6 +397,11 @@ def parse_config(config: Mapping[str, Any], base_dir: PathLike = ".", **override
             continue
         if not isinstance(m, Mapping) or "path" not in m:
             raise OnnxclpError(f"grid config: models[{i}] must be a path or a mapping with 'path'")
+        bad_keys = sorted(set(m) - {"path", "label", "attacks", "clean_data"})
+        if bad_keys:
+            raise OnnxclpError(f"grid config: models[{i}]: unknown key(s) {', '.join(bad_keys)}")
+        own_clean = "clean_data" in m
+        model_clean = cli_clean(_clean(m.get("clean_data"), base, f"models[{i}].clean_data")) if own_clean else None
         own = m.get("attacks")
         if isinstance(own, str | Mapping):
             own = [own]
@@ -298,7 +409,13 @@ def parse_config(config: Mapping[str, Any], base_dir: PathLike = ".", **override
             None if own is None else tuple(_attack(a, base, f"models[{i}].attacks[{j}]") for j, a in enumerate(own))
         )
         models.append(
-            ModelSpec(str(m.get("label") or m["path"]), _path(m["path"], base, f"models[{i}].path"), own_specs)
+            ModelSpec(
+                str(m.get("label") or m["path"]),
+                _path(m["path"], base, f"models[{i}].path"),
+                own_specs,
+                model_clean,
+                own_clean,
+            )
         )
     if not attacks and any(m.attacks is None for m in models):
         attacks = [AttackSpec("none", (("attack", "none"),))]
@@ -325,7 +442,7 @@ def parse_config(config: Mapping[str, Any], base_dir: PathLike = ".", **override
     baseline = config.get("baseline", True)
     if not isinstance(baseline, bool):
         raise OnnxclpError("grid config: 'baseline' must be true or false")
-    return GridSpec(models, methods, attacks, data, options, baseline, str(data_label))
+    return GridSpec(models, methods, attacks, data, options, baseline, str(data_label), clean)
 
 
 def expand(spec: GridSpec) -> list[Cell]:
@@ -356,6 +473,39 @@ class _Task:
     method: str | None
     params: tuple[tuple[str, Any], ...]
     options: RunOptions
+    clean_key: int | None = None  # index into the shared ``clean`` list (None: no clean images)
+    clean: CleanSpec | None = None
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # the clean images' mean and std
+
+
+def _share_clean(cleans: list[CleanSpec]) -> list[dict[str, Any]]:
+    """Each clean set, read once by the driver: the arrays of the ``n`` images the methods would draw (the
+    seeded subset of :func:`onnxclp.methods._fewshot.clean_images`, so that the cells see the images
+    ``sanitize --clean-data PATH --clean-n N`` reads), or only the path for an image folder (read once per
+    worker, at the model's input size). Too few images for the guard's split is a usage error here, before
+    any work."""
+    import numpy as np
+
+    from onnxclp.eval.data import ArrayImages, load_dataset
+    from onnxclp.guard import DEFAULT_VAL_FRACTION, split_indices
+    from onnxclp.methods._fewshot import SEED
+
+    out = []
+    for c in cleans:
+        data = load_dataset(c.path, c.x_key, c.y_key)
+        if len(data) == 0:
+            raise OnnxclpError(f"clean_data {c.label}: no images")
+        n = min(c.n, len(data))
+        split_indices(n, c.val_fraction or DEFAULT_VAL_FRACTION)  # raises when too few for the guard's split
+        entry: dict[str, Any] = {"x": None, "y": None, "label": c.label, "path": c.path}
+        if isinstance(data, ArrayImages):
+            idx = np.arange(len(data))
+            if len(data) > c.n:
+                idx = np.sort(np.random.default_rng(SEED).permutation(len(data))[: c.n])
+            entry["x"] = np.ascontiguousarray(data.x[idx])
+            entry["y"] = np.ascontiguousarray(data.labels[idx])
+        out.append(entry)
+    return out
 
 
 def _share_data(spec: GridSpec, attacks: list[AttackSpec]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -392,10 +542,36 @@ def resolve(spec: GridSpec) -> tuple[list[Cell], list[_Task], dict[str, Any], li
         if c.attack not in attacks:
             attacks.append(c.attack)
     shared, configs = _share_data(spec, attacks) if cells else ({}, [])
-    tasks = [
-        _Task(spec.models[c.model].path, attacks.index(c.attack), c.attack.options, c.method, c.params, spec.options)
-        for c in cells
-    ]
+    cleans: list[CleanSpec] = []
+    for c in cells:
+        cs = spec.clean_of(spec.models[c.model])
+        if c.method is not None and cs is not None and cs not in cleans:
+            cleans.append(cs)
+    if cleans:
+        shared["clean"] = _share_clean(cleans)
+    tasks = []
+    for c in cells:
+        ak = attacks.index(c.attack)
+        cs = spec.clean_of(spec.models[c.model]) if c.method is not None else None
+        norm = None
+        if cs is not None and cs.mean is not None and cs.std is not None:
+            norm = (cs.mean, cs.std)
+        elif cs is not None and configs[ak].get("normalize") is not None:  # as the cell's images are normalised
+            nz = configs[ak]["normalize"]
+            norm = (tuple(float(v) for v in nz["mean"]), tuple(float(v) for v in nz["std"]))
+        tasks.append(
+            _Task(
+                spec.models[c.model].path,
+                ak,
+                c.attack.options,
+                c.method,
+                c.params,
+                spec.options,
+                None if cs is None else cleans.index(cs),
+                cs,
+                norm,
+            )
+        )
     return cells, tasks, shared, configs
 
 
@@ -409,8 +585,10 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Every cell of ``spec`` (:func:`expand`), as a JSON-ready dict each, in order: the settings (``model``,
     ``attack``, ``method``, ``params``), ``acc``/``asr``/``ra``, ``n_samples``/``n_attacked``, the channels
-    ``pruned``/``rescaled`` of ``channels``, ``sanitize_s``, and ``error`` (None, or one line: the cell's
-    metrics are then None). ``workers``/``ray``/``retries``/``progress`` as :func:`onnxclp.scale.run_tasks`."""
+    ``pruned``/``rescaled`` of ``channels``, ``guard`` (with clean data: the accuracy guard's :data:`GUARD_KEYS`
+    on the validation images; None otherwise), ``sanitize_s``, and ``error`` (None, or one line: the cell's
+    metrics are then None; a result the guard refuses is such a line). ``workers``/``ray``/``retries``/
+    ``progress`` as :func:`onnxclp.scale.run_tasks`."""
     return _run(spec, workers=workers, ray=ray, retries=retries, progress=progress)[0]
 
 
@@ -484,7 +662,9 @@ def sweep_parallel(
     return result
 
 
-_METRIC_KEYS = ("acc", "asr", "ra", "n_samples", "n_attacked", "pruned", "rescaled", "channels", "sanitize_s")
+_METRIC_KEYS = (
+    "acc", "asr", "ra", "n_samples", "n_attacked", "pruned", "rescaled", "channels", "guard", "sanitize_s",
+)  # fmt: skip
 
 
 def grid_json(spec: GridSpec, cells: Sequence[Mapping[str, Any]], timings: bool = False) -> str:
@@ -506,16 +686,27 @@ def _fmt_params(params: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
 
 
+def _guard_cell(g: Mapping[str, Any] | None) -> str:
+    if not g or g.get("acc_after") is None:
+        return "-"
+    mark = " FORCED" if g.get("forced") else ""
+    return f"{100 * g['acc_before']:.1f}->{100 * g['acc_after']:.1f}{mark}"
+
+
 def table(cells: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    """Rows of text, header first: model, attack, method, parameters, ACC, ASR, RA, pruned (or the error)."""
-    rows = [["model", "attack", "method", "params", "ACC %", "ASR %", "RA %", "pruned"]]
+    """Rows of text, header first: model, attack, method, parameters, ACC, ASR, RA, (with clean data: the
+    guard's validation accuracy before -> after), pruned (or the error)."""
+    guard = any(c.get("guard") for c in cells)
+    rows = [["model", "attack", "method", "params", "ACC %", "ASR %", "RA %", *(["val ACC %"] if guard else []),
+             "pruned"]]  # fmt: skip
     for c in cells:
         row = [str(c["model"]), str(c["attack"]), c["method"] or "(none)", _fmt_params(c["params"])]
         if c.get("error"):
-            row += ["error", "", "", c["error"]]
+            row += ["error", "", "", *([""] if guard else []), c["error"]]
         else:
             pruned = "-" if c["method"] is None else f"{c['pruned']}/{c['channels']}"
-            row += [_pct(c["acc"]), _pct(c["asr"]), _pct(c["ra"]), pruned]
+            row += [_pct(c["acc"]), _pct(c["asr"]), _pct(c["ra"]), *([_guard_cell(c.get("guard"))] if guard else []),
+                    pruned]  # fmt: skip
         rows.append(row)
     return rows
 
@@ -542,6 +733,7 @@ def write_atomic(path: PathLike, text: str) -> None:
 
 _PROTOS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _PREPARED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_FOLDERS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()  # clean image folders, decoded once per worker
 _COUNT = {"prepared": 0}
 
 
@@ -564,6 +756,69 @@ def _remember(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], bu
     while len(cache) > KEEP_PREPARED:
         cache.popitem(last=False)
     return value
+
+
+def _clean_context(task: _Task, proto: Any, opts: RunOptions, shared: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``sanitize(context=...)`` of a method cell given clean images: the shared arrays as
+    ``clean_arrays`` (an image folder: decoded here once per worker at the model's input size) and the guard's
+    settings."""
+    from types import SimpleNamespace
+
+    assert task.clean is not None and task.clean_key is not None
+    c, entry = task.clean, shared["clean"][task.clean_key]
+    if entry["x"] is not None:
+        arrays = (entry["x"], entry["y"], entry["label"])
+    else:
+        import numpy as np
+
+        from onnxclp.eval.data import load_dataset
+        from onnxclp.methods._fewshot import SEED, input_layout
+
+        # the model's input (channels, H, W): what clean_images would decode the folder to
+        like_state: Any = SimpleNamespace(model=proto, params=SimpleNamespace(method=task.method))
+        _, channels, hw = input_layout(like_state)
+
+        def decode() -> Any:
+            data = load_dataset(c.path, c.x_key, c.y_key, channels=channels, size=hw)
+            idx = np.arange(len(data))
+            if len(data) > c.n:
+                idx = np.sort(np.random.default_rng(SEED).permutation(len(data))[: c.n])
+            return data.images(idx).numpy(), np.asarray(data.labels)[idx], entry["label"]
+
+        arrays = _remember(_FOLDERS, (c.path, c.x_key, c.y_key, c.n, channels, hw), decode)
+    mean, std = task.normalize if task.normalize is not None else (None, None)
+    return {
+        "clean_arrays": arrays,
+        "clean_data": c.path,  # a label only (the arrays are used); some methods name it in messages
+        "clean_n": c.n,
+        "x_key": c.x_key,
+        "y_key": c.y_key,
+        "val_fraction": c.val_fraction,
+        "max_acc_drop": c.max_acc_drop,
+        "mean": None if mean is None else list(mean),
+        "std": None if std is None else list(std),
+        "device": opts.device,
+        "quiet": True,
+    }
+
+
+def _guard_entry(guard: Mapping[str, Any] | None, force: bool) -> dict[str, Any] | None:
+    """The cell's ``guard`` (:data:`GUARD_KEYS` of ``report.guard``). A result over the budget raises the
+    guard's own :class:`~onnxclp.guard.Refused` (same rule, same message) unless ``force``: the cell ran with
+    ``force=True`` so that risky parameter values are measured, which also lets the guard pass it through."""
+    if guard is None:
+        return None
+    if guard.get("forced") and not force:
+        from onnxclp.guard import Drop, GuardResult, decide
+
+        fields = {k: v for k, v in guard.items() if k in GuardResult.__dataclass_fields__}
+        result = GuardResult(**{**fields, "notes": [], "forced": False})
+        drop = Drop(guard["acc_before"], guard["acc_after"], guard["drop"], guard["se"] or 0.0, guard["n_val"], 0)
+        decide(result, drop, guard.get("changed_predictions") or 0.0, False)  # raises Refused
+    out = {k: guard.get(k) for k in GUARD_KEYS}
+    if out["ci95"] is not None:
+        out["ci95"] = list(out["ci95"])
+    return out
 
 
 def _cell_task(task: _Task) -> dict[str, Any]:
@@ -591,16 +846,28 @@ def _cell_task(task: _Task) -> dict[str, Any]:
 
     prepared = _remember(_PREPARED, group, build)
     proto = _remember(_PROTOS, key, lambda: load_inline(task.model))
-    result: dict[str, Any] = {"pruned": 0, "rescaled": 0, "channels": None, "sanitize_s": 0.0}
+    result: dict[str, Any] = {"pruned": 0, "rescaled": 0, "channels": None, "guard": None, "sanitize_s": 0.0}
     model = proto
     if task.method is not None:
+        from onnxclp import methods
         from onnxclp.api import sanitize
 
-        model, report = sanitize(proto, task.method, force=True, **dict(task.params))  # measured: risky u allowed
+        context: dict[str, Any] = {"quiet": True}
+        if task.clean is not None:
+            context = _clean_context(task, proto, opts, shared)
+        elif methods.get(task.method).needs == "clean-data":
+            raise OnnxclpError(
+                f"{task.method} needs clean labelled images: give 'clean_data' in the grid config (docs/scale.md)"
+            )
+        with warnings.catch_warnings():  # Ray's zero-copy clean arrays are read-only; they are only read
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            model, report = sanitize(proto, task.method, force=True, context=context, **dict(task.params))
+        # force=True: risky u are measured too; the guard's refusal is applied by _guard_entry
         result.update(
             pruned=report.pruned_channels,
             rescaled=report.rescaled_channels,
             channels=report.total_channels,
+            guard=_guard_entry(report.guard, task.clean is not None and task.clean.force),
             sanitize_s=report.time_s,
         )
     m = measure(model, prepared)
