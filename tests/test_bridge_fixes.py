@@ -541,3 +541,31 @@ def test_upsample_1_refused():
     with pytest.raises(UnsupportedOp) as err:
         _module(helper.make_model(g, opset_imports=[helper.make_opsetid("", 6)]))
     assert err.value.ops == {"Upsample (experimental Upsample-1)": ["up"]}
+
+
+def test_dynamic_view_flatten_export_runs(tmp_path):
+    """``x.view(x.size(0), -1)`` exported with dynamic axes reads the batch through Shape -> Gather with a scalar
+    index into a 1-D shape: the Gather's output is 0-d."""
+    import onnxruntime as ort
+    import torch
+
+    from onnxclp.bridge import load
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4 * 6 * 6, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            return self.fc(h.view(h.size(0), -1))
+
+    path = tmp_path / "view.onnx"
+    torch.onnx.export(Net().eval(), torch.rand(2, 3, 8, 8), path, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})  # fmt: skip
+    x = np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        got = load(path)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -813,7 +813,7 @@ def gather(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
     idx = idx.to(torch.int64)
     idx = torch.where(idx < 0, idx + inp.shape[axis], idx)
     out = inp.index_select(axis, idx.reshape(-1))
-    return out.reshape(*inp.shape[:axis], *idx.shape, *inp.shape[axis + 1 :])
+    return out.reshape([*inp.shape[:axis], *idx.shape, *inp.shape[axis + 1 :]])  # a list: () is a valid shape
 
 
 @op("Slice")

@@ -158,9 +158,7 @@ def sanitize(
     ] = None,
     max_acc_drop: Annotated[
         float,
-        typer.Option(
-            "--max-acc-drop", help="Budget in points of clean accuracy: a result losing more is not written."
-        ),
+        typer.Option("--max-acc-drop", help="Budget in points of clean accuracy: a result losing more is not written."),
     ] = 3.0,
     calibrate_grid: Annotated[
         str | None, typer.Option("--calibrate-grid", help="Candidate u for --calibrate [0.5:8:0.25].")

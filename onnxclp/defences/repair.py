@@ -278,7 +278,12 @@ class Settings:
 class Objective:
     """A repair's loss. ``loss`` gets the student's scores on the (augmented) batch, the batch itself, its labels
     and the teacher's scores (None without distillation); ``prepare`` may change the module before training
-    (the trainable parameters are those it returns); ``after_step`` runs after each optimiser step."""
+    (the trainable parameters are those it returns); ``after_step`` runs after each optimiser step.
+
+    An objective may also define ``step(module, params, closure, opt) -> loss`` to replace the plain update
+    ``loss = closure(); opt.step()``: ``closure()`` zeroes the gradients, computes the whole loss on the current
+    batch (the objective's term and the distillation) at the current weights, back-propagates it and returns it
+    detached; ``step`` may call it more than once (FT-SAM: at the weights and at the perturbed weights)."""
 
     name = "ft"
 
@@ -368,20 +373,33 @@ def train(state: State, objective: Objective, settings: Settings,
             xb, yb = x_fit[idx], y_fit[idx]
             if settings.augment:
                 xb = augment(xb, gen, nhwc)
-            scores = logits_of(module(xb))
-            loss = objective.loss(module, xb, yb, scores)
+            t_scores = None
             if teacher is not None:
                 with torch.no_grad():
                     t_scores = logits_of(teacher(xb))
-                loss = loss + settings.distill * kd_loss(scores, t_scores, settings.temperature)
-            if not torch.isfinite(loss):
-                raise OnnxclpError(
-                    f"--method {state.params.method}: the training loss became {loss.item()} at epoch {epoch}; "
-                    "try a smaller --lr", 3
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb, t_scores: Any = t_scores,
+                        epoch: int = epoch) -> torch.Tensor:  # fmt: skip
+                opt.zero_grad(set_to_none=True)
+                scores = logits_of(module(xb))
+                loss = objective.loss(module, xb, yb, scores)
+                if t_scores is not None:
+                    loss = loss + settings.distill * kd_loss(scores, t_scores, settings.temperature)
+                if not torch.isfinite(loss):
+                    raise OnnxclpError(
+                        f"--method {state.params.method}: the training loss became {loss.item()} at epoch {epoch}; "
+                        "try a smaller --lr",
+                        3,
+                    )
+                loss.backward()
+                return loss.detach()
+
+            custom_step = getattr(objective, "step", None)
+            if custom_step is None:
+                loss = closure()
+                opt.step()
+            else:
+                loss = custom_step(module, params, closure, opt)
             sched.step()
             objective.after_step(module)
             total += float(loss.detach()) * len(idx)
@@ -407,11 +425,11 @@ def train(state: State, objective: Objective, settings: Settings,
     outcome.seconds = time.perf_counter() - start
     last = outcome.curve[-1]
     chosen = outcome.chosen_epoch
-    progress.done(
-        f"{settings.epochs} epochs on {len(x_fit)} images in {outcome.seconds:.0f} s; kept epoch "
-        + (f"{chosen} (val {100 * outcome.curve[chosen - 1]['val_acc']:.1f}%)" if chosen else
-           f"{len(outcome.curve)} (none within budget; last val {100 * last['val_acc']:.1f}%)")  # fmt: skip
-    )
+    if chosen:
+        kept_text = f"{chosen} (val {100 * outcome.curve[chosen - 1]['val_acc']:.1f}%)"
+    else:
+        kept_text = f"{len(outcome.curve)} (none within budget; last val {100 * last['val_acc']:.1f}%)"
+    progress.done(f"{settings.epochs} epochs on {len(x_fit)} images in {outcome.seconds:.0f} s; kept epoch {kept_text}")
     return module, outcome
 
 
@@ -445,10 +463,10 @@ def finish(state: State, module: OnnxModule, outcome: Outcome, settings: Setting
     }
     if state.guard is not None:
         state.guard.selected_on_validation = True  # the epoch was chosen on the validation images
-    state.notes.append(
-        f"{state.params.method}: {len(rewritten)} initializers rewritten (largest relative change "
-        f"{state.training['largest_relative_change']:.3g}); the graph's nodes are unchanged"
-        if not state.added_nodes and state.graph_edit is None
-        else f"{state.params.method}: {len(rewritten)} initializers rewritten"
-    )
-
+    if state.graph_edit is None:
+        state.notes.append(
+            f"{state.params.method}: {len(rewritten)} initializers rewritten (largest relative change "
+            f"{state.training['largest_relative_change']:.3g}); the graph's nodes are unchanged"
+        )
+    elif rewritten:
+        state.notes.append(f"{state.params.method}: {len(rewritten)} initializers rewritten")

@@ -44,6 +44,8 @@ def affine_scale(layer: Layer, index: GraphIndex, store: TensorStore) -> np.ndar
         if not np.all(var + aff.epsilon > 0):  # also catches NaN: the division below would warn and give inf/NaN
             raise OnnxclpError(f"layer {layer.key!r}: its BatchNormalization has variance + epsilon <= 0 or NaN")
         scale = scale / np.sqrt(var + aff.epsilon)
+    for tail in aff.tail_scales:  # a per-channel Mul after the BatchNormalization (Caffe2 exports)
+        scale = scale * weights.read(index, store, tail.src).astype(np.float64).reshape(-1)
     return scale
 
 

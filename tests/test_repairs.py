@@ -1,0 +1,352 @@
+"""The fine-tuning repairs FT-SAM, i-BAU and NPD (onnxclp/methods/ftsam.py, ibau.py, npd.py) on a small CNN
+trained here with a planted trigger: FT-SAM and i-BAU change initializer values only, NPD adds exactly one 1x1
+Conv that runs at any batch size, the accuracy guard refuses a result a huge learning rate broke, and the parts
+with a known answer (SAM's perturbation, the polarizer's place, the identity insertion) are checked exactly.
+The framework they share (BatchNorm round trip, FT, fixed-batch exports) is tests/test_repair_core.py's."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("torch") is None,
+    reason="needs the eval extra",
+)
+
+CLASSES, SIZE, TARGET = 4, 16, 0
+
+
+def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images in [0, 1] (N, 3, 16, 16): class k is brightest in channel k % 3 with a class-specific stripe."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, n)
+    x = rng.random((n, 3, SIZE, SIZE), dtype=np.float32) * 0.3
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    stripes = [np.sin(4 * np.pi * xx), np.sin(4 * np.pi * yy), np.sin(4 * np.pi * (xx + yy)), np.cos(6 * np.pi * xx)]
+    for i in range(n):
+        x[i, y[i] % 3] += (0.35 + 0.25 * stripes[y[i]]).astype(np.float32)
+    return np.clip(x, 0, 1), y
+
+
+def _trigger(x: np.ndarray) -> np.ndarray:
+    x = x.copy()
+    x[:, :, -4:-1, -4:-1] = 1.0  # a white 3x3 patch near the corner
+    return x
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for this file's small models (two threads on a busy 2-core machine spend most of their
+    time waiting for each other); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backdoored(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A 4-layer CNN with one residual block (BatchNorm folded by the TorchScript exporter), trained with 15 %
+    of its images carrying the trigger and relabelled to class 0; 300 clean labelled images (.npz); the same
+    model exported at a fixed batch of 1."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0, self.b0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c1, self.b1 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+            self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.c3, self.b3 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.fc = nn.Linear(16, CLASSES)
+            self.fixed = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.b0(self.c0(x)))
+            h = F.relu(self.b1(self.c1(h)))  # the residual block's input: a cut of the graph
+            h = F.relu(h + self.b3(self.c3(F.relu(self.b2(self.c2(h))))))
+            h = F.adaptive_avg_pool2d(h, 1)
+            # the fixed-batch export: view(size(0), -1) without dynamic axes is a Reshape to [1, 16]
+            return self.fc(h.view(h.size(0), -1) if self.fixed else h.flatten(1))
+
+    folder = tmp_path_factory.mktemp("repairs")
+    torch.manual_seed(0)
+    x, y = _images(480, 1)
+    xs = torch.tensor(np.concatenate([x, _trigger(x[:80])]))
+    ys = torch.tensor(np.concatenate([y, np.full(80, TARGET)]))
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(6):
+        perm = torch.randperm(len(xs))
+        for i in range(0, len(xs), 64):
+            idx = perm[i : i + 64]
+            loss = F.cross_entropy(net(xs[idx]), ys[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    path = folder / "backdoored.onnx"
+    torch.onnx.export(net, torch.rand(2, 3, SIZE, SIZE), path, dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})  # fmt: skip
+    fixed = folder / "fixed.onnx"
+    net.fixed = True
+    torch.onnx.export(net, torch.rand(1, 3, SIZE, SIZE), fixed, dynamo=False, input_names=["x"], output_names=["y"])
+    xc, yc = _images(300, 5)
+    data = folder / "clean.npz"
+    np.savez(data, x_test=(xc * 255).round().astype(np.uint8).transpose(0, 2, 3, 1), y_test=yc)
+    return path, data, fixed
+
+
+def _ctx(data: Path, budget: float = 100.0) -> dict:
+    return {"clean_data": data, "clean_n": 160, "mean": None, "std": None, "max_acc_drop": budget, "quiet": True}
+
+
+def _with_metadata(src: Path, dst: Path) -> Path:
+    import onnx
+
+    m = onnx.load(str(src))
+    m.doc_string = "keep me"
+    m.metadata_props.add(key="owner", value="someone")
+    onnx.save(m, dst)
+    return dst
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x.astype(np.float32)})[0]
+
+
+@pytest.mark.parametrize(("method", "params"), [("ft-sam", {"rho": 2.0}), ("i-bau", {"ibau_k": 3, "ibau_steps": 2})])
+def test_fine_tuning_repairs_change_initializer_values_only(backdoored, tmp_path, method, params):
+    import onnx
+    from onnx import numpy_helper
+
+    import onnxclp
+
+    src = _with_metadata(backdoored[0], tmp_path / "in.onnx")
+    out = tmp_path / "out.onnx"
+    rep = onnxclp.sanitize_file(src, out, method=method, context=_ctx(backdoored[1]), epochs=1, **params)
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in after.graph.node] == [
+        (n.op_type, n.name, list(n.input), list(n.output)) for n in before.graph.node
+    ]
+    assert [(t.name, t.data_type, list(t.dims)) for t in after.graph.initializer] == [
+        (t.name, t.data_type, list(t.dims)) for t in before.graph.initializer
+    ]
+    assert after.doc_string == "keep me"
+    assert {p.key: p.value for p in after.metadata_props}["owner"] == "someone"
+    assert not rep.added_nodes
+    changed = {r["name"] for r in rep.rewritten}
+    assert changed
+    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    for t in after.graph.initializer:
+        assert np.array_equal(old[t.name], numpy_helper.to_array(t)) == (t.name not in changed)
+    settings = rep.training["settings"]
+    assert all(settings[k] == v for k, v in params.items())
+    if method == "i-bau":  # the universal perturbation stayed in its ball
+        assert 0.0 < settings["final_delta_l2"] <= settings["l2_radius"] * (1 + 1e-5)
+        assert settings["l2_radius"] == pytest.approx(0.18 * np.sqrt(3 * SIZE * SIZE))
+
+
+def test_sam_step_evaluates_the_gradient_at_the_adaptive_worst_point():
+    import torch
+
+    from onnxclp.methods.ftsam import SAMObjective
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    params = list(lin.parameters())
+    start = [p.detach().clone() for p in params]
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    seen: list[list[torch.Tensor]] = []
+
+    def closure() -> torch.Tensor:
+        for p in params:
+            p.grad = None
+        seen.append([p.detach().clone() for p in params])
+        loss = torch.nn.functional.cross_entropy(lin(x), y)
+        loss.backward()
+        return loss.detach()
+
+    grads = []
+    with torch.enable_grad():
+        closure()
+        grads = [p.grad.clone() for p in params]
+    seen.clear()
+    opt = torch.optim.SGD(params, lr=0.0)  # lr 0: the step must leave the weights where they were
+    SAMObjective(rho=2.0).step(None, params, closure, opt)  # type: ignore[arg-type]
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen[0], start, strict=True))
+    moves = [b - a for a, b in zip(seen[0], seen[1], strict=True)]
+    # adaptive SAM: e = rho |w|^2 g / || |w| g ||, so e / |w| has L2 norm rho
+    norm = torch.linalg.vector_norm(torch.stack([(w.abs() * g).norm() for w, g in zip(start, grads, strict=True)]))
+    for e, w, g in zip(moves, start, grads, strict=True):
+        assert torch.allclose(e, 2.0 * w * w * g / norm, atol=1e-6)
+    relative = torch.linalg.vector_norm(torch.cat([(e / w.abs()).flatten() for e, w in zip(moves, start, strict=True)]))
+    assert float(relative) == pytest.approx(2.0, rel=1e-4)
+    assert all(torch.equal(p.detach(), w) for p, w in zip(params, start, strict=True))
+
+
+def test_ibau_implicit_hypergradient_matches_finite_differences():
+    """A linear model; delta*(w) maximises the inner loss on batch A inside an L2 ball (a convex loss: the
+    maximiser is on the sphere); the outer loss is on batch B. The hypergradient d L_B(delta*(w), w) / dw by
+    central finite differences (delta re-solved each time) against the direct gradient plus the implicit term."""
+    import torch
+    import torch.nn.functional as F
+
+    from onnxclp.methods.ibau import ALPHA, implicit_term, project_l2
+
+    dt, gen = torch.float64, torch.Generator().manual_seed(0)
+    xa, xb = torch.randn(8, 5, generator=gen, dtype=dt), torch.randn(8, 5, generator=gen, dtype=dt)
+    ya, yb = torch.randint(0, 3, (8,), generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    w = torch.randn(3, 5, generator=gen, dtype=dt).requires_grad_(True)
+
+    def inner(d, w):
+        return F.cross_entropy((xa + d) @ w.T, ya)
+
+    def outer(d, w):
+        return F.cross_entropy((xb + d) @ w.T, yb)
+
+    def solve(w):  # projected ascent to its fixed point (the same fixed point for any step)
+        d = torch.full((1, 5), 0.3, dtype=dt)
+        for _ in range(300):
+            d = d.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(inner(d, w), d)
+            d = project_l2(d + g, 1.0)
+        return d.detach()
+
+    h, fd = 1e-6, torch.zeros_like(w)
+    for i in range(w.numel()):
+        wp, wm = w.detach().clone(), w.detach().clone()
+        wp.view(-1)[i] += h
+        wm.view(-1)[i] -= h
+        fd.view(-1)[i] = (float(outer(solve(wp), wp)) - float(outer(solve(wm), wm))) / (2 * h)
+
+    def hypergradient(k):
+        d = solve(w.detach()).requires_grad_(True)
+        lo = outer(d, w)
+        (g_out,) = torch.autograd.grad(lo, d, retain_graph=True)
+        (g,) = torch.autograd.grad(inner(d, w), d, create_graph=True)
+        term, cut_short = implicit_term(project_l2(d + ALPHA * g, 1.0), d, g_out, k)
+        assert not cut_short and float(term.detach()) == 0.0
+        return torch.autograd.grad(lo + term, w)[0]
+
+    first_order = float((hypergradient(0) - fd).abs().max())
+    implicit = float((hypergradient(300) - fd).abs().max())
+    assert implicit < 1e-6 < first_order / 100
+
+
+def _block_input(model) -> str:
+    """The residual block's input: the Relu output that a Conv and the Add both read."""
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(n.op_type)
+    return next(
+        o for n in model.graph.node if n.op_type == "Relu" for o in n.output if readers.get(o) == {"Conv", "Add"}
+    )
+
+
+def test_npd_puts_the_polarizer_on_the_last_cut_and_an_identity_insertion_changes_nothing(backdoored, tmp_path):
+    import onnx
+    import torch
+
+    from onnxclp.bridge import to_torch
+    from onnxclp.errors import OnnxclpError
+    from onnxclp.io import load_model
+    from onnxclp.methods.npd import choose_tensor, insert_polarizer
+
+    model, store = load_model(backdoored[0])
+    module = to_torch(model, store=store)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    tensor, channels, dtype, why = choose_tensor(module, x, "", model.graph)
+    # not the last convolution's input (inside the block, which the skip connection bypasses): the block's input
+    assert tensor == _block_input(model) and channels == 16 and dtype == torch.float32 and "cut" in why
+    assert not module.taps_by_name()
+    last_conv = [n for n in model.graph.node if n.op_type == "Conv"][-1]
+    assert choose_tensor(module, x, last_conv.name, model.graph)[0] == last_conv.input[0]
+    assert choose_tensor(module, x, last_conv.input[0], model.graph)[0] == last_conv.input[0]
+    with pytest.raises(OnnxclpError, match="--npd-layer"):
+        choose_tensor(module, x, "no such tensor", model.graph)
+    with pytest.raises(OnnxclpError, match="--npd-layer"):
+        choose_tensor(module, x, model.graph.output[0].name, model.graph)  # not a feature map
+
+    edited = onnx.load(str(backdoored[0]))
+    name = insert_polarizer(
+        edited, tensor, np.eye(16, dtype=np.float32).reshape(16, 16, 1, 1), np.zeros(16, np.float32)
+    )
+    onnx.checker.check_model(edited, full_check=True)
+    path = tmp_path / "identity.onnx"
+    onnx.save(edited, path)
+    xs = _images(5, 7)[0]
+    np.testing.assert_allclose(_run(path, xs), _run(backdoored[0], xs), rtol=1e-5, atol=1e-6)
+    assert json.loads({p.key: p.value for p in edited.metadata_props}["onnxclp.added_nodes"]) == [name]
+
+
+def test_npd_adds_exactly_one_conv_and_runs_at_any_batch(backdoored, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    import onnxclp
+
+    src = _with_metadata(backdoored[0], tmp_path / "in.onnx")
+    out = tmp_path / "npd.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="npd", context=_ctx(backdoored[1]), epochs=2)
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    onnx.checker.check_model(after, full_check=True)
+    added = [n for n in after.graph.node if n.name not in {m.name for m in before.graph.node}]
+    assert len(after.graph.node) == len(before.graph.node) + 1 and len(added) == 1
+    conv = added[0]
+    assert conv.op_type == "Conv" and rep.added_nodes == [conv.name]
+    assert [a.ints for a in conv.attribute if a.name == "kernel_shape"] == [[1, 1]]
+    tensor, polarized = conv.input[0], conv.output[0]
+    assert tensor == _block_input(before) == rep.training["settings"]["npd_layer"]
+    # every former reader of the tensor reads the polarizer's output; only the polarizer reads the tensor
+    assert [n.name for n in after.graph.node if tensor in n.input] == [conv.name]
+    assert {n.name for n in after.graph.node if polarized in n.input} == {
+        n.name for n in before.graph.node if tensor in n.input
+    }
+    new = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    assert set(new) - set(old) == {conv.input[1], conv.input[2]}
+    assert new[conv.input[1]].shape == (16, 16, 1, 1) and new[conv.input[2]].shape == (16,)
+    assert new[conv.input[1]].dtype == np.float32 and new[conv.input[2]].dtype == np.float32
+    assert all(np.array_equal(v, new[k]) for k, v in old.items()) and not rep.rewritten  # everything else frozen
+    assert not np.array_equal(new[conv.input[1]], np.eye(16).reshape(16, 16, 1, 1))  # it trained
+    meta = {p.key: p.value for p in after.metadata_props}
+    assert json.loads(meta["onnxclp.added_nodes"]) == [conv.name] and meta["owner"] == "someone"
+    assert rep.training["settings"]["reinsert_bn"] is False
+    xs = _images(5, 3)[0]
+    assert _run(out, xs[:1]).shape == (1, CLASSES) and _run(out, xs).shape == (5, CLASSES)
+
+
+def test_the_guard_refuses_what_a_huge_learning_rate_broke(backdoored, tmp_path):
+    import onnxclp
+    from onnxclp.errors import EXIT_REFUSED
+    from onnxclp.guard import Refused
+
+    out = tmp_path / "broken.onnx"
+    with pytest.raises(Refused) as exc:
+        onnxclp.sanitize_file(backdoored[0], out, method="npd", context=_ctx(backdoored[1], budget=0.0), epochs=1,
+                              lr=1.0, distill=0.0)  # fmt: skip
+    assert exc.value.exit_code == EXIT_REFUSED and "nothing written" in exc.value.message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["ft-sam", "i-bau", "npd"])
+def test_a_fixed_batch_export_is_repaired(backdoored, tmp_path, method):
+    import onnxclp
+
+    out = tmp_path / f"{method}.onnx"
+    onnxclp.sanitize_file(backdoored[2], out, method=method, context=_ctx(backdoored[1]), epochs=1)
+    assert _run(out, _images(1, 3)[0]).shape == (1, CLASSES)
