@@ -101,8 +101,9 @@ def test_anp_prunes_the_planted_trigger_detector(tmp_path: Path) -> None:
     x_test, y_test = _images(300, seed=1)
     acc, asr = _acc_asr(m, x_test, y_test)
     assert acc == 1.0 and asr == 1.0  # the planted backdoor works and the clean task is solved
-    clean = _save_npz(tmp_path / "clean.npz", *_images(64, seed=0))
-    out, rep = api.sanitize(m, method="anp", context={"clean_data": clean, "clean_n": 500})  # the defaults
+    clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))  # the guard: 100 to fit, 100 to validate
+    # the detector is silent through a bias of -20: only the weight-and-bias perturbation reaches it (pair)
+    out, rep = api.sanitize(m, method="anp", context={"clean_data": clean}, anp_folded="pair", anp_window=20)
     conv = next(layer for layer in rep.layers if layer.node == "conv")
     assert conv.pruned == [3]
     assert conv.score == "anp (1 - mask)" and conv.scores[3] > 0.8 and max(conv.scores[:3]) < 0.8
@@ -112,15 +113,123 @@ def test_anp_prunes_the_planted_trigger_detector(tmp_path: Path) -> None:
     w1 = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "w1"))
     b1 = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "b1"))
     assert not w1[3].any() and b1[3] == 0.0 and w1[:3].any()  # pruned = exactly 0 before the ReLU
-    assert any(n.startswith("ANP: 30 iterations on 64 clean images") for n in rep.notes)
+    tr = rep.training
+    assert tr["pruned"] == 1 and tr["below_threshold"] == 1 and [t["count"] for t in tr["trials"]] == [0, 1]
+    assert rep.guard["selected_on_validation"] and rep.guard["accepted"]  # the count was chosen on validation images
+    assert any(n.startswith("ANP: ") and "on 100 clean images (fit part" in n for n in rep.notes)
 
 
 def test_anp_without_perturbation_keeps_the_detector(tmp_path: Path) -> None:
     """eps = 0: only the natural loss, on which the silent detector costs nothing: nothing to prune (this is
     what makes the perturbation the paper's point)."""
-    clean = _save_npz(tmp_path / "clean.npz", *_images(64, seed=0))
-    _, rep = api.sanitize(backdoored_net(), method="anp", context={"clean_data": clean}, anp_eps=0.0)
+    clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))
+    _, rep = api.sanitize(backdoored_net(), method="anp", context={"clean_data": clean}, anp_eps=0.0,
+                          anp_folded="pair", anp_window=20)  # fmt: skip
     assert next(layer for layer in rep.layers if layer.node == "conv").pruned == []
+
+
+def test_anp_reinserts_batchnorm_after_a_folded_conv(tmp_path: Path) -> None:
+    """A BN-folded convolution's neurons are a re-inserted BatchNorm's channels (the paper's BN neurons): the
+    BatchNorm is the identity when inserted, ANP perturbs its scale and shift, and it is gone afterwards; the
+    graph's own initializers are never touched by the optimisation (bn and bn-train alike)."""
+    from onnxclp.bridge import to_torch
+    from onnxclp.defences.anp import anp_masks
+    from onnxclp.defences.repair import insert_batchnorm
+    from onnxclp.io import TensorStore
+    from onnxclp.methods.anp import _reinsert, neuron_group
+
+    m = backdoored_net()
+    store = TensorStore(m, Path.cwd())
+    module = to_torch(m, store=store).eval()
+    layer = _find_conv_layer(m, store)
+    g = neuron_group(layer, module)
+    assert not isinstance(g, str) and (g.scale, g.shift, g.tap) == ("w1", "b1", None)
+    x, y = (torch.from_numpy(a) for a in _images(64, seed=0))
+    with torch.no_grad():
+        before = module(x)
+    groups, n = _reinsert(module, [g], {g.key: layer}, x, insert_batchnorm)
+    assert n == 1 and groups[0].tap == "c"  # the convolution's output
+    bn = module.taps_by_name()["c"]
+    with torch.no_grad():
+        assert torch.allclose(module(x), before, atol=1e-4)  # identity in eval mode
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.weight.detach().clone())
+    for train in (False, True):
+        res = anp_masks(module, groups, x, y, iterations=3, batch_size=16, bn_train=train)
+        assert res.masks["conv"].shape == (4,) and res.iterations == 3
+        assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+        assert torch.equal(bn.weight, stats[2]) and not bn.training
+    assert torch.equal(module.param_for("w1"), torch.tensor(numpy_helper.to_array(m.graph.initializer[0])))
+    clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))
+    out, rep = api.sanitize(m, method="anp", context={"clean_data": clean}, anp_folded="bn", anp_iterations=20)
+    assert rep.training["reinserted_batchnorms"] == 1 and rep.training["settings"]["anp_folded"] == "bn"
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in m.graph.node]  # nothing added to the graph
+
+
+def test_anp_pruning_count_is_the_largest_within_the_budget() -> None:
+    """The guard's walk over 0, 1, 2, 3, 4, 6, 8, 11, ... then bisection: with accuracy lost one point per
+    neuron beyond 7, a 3-point budget gives 10 (8 within, 11 over, then 9 and 10 within)."""
+    from onnxclp.defences.anp import choose_count, count_grid, ranked, split_prune
+
+    assert count_grid(0) == [0] and count_grid(5) == [0, 1, 2, 3, 4, 5]
+    assert count_grid(40) == [0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 40]
+    order = [("a", i) for i in range(40)]
+    right = np.ones(100, bool)
+
+    def measure(count: int) -> np.ndarray:
+        r = right.copy()
+        r[: max(0, count - 7)] = False
+        return r
+
+    count, trials = choose_count(order, 40, measure, right, 3.0)
+    assert count == 10
+    assert [t["count"] for t in trials] == [0, 1, 2, 3, 4, 6, 8, 11, 9, 10]
+    assert choose_count(order, 5, measure, right, 3.0)[0] == 5  # never past the neurons below the threshold
+    masks = {"a": np.array([0.5, 0.0, 1.0]), "b": np.array([0.0, 0.2])}
+    assert ranked(masks, ["a", "b"]) == [("a", 1), ("b", 0), ("b", 1), ("a", 0), ("a", 2)]
+    assert split_prune(ranked(masks, ["a", "b"]), 3) == {"a": [1], "b": [0, 1]}
+
+
+def test_anp_stops_when_the_objective_converges(tmp_path: Path) -> None:
+    """The stopping rule on the loss curve: a window's mean improving by less than tol on the window before."""
+    from onnxclp.defences.anp import converged
+
+    falling = list(np.linspace(10, 1, 40))
+    assert not converged(falling, 10, 0.01)
+    assert converged([*falling, *[1.0] * 20], 10, 0.01)  # flat for two windows
+    assert not converged([*falling, *[1.0] * 15], 10, 0.01)  # only checked at multiples of the window
+    assert not converged([1.0] * 10, 10, 0.01)  # two windows at least
+    import io
+
+    clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))
+    err = io.StringIO()
+    _, rep = api.sanitize(backdoored_net(), method="anp", anp_folded="pair", anp_window=10, anp_iterations=2000,
+                          context={"clean_data": clean, "progress_stream": err})  # fmt: skip
+    tr = rep.training
+    assert tr["stopped"] == "converged" and tr["iterations"] < 2000 and tr["iterations"] % 10 == 0
+    assert tr["curve"][-1]["iteration"] == tr["iterations"] and {"loss", "natural", "robust"} <= set(tr["curve"][0])
+    assert f"anp: {tr['iterations']} iterations on 100 clean images" in err.getvalue()  # progress on stderr
+    assert "anp: guard: 1 of the 1 neurons" in err.getvalue()
+    _, rep = api.sanitize(backdoored_net(), method="anp", anp_folded="pair", anp_iterations=25, anp_tol=-1.0,
+                          context={"clean_data": clean, "quiet": True})  # fmt: skip
+    assert rep.training["stopped"] == "max iterations" and rep.training["iterations"] == 25
+
+
+def test_anp_without_a_validation_part_prunes_by_threshold(tmp_path: Path) -> None:
+    """Through the API without the guard's split (``state.clean`` None), the paper's rule: mask below 0.2."""
+    from onnxclp.io import TensorStore
+    from onnxclp.methods import get, make_params
+    from onnxclp.passes import find
+    from onnxclp.pipeline import Options, State
+
+    m = backdoored_net()
+    clean = _save_npz(tmp_path / "clean.npz", *_images(64, seed=0))
+    params = make_params("anp", {"anp_folded": "pair", "anp_window": 20})
+    st = State(m, TensorStore(m, Path.cwd()), get("anp"), params, Options(context={"clean_data": clean, "quiet": True}))
+    find.run(st)
+    st.method.decide(st)
+    conv = next(d for d in st.decisions if d.scored.layer.key == "conv")
+    assert conv.selection.prune == [3] and st.training["trials"] == []
+    assert "threshold: the 1 neurons with mask below 0.2 pruned" in st.notes[-1]
 
 
 def bn_net(shifted: int = 5, channels: int = 16) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:

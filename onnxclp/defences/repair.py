@@ -408,7 +408,9 @@ def train(state: State, objective: Objective, settings: Settings,
         right = val_right(module, x_val, y_val)
         d = paired_drop(right_before, right)
         within = d.drop <= budget + 1e-9
-        if within or kept is None:
+        best = max((c["val_acc"] for c in outcome.curve), default=-1.0)
+        # the latest epoch within budget; while none is, the best so far (the guard then refuses it)
+        if within or (outcome.chosen_epoch is None and d.acc_after > best):
             kept = {k: v.detach().clone() for k, v in module.state_dict().items()}
             if within:
                 outcome.chosen_epoch = epoch

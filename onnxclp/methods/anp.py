@@ -1,22 +1,23 @@
 """ANP: Adversarial Neuron Pruning (Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models",
 NeurIPS 2021; docs/algorithms.md, "ANP"). Needs a few clean labelled images (``--clean-data``).
 
-Learns one mask per neuron on the clean images under adversarial neuron perturbation (paper section 4,
-Algorithm 1; the optimisation is :func:`onnxclp.defences.anp.anp_masks`, run through the torch bridge) and
-prunes the neurons whose mask ends below ``--anp-threshold`` (section 4.1, pruning by threshold). The pruned
-channels are written into the ONNX weights like CLP's (exactly 0 before the activation); the report's scores
-are ``1 - mask`` so that, as for every other method, a higher score is more suspicious and the threshold is an
-upper one (``1 - anp_threshold``).
+Learns one mask per neuron on the guard's fit images under adversarial neuron perturbation (paper section 4,
+Algorithm 1; the optimisation is :func:`onnxclp.defences.anp.anp_masks`, run through the torch bridge, on CUDA
+when present) until the objective converges (``--anp-window``, ``--anp-tol``; at most ``--anp-iterations``, the
+paper's 2000), then prunes the lowest-mask neurons: as many as the accuracy guard allows on the validation
+images the masks never saw (``--max-acc-drop``), among those whose mask ends below ``--anp-threshold``. Without
+a validation part it prunes every neuron below the threshold (the paper's rule). The pruned channels are written
+into the ONNX weights like CLP's (exactly 0 before the activation); the report's scores are ``1 - mask`` so that,
+as for every other method, a higher score is more suspicious.
 
-Defaults (rule written down before measuring ACC or ASR, :mod:`onnxclp.defences.anp`): the paper's section
-4.1 settings (eps 0.4, alpha 0.2, lr 0.2, momentum 0.9, batch 128, threshold 0.2, 500 clean images), and the
-number of iterations set by the speed target only (the largest of 2000, 1000, 500, 250, 125, 60, 30 that runs
-under 120 s on a half-width CIFAR ResNet-18 on the 2-core machine; bench/few_shot_speed.py).
-
-A neuron is an output channel of a hidden Conv/Gemm/MatMul (mask on its kernel slice, perturbation of its
-bias), or the channel of a BatchNormalization kept after it (mask on gamma, perturbation of beta). A layer
-the bridge cannot mask (its weight is computed, a Constant node, shared with another layer, a grouped
-ConvTranspose) is skipped with the reason; the model's output layer is never masked or pruned.
+A neuron is the channel of a BatchNormalization kept after a layer (mask on gamma, perturbation of gamma and
+beta, as the paper), or of a BN-folded convolution: with ``--anp-folded bn`` (the default) a BatchNorm is
+re-inserted after it for the optimisation (identity, eval mode; the paper's BN neuron), ``bn-train`` runs that
+BatchNorm on batch statistics (as the reference code's train mode), ``pair`` perturbs the convolution's weight
+slice and bias directly. Other layers: the output channels of a Conv/Gemm/MatMul (mask on the kernel slice,
+perturbation of it and of the bias). A layer the bridge cannot mask (its weight is computed, a Constant node,
+shared with another layer, a grouped ConvTranspose) is skipped with the reason; the model's output layer is
+never masked or pruned.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ if TYPE_CHECKING:
     from onnxclp.layers import Layer
     from onnxclp.pipeline import State
 
-# The paper's settings (section 4.1); iterations by the speed rule (module docstring). Kept beside the
-# numerical core's constants, which the tests check are the same.
+# The paper's settings (section 4.1); the stopping rule's window and tolerance by measurement
+# (docs/algorithms.md, "ANP"). Kept beside the numerical core's constants, which the tests check are the same.
 PARAMS = (
     ParamSpec("anp_eps", float, 0.4, "ANP: relative size of the neuron perturbation.", minimum=0.0, maximum=1.0),
     ParamSpec(
@@ -48,10 +49,37 @@ PARAMS = (
         minimum=0.0,
         maximum=1.0,
     ),
-    ParamSpec("anp_threshold", float, 0.2, "ANP: prune neurons whose mask ends below this.", minimum=0.0, maximum=1.0),
-    ParamSpec("anp_iterations", int, 30, "ANP: mask optimisation steps (the paper: 2000).", minimum=1),
+    ParamSpec(
+        "anp_threshold",
+        float,
+        0.2,
+        "ANP: only neurons whose mask ends below this are pruned (how many: the accuracy guard; without "
+        "validation images all of them).",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    ParamSpec(
+        "anp_iterations", int, 2000, "ANP: most mask optimisation steps (the paper: 2000).", minimum=1, maximum=100000
+    ),
+    ParamSpec("anp_window", int, 100, "ANP: iterations per window of the convergence rule.", minimum=1, maximum=100000),
+    ParamSpec(
+        "anp_tol",
+        float,
+        0.01,
+        "ANP: stop when a window's mean loss improves on the one before by less than this (relative; <0: never).",
+        minimum=-1.0,
+        maximum=1.0,
+    ),
     ParamSpec("anp_lr", float, 0.2, "ANP: SGD learning rate of the masks (momentum 0.9).", minimum=0.0),
     ParamSpec("anp_batch", int, 128, "ANP: clean images per step.", minimum=1),
+    ParamSpec(
+        "anp_folded",
+        str,
+        "bn",
+        "ANP: neurons of BN-folded convolutions: bn (BatchNorm re-inserted, eval mode), bn-train (batch "
+        "statistics), pair (weight and bias).",
+        choices=("bn", "bn-train", "pair"),
+    ),
 )
 
 
@@ -139,20 +167,115 @@ class ANP(Method):
         import torch
 
         from onnxclp.bridge import to_torch
-        from onnxclp.defences.anp import anp_masks, prune_by_threshold
+        from onnxclp.defences.anp import anp_masks, choose_count, prune_by_threshold, pruned_right, ranked, split_prune
+        from onnxclp.defences.repair import device_for, insert_batchnorm, progress_for, val_right
+        from onnxclp.guard import DEFAULT_MAX_ACC_DROP
         from onnxclp.methods._fewshot import check_labels, clean_images
         from onnxclp.passes.decide import OUTPUT_NOTE, Decision
         from onnxclp.passes.score import ScoredLayer
-        from onnxclp.report import SkippedLayer
         from onnxclp.select import Selection, Thresholds
 
         p = state.params
-        images, labels, what = clean_images(state)
-        module = to_torch(state.model, store=state.store)
+        clean = state.clean
+        if clean is not None:  # the guard's split: the masks are learned on the fit part only
+            images, labels = clean.x_fit, clean.y_fit
+            what = f"{len(clean.fit)} clean images (fit part of {clean.what})"
+        else:
+            images, labels, what = clean_images(state)
+        dev = device_for(state)
+        module = to_torch(state.model, store=state.store).to(dev)
+        images, labels = images.to(dev), labels.to(dev)
         with torch.no_grad():
-            logits = module(images[:2])
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        check_labels(labels, int(logits.reshape(logits.shape[0], -1).shape[1]), state.options.context["clean_data"])
+            out = module(images[:2])
+        out = out[0] if isinstance(out, tuple) else out
+        classes = int(out.reshape(out.shape[0], -1).shape[1])
+        check_labels(labels.cpu(), classes, state.options.context["clean_data"])
+
+        groups, by_key, outputs = self._groups(state, module)
+        folded = str(p["anp_folded"])
+        taps = 0
+        if folded != "pair":
+            groups, taps = _reinsert(module, groups, by_key, images, insert_batchnorm)
+        progress = progress_for(state)
+        budget_iter = int(p["anp_iterations"])
+
+        def tick(it: int, loss: float, seconds: float) -> None:
+            if it == 1 or it % 10 == 0:
+                progress.step(f"iteration {it}/{budget_iter} loss {loss:.3f} {seconds:.0f} s "
+                              f"(at most ~{seconds / it * (budget_iter - it):.0f} s left)")  # fmt: skip
+
+        res = anp_masks(
+            module, groups, images, labels, eps=p["anp_eps"], alpha=p["anp_alpha"], lr=p["anp_lr"],
+            iterations=budget_iter, batch_size=p["anp_batch"], window=p["anp_window"], tol=p["anp_tol"],
+            bn_train=folded == "bn-train", progress=tick,
+        )  # fmt: skip
+        progress.done(
+            f"{res.iterations} iterations on {what} in {res.seconds:.0f} s ({res.stopped}; loss "
+            f"{res.loss_first:.3f} -> {res.loss_last:.3f})"
+        )
+        for g in groups:
+            if g.tap is not None:
+                module.remove_tap(g.tap)
+
+        threshold = float(p["anp_threshold"])
+        below = sum(int(np.count_nonzero(res.masks[g.key] < threshold)) for g in groups)
+        trials: list[dict[str, Any]] = []
+        if clean is not None:
+            order = ranked(res.masks, [g.key for g in groups])
+            x_val, y_val = clean.x_val.to(dev), clean.y_val.to(dev)
+            right_before = clean.right_before
+            if right_before is None:  # the pipeline measures the input with onnxruntime when it will write
+                right_before = val_right(module, x_val, y_val)
+            budget = state.guard.budget if state.guard is not None else DEFAULT_MAX_ACC_DROP
+
+            def measure(count: int) -> np.ndarray:
+                return pruned_right(module, groups, split_prune(order, count), x_val, y_val)
+
+            count, trials = choose_count(order, below, measure, right_before, budget)
+            prune = split_prune(order, count)
+            if state.guard is not None:
+                state.guard.selected_on_validation = True  # the count was chosen on the validation images
+            rule = (f"guard: {count} of the {below} neurons with mask below {threshold:g} pruned, the most within "
+                    f"{budget:g} pt on {len(clean.val)} validation images")  # fmt: skip
+            progress.done(rule)
+        else:
+            prune = {g.key: prune_by_threshold(res.masks[g.key], threshold) for g in groups}
+            count = sum(len(v) for v in prune.values())
+            rule = f"threshold: the {count} neurons with mask below {threshold:g} pruned (no validation images)"
+
+        cut = 1.0 - threshold
+        decisions = []
+        for g in groups:
+            s = 1.0 - res.masks[g.key]
+            std = float(s.std(ddof=1)) if s.size > 1 else 0.0
+            sel = Selection(prune=prune.get(g.key, []), thresholds=Thresholds(float(s.mean()), std, upper=cut))
+            decisions.append(Decision(ScoredLayer(by_key[g.key], s, "anp (1 - mask)"), sel))
+        for layer in outputs:
+            decisions.append(Decision(ScoredLayer(layer, np.zeros(layer.channels), "anp (1 - mask)"), note=OUTPUT_NOTE))
+        state.decisions = decisions
+        state.training = {
+            "settings": {spec.name: p[spec.name] for spec in PARAMS} | {"device": str(dev)},
+            "curve": res.curve,
+            "iterations": res.iterations,
+            "stopped": res.stopped,
+            "seconds": res.seconds,
+            "fit_images": len(images),
+            "reinserted_batchnorms": taps,
+            "neurons": sum(g.channels for g in groups),
+            "below_threshold": below,
+            "pruned": count,
+            "pruning": rule,
+            "trials": trials,
+        }
+        state.notes.append(
+            f"ANP: {res.iterations} iterations on {what} in {res.seconds:.1f} s, {res.stopped} "
+            f"(loss {res.loss_first:.3f} -> {res.loss_last:.3f}); {rule}"
+        )
+
+    def _groups(self, state: State, module: Any) -> tuple[list[NeuronGroup], dict[str, Layer], list[Layer]]:
+        """The neuron group of every hidden layer ANP can mask (the others skipped with the reason), the layers by
+        key, and the output layers."""
+        from onnxclp.report import SkippedLayer
 
         groups: list[NeuronGroup] = []
         by_key: dict[str, Layer] = {}
@@ -178,23 +301,26 @@ class ANP(Method):
             by_key[g.key] = layer
         if not groups:
             raise OnnxclpError("ANP found no hidden layer it can mask (see the skipped layers)", 3)
-        res = anp_masks(
-            module, groups, images, labels, eps=p["anp_eps"], alpha=p["anp_alpha"], lr=p["anp_lr"],
-            iterations=p["anp_iterations"], batch_size=p["anp_batch"],
-        )  # fmt: skip
-        cut = 1.0 - p["anp_threshold"]
-        decisions = []
-        for g in groups:
-            mask = res.masks[g.key]
-            s = 1.0 - mask
-            std = float(s.std(ddof=1)) if s.size > 1 else 0.0
-            sel = Selection(prune=prune_by_threshold(mask, p["anp_threshold"]),
-                            thresholds=Thresholds(float(s.mean()), std, upper=cut))  # fmt: skip
-            decisions.append(Decision(ScoredLayer(by_key[g.key], s, "anp (1 - mask)"), sel))
-        for layer in outputs:
-            decisions.append(Decision(ScoredLayer(layer, np.zeros(layer.channels), "anp (1 - mask)"), note=OUTPUT_NOTE))
-        state.decisions = decisions
-        state.notes.append(
-            f"ANP: {res.iterations} iterations on {what} in {res.seconds:.1f} s "
-            f"(loss {res.loss_first:.3f} -> {res.loss_last:.3f})"
-        )
+        return groups, by_key, outputs
+
+
+def _reinsert(module: Any, groups: list[NeuronGroup], by_key: dict[str, Layer], images: Any,
+              insert: Any) -> tuple[list[NeuronGroup], int]:  # fmt: skip
+    """Re-insert a BatchNorm after every BN-folded convolution among ``groups`` (statistics on ``images``; the
+    lead's :func:`onnxclp.defences.repair.insert_batchnorm`) and point those groups at it; the BatchNorms
+    inserted after any other convolution are removed again. Returns the groups and how many were inserted."""
+    from dataclasses import replace
+
+    mine = {
+        (g.scale, g.shift): g.key
+        for g in groups
+        if g.shift and by_key[g.key].affine is None and by_key[g.key].op == "Conv" and g.axis == 0
+    }
+    tap_of: dict[str, str] = {}
+    for item in insert(module, images):
+        key = mine.get((item.weight, item.bias))
+        if key is None:
+            module.remove_tap(item.output)
+        else:
+            tap_of[key] = item.output
+    return [replace(g, tap=tap_of[g.key]) if g.key in tap_of else g for g in groups], len(tap_of)

@@ -23,6 +23,7 @@ from onnxclp.select import Selection, TopK, classifier_topk, select_lpp
 @register
 class LPP(Method):
     name = "lpp"
+    suggested = True  # scan's next step names it (onnxclp.scanning.suggested_methods)
     order = 1
     description = "Lipschitzness precise pruning: prune both score tails, rescale the band below the threshold."
     paper = "Rethinking Lipschitzness Data-free Backdoor Defense, ICLR 2025 submission (rejected), section 3"
