@@ -114,6 +114,10 @@ def main() -> None:
     write_markdown(results, args.out)
 
 
+def _secs(s: float) -> str:
+    return f"{s:.0f}" if s >= 10 else f"{s:.1f}"
+
+
 def write_markdown(results: dict, out: Path) -> None:
     """docs/results-repair.md from the JSON: per clean-set size, a table of models x methods and the averages."""
     runs = results["runs"]
@@ -134,21 +138,23 @@ def write_markdown(results: dict, out: Path) -> None:
                 if r is None:
                     cells.append("")
                 elif "refused" in r:
-                    cells.append(f"refused (exit {r['exit']}, {r['seconds']:.0f} s)")
+                    cells.append(f"refused (exit {r['exit']}, {_secs(r['seconds'])} s)")
                 else:
-                    cells.append(f"{r['acc']:.1f} / {r['asr']:.1f} ({r['seconds']:.0f} s)")
+                    cells.append(f"{r['acc']:.1f} / {r['asr']:.1f} ({_secs(r['seconds'])} s)")
             lines.append("| " + " | ".join(cells) + " |")
-        avg = ["| average ACC drop / ASR (models measured) | |"]
+        # a refused result leaves the user with the input model: it counts with the input's ACC / ASR
+        avg = ["| average ACC drop / ASR (refused = the input kept) | |"]
         for m in methods:
-            ok = [r for r in rows if r["method"] == m and "acc" in r and r["model"] in base]
-            refused = sum(1 for r in rows if r["method"] == m and "refused" in r)
-            if ok:
-                drop = sum(base[r["model"]]["acc"] - r["acc"] for r in ok) / len(ok)
-                asr = sum(r["asr"] for r in ok) / len(ok)
-                worst = max(r["asr"] for r in ok)
-                avg.append(f" {drop:.1f} pt / {asr:.1f} % (max {worst:.1f} %; {len(ok)} written, {refused} refused) |")
-            else:
-                avg.append(f" - ({refused} refused) |")
+            got = [r for r in rows if r["method"] == m and r["model"] in base]
+            if not got:
+                avg.append(" |")
+                continue
+            accs = [r.get("acc", base[r["model"]]["acc"]) for r in got]
+            asrs = [r.get("asr", base[r["model"]]["asr"]) for r in got]
+            drop = sum(base[r["model"]]["acc"] - a for r, a in zip(got, accs, strict=True)) / len(got)
+            refused = sum(1 for r in got if "refused" in r)
+            avg.append(f" {drop:.1f} pt / {sum(asrs) / len(asrs):.1f} % (max {max(asrs):.1f} %; {len(got)} models, "
+                       f"{refused} refused) |")  # fmt: skip
         lines.append("".join(avg))
         parts.append(f"## {n} clean images\n\n" + "\n".join(lines))
     text = f"""# Repairs on the zoo with a few clean images
