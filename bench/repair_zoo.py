@@ -167,8 +167,13 @@ defaults (20 % of the clean images held out for validation, budget 3 points): a 
 which is what a user gets. BNP reads the BN-kept export, the others the BN-folded one.
 
 <!-- BEGIN generated -->
-{chr(10).join(parts)}
+{(chr(10) * 2).join(parts)}
 <!-- END generated -->
+
+Measured this session: two zoo models (the others were not trained in time on the loaded machine). Not in the
+table: `fst` and `anp` on resnet-badnets and several methods on resnet-blended (the bench was stopped for time).
+A separate run of `fst` on resnet-badnets (same 500 clean images, 2,000 other test images) was refused by the
+guard: validation accuracy 84 % -> 40 % at epoch 1 and never back within budget (forced result 40.9 / 0.7).
 """
     out.write_text(text)
 

@@ -1,9 +1,11 @@
 """The few-shot tier (ANP, BNP) on hand-built backdoored models whose answer is known.
 
 - ANP (Wu & Wang, NeurIPS 2021): a conv net where channel 3 is a planted trigger detector (silent on clean
-  images, strongly wired to the target class). Perturbed by ANP's neuron perturbation it fires on clean images
-  and drives them to the target, so its mask must fall below the threshold: ANP prunes channel 3 and only it,
-  and the sanitized model's ASR falls to 0 with the clean accuracy kept.
+  images, strongly wired to the target class). Perturbed by ANP's neuron perturbation (as a weight-and-bias
+  pair: ``anp_bn none``) it fires on clean images and drives them to the target, so its mask must fall below
+  the threshold: ANP prunes channel 3 and only it, and the sanitized model's ASR falls to 0 with the clean
+  accuracy kept. Also: BatchNorm re-inserted after a BN-folded convolution, the pruning count chosen by the
+  accuracy guard, the stopping rule on the loss curve.
 - BNP (Zheng et al., NeurIPS 2022): a Conv -> BatchNormalization net whose BN running statistics match the
   clean pre-activations except on channel 5 (shifted mean and variance, as poisoned training data leaves them):
   BNP prunes channel 5 and only it. On a BN-free (folded) graph BNP is refused with the reason.
@@ -103,7 +105,7 @@ def test_anp_prunes_the_planted_trigger_detector(tmp_path: Path) -> None:
     assert acc == 1.0 and asr == 1.0  # the planted backdoor works and the clean task is solved
     clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))  # the guard: 100 to fit, 100 to validate
     # the detector is silent through a bias of -20: only the weight-and-bias perturbation reaches it (pair)
-    out, rep = api.sanitize(m, method="anp", context={"clean_data": clean}, anp_folded="pair", anp_window=20)
+    out, rep = api.sanitize(m, method="anp", context={"clean_data": clean}, anp_bn="none", anp_window=20)
     conv = next(layer for layer in rep.layers if layer.node == "conv")
     assert conv.pruned == [3]
     assert conv.score == "anp (1 - mask)" and conv.scores[3] > 0.8 and max(conv.scores[:3]) < 0.8
@@ -124,7 +126,7 @@ def test_anp_without_perturbation_keeps_the_detector(tmp_path: Path) -> None:
     what makes the perturbation the paper's point)."""
     clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))
     _, rep = api.sanitize(backdoored_net(), method="anp", context={"clean_data": clean}, anp_eps=0.0,
-                          anp_folded="pair", anp_window=20)  # fmt: skip
+                          anp_bn="none", anp_window=20)  # fmt: skip
     assert next(layer for layer in rep.layers if layer.node == "conv").pruned == []
 
 
@@ -134,7 +136,6 @@ def test_anp_reinserts_batchnorm_after_a_folded_conv(tmp_path: Path) -> None:
     graph's own initializers are never touched by the optimisation (bn and bn-train alike)."""
     from onnxclp.bridge import to_torch
     from onnxclp.defences.anp import anp_masks
-    from onnxclp.defences.repair import insert_batchnorm
     from onnxclp.io import TensorStore
     from onnxclp.methods.anp import _reinsert, neuron_group
 
@@ -147,7 +148,7 @@ def test_anp_reinserts_batchnorm_after_a_folded_conv(tmp_path: Path) -> None:
     x, y = (torch.from_numpy(a) for a in _images(64, seed=0))
     with torch.no_grad():
         before = module(x)
-    groups, n = _reinsert(module, [g], {g.key: layer}, x, insert_batchnorm)
+    groups, n = _reinsert(module, [g], {g.key: layer}, x, False)
     assert n == 1 and groups[0].tap == "c"  # the convolution's output
     bn = module.taps_by_name()["c"]
     with torch.no_grad():
@@ -160,8 +161,8 @@ def test_anp_reinserts_batchnorm_after_a_folded_conv(tmp_path: Path) -> None:
         assert torch.equal(bn.weight, stats[2]) and not bn.training
     assert torch.equal(module.param_for("w1"), torch.tensor(numpy_helper.to_array(m.graph.initializer[0])))
     clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))
-    out, rep = api.sanitize(m, method="anp", context={"clean_data": clean}, anp_folded="bn", anp_iterations=20)
-    assert rep.training["reinserted_batchnorms"] == 1 and rep.training["settings"]["anp_folded"] == "bn"
+    out, rep = api.sanitize(m, method="anp", context={"clean_data": clean}, anp_iterations=20)  # anp_bn batch
+    assert rep.training["reinserted_batchnorms"] == 1 and rep.training["settings"]["anp_bn"] == "batch"
     assert [n.op_type for n in out.graph.node] == [n.op_type for n in m.graph.node]  # nothing added to the graph
 
 
@@ -202,14 +203,14 @@ def test_anp_stops_when_the_objective_converges(tmp_path: Path) -> None:
 
     clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))
     err = io.StringIO()
-    _, rep = api.sanitize(backdoored_net(), method="anp", anp_folded="pair", anp_window=10, anp_iterations=2000,
+    _, rep = api.sanitize(backdoored_net(), method="anp", anp_bn="none", anp_window=10, anp_iterations=2000,
                           context={"clean_data": clean, "progress_stream": err})  # fmt: skip
     tr = rep.training
     assert tr["stopped"] == "converged" and tr["iterations"] < 2000 and tr["iterations"] % 10 == 0
     assert tr["curve"][-1]["iteration"] == tr["iterations"] and {"loss", "natural", "robust"} <= set(tr["curve"][0])
     assert f"anp: {tr['iterations']} iterations on 100 clean images" in err.getvalue()  # progress on stderr
     assert "anp: guard: 1 of the 1 neurons" in err.getvalue()
-    _, rep = api.sanitize(backdoored_net(), method="anp", anp_folded="pair", anp_iterations=25, anp_tol=-1.0,
+    _, rep = api.sanitize(backdoored_net(), method="anp", anp_bn="none", anp_iterations=25, anp_tol=-1.0,
                           context={"clean_data": clean, "quiet": True})  # fmt: skip
     assert rep.training["stopped"] == "max iterations" and rep.training["iterations"] == 25
 
@@ -223,7 +224,7 @@ def test_anp_without_a_validation_part_prunes_by_threshold(tmp_path: Path) -> No
 
     m = backdoored_net()
     clean = _save_npz(tmp_path / "clean.npz", *_images(64, seed=0))
-    params = make_params("anp", {"anp_folded": "pair", "anp_window": 20})
+    params = make_params("anp", {"anp_bn": "none", "anp_window": 20})
     st = State(m, TensorStore(m, Path.cwd()), get("anp"), params, Options(context={"clean_data": clean, "quiet": True}))
     find.run(st)
     st.method.decide(st)
@@ -275,22 +276,30 @@ def test_bnp_refuses_a_graph_without_batchnorm(tmp_path: Path) -> None:
 
 
 def test_anp_masks_batchnorm_gamma(tmp_path: Path) -> None:
-    """With a BN kept, ANP's neurons are the BN channels (mask on gamma, perturbation of beta)."""
+    """With a BN kept, ANP's neurons are the BN channels: on running statistics (``anp_bn eval``) the mask is
+    on gamma and the perturbation on gamma and beta; on batch statistics (``batch``) on a BatchNorm inserted
+    after the kept one for the optimisation. Pruning zeroes gamma and beta either way."""
     from onnxclp.bridge import to_torch
     from onnxclp.defences.anp import anp_masks
     from onnxclp.io import TensorStore
-    from onnxclp.methods.anp import neuron_group
+    from onnxclp.methods.anp import _reinsert, neuron_group
 
     m, _, _ = bn_net()
     store = TensorStore(m, Path.cwd())
-    module = to_torch(m, store=store)
+    module = to_torch(m, store=store).eval()
     conv = _find_conv_layer(m, store)
     g = neuron_group(conv, module)
     assert not isinstance(g, str) and (g.scale, g.shift, g.axis) == ("g", "b", 0)
+    assert _reinsert(module, [g], {g.key: conv}, torch.zeros(4, 3, 8, 8), False) == ([g], 0)  # eval: as it is
     x, y = _images(32, seed=0)
     res = anp_masks(module, [g], torch.from_numpy(x), torch.from_numpy(y), iterations=3, batch_size=16)
     assert res.masks["conv"].shape == (16,) and np.all((res.masks["conv"] >= 0) & (res.masks["conv"] <= 1))
     assert torch.equal(module.param_for("g"), torch.ones(16))  # the module is left as it was
+    groups, n = _reinsert(module, [g], {g.key: conv}, torch.from_numpy(x), True)
+    assert n == 1 and groups[0].tap == "n" and (groups[0].scale, groups[0].shift) == ("g", "b")
+    res = anp_masks(module, groups, torch.from_numpy(x), torch.from_numpy(y), iterations=3, batch_size=16,
+                    bn_train=True)  # fmt: skip
+    assert res.masks["conv"].shape == (16,) and torch.equal(module.param_for("g"), torch.ones(16))
 
 
 def _find_conv_layer(m: onnx.ModelProto, store):

@@ -144,6 +144,7 @@ def test_cli_save_synthetic_and_agreement_in_report(models, tmp_path):
     with np.load(pics / "synthetic.npz") as z:
         assert z["x_test"].dtype == np.uint8 and z["x_test"].shape == (120, 32, 32, 3)
         assert z["y_test"].shape == (120,)
+        assert int(z["validation"].sum()) == 100  # the guard's validation images: procedural, not optimised
     from PIL import Image
 
     with Image.open(pics / "synthetic.png") as img:

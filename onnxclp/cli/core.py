@@ -134,8 +134,8 @@ def sanitize(
             help="Clean labelled images of the model's task: an .npz with x_test (N,H,W,C or N,C,H,W; uint8 0-255 "
             "or float 0-1) and y_test (N, int), a CIFAR batch or a folder of class folders. Needed by repairs; "
             "with any method the accuracy guard measures the result on a held-out part. 'synthetic[:N]' (default "
-            "N 1000): images synthesized from the model alone and labelled by it; the guard then measures "
-            "agreement with the input model, not accuracy.",
+            "N 1000; ',steps=10' and other settings: docs/algorithms.md): images synthesized from the model "
+            "alone and labelled by it; the guard then measures agreement with the input model, not accuracy.",
         ),
     ] = None,
     save_synthetic: Annotated[

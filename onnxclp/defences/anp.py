@@ -20,14 +20,16 @@ of every neuron group it is given, the loss curve and why it stopped, and never 
 parameters (the masks and perturbations enter through ``torch.func.functional_call``). What a neuron is
 (:class:`NeuronGroup`):
 
-- a BatchNormalization kept after the layer: the BN channel (mask on ``gamma``, perturbation of ``gamma`` and
-  ``beta``), as the paper does for networks with BatchNorm (section 4.1: the BN scale and shift stand for the
-  neuron's weight and bias);
-- a BN-folded convolution (``tap`` set): a BatchNorm re-inserted after it
-  (:func:`onnxclp.defences.repair.insert_batchnorm`, scale ``sqrt(var + eps)``, shift ``mean`` of the channel on
-  the clean images: the identity), its scale and shift standing for the neuron's weight and bias as in the
-  paper's networks. In eval mode this is ``(m + delta)(y - mean) + (1 + xi) mean`` on the convolution's output
-  ``y``: the mask and delta scale the channel's variation around its clean mean, xi its mean;
+- a BatchNorm inserted on the bridged module (``tap`` set: after a BN-folded convolution,
+  :func:`onnxclp.defences.repair.insert_batchnorm`, or after a kept BatchNormalization, :func:`batchnorm_after`;
+  scale ``sqrt(var + eps)`` and shift ``mean`` of the channel on the clean images, the identity in eval mode):
+  mask on its scale, perturbation of its scale and shift, as the paper does for networks with BatchNorm
+  (section 4.1: the BN scale and shift stand for the neuron's weight and bias). With ``bn_train`` it
+  normalises each batch with the batch's statistics, as the reference code runs its BatchNorms (train mode):
+  the perturbation of one layer is then renormalised by the next instead of compounding through the depth. In
+  eval mode it is ``(m + delta)(y - mean) + (1 + xi) mean`` on the tapped tensor ``y``;
+- a BatchNormalization kept after the layer, no tap: the BN channel (mask on ``gamma``, perturbation of
+  ``gamma`` and ``beta``), on its running statistics;
 - otherwise the output channels of a Conv/Gemm/MatMul weight (mask on the weight's output-channel slice,
   perturbation of the slice and of the bias).
 
@@ -61,7 +63,6 @@ THRESHOLD = 0.2
 ITERATIONS = 2000  # the paper's; the most the stopping rule allows
 WINDOW = 100  # iterations per window of the stopping rule
 TOL = 0.01  # relative improvement of a window's mean loss below which the objective has converged
-FOLDED = ("bn", "bn-train", "pair")  # how a BN-folded convolution's neurons are perturbed (see NeuronGroup)
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,10 @@ class NeuronGroup:
 
     ``scale``/``shift``: the layer's initializers that pruning zeroes (a Conv/Gemm weight, its neurons along
     ``axis``, and its bias; or a kept BatchNormalization's ``gamma`` and ``beta``, axis 0); ``shift`` None: no
-    per-neuron bias. ``tap``: the tensor after which a BatchNorm was re-inserted on the bridged module
-    (``module.set_tap``, a BN-folded convolution's output): the mask and perturbation then act on that
-    BatchNorm's ``weight`` and ``bias`` instead of ``scale`` and ``shift``. ``channels``: how many neurons.
+    per-neuron bias. ``tap``: the tensor after which a BatchNorm was inserted on the bridged module
+    (``module.set_tap``: a BN-folded convolution's output, or a kept BatchNormalization's): the mask and
+    perturbation then act on that BatchNorm's ``weight`` and ``bias`` instead of ``scale`` and ``shift``.
+    ``channels``: how many neurons.
     """
 
     key: str
@@ -282,6 +284,33 @@ def anp_masks(
         curve=_curve(losses, nats, robs),
         stopped=stopped,
     )
+
+
+@torch.no_grad()
+def batchnorm_after(module: nn.Module, tensors: Sequence[str], images: torch.Tensor, batch: int = 128) -> list[str]:
+    """Put a BatchNorm (:class:`onnxclp.defences.repair.InsertedBatchNorm`, the identity in eval mode) after each
+    of ``tensors`` of the bridged ``module``, its statistics measured on ``images``; returns the tensors tapped.
+    (:func:`onnxclp.defences.repair.insert_batchnorm` does the same after BN-folded convolutions only.)"""
+    from onnxclp.defences.repair import InsertedBatchNorm, _Moments
+
+    if not tensors:
+        return []
+    taps = {t: _Moments() for t in tensors}
+    for t, tap in taps.items():
+        module.set_tap(t, tap)  # type: ignore[operator]
+    was = module.training
+    module.eval()
+    try:
+        for i in range(0, len(images), batch):
+            module(images[i : i + batch])
+    finally:
+        for t in taps:
+            module.remove_tap(t)  # type: ignore[operator]
+        module.train(was)
+    for t, tap in taps.items():
+        mean, var = tap.moments()
+        module.set_tap(t, InsertedBatchNorm(mean.to(images.device), var.to(images.device)))  # type: ignore[operator]
+    return list(taps)
 
 
 def prune_by_threshold(mask: np.ndarray, threshold: float = THRESHOLD) -> list[int]:

@@ -10,12 +10,15 @@ a validation part it prunes every neuron below the threshold (the paper's rule).
 into the ONNX weights like CLP's (exactly 0 before the activation); the report's scores are ``1 - mask`` so that,
 as for every other method, a higher score is more suspicious.
 
-A neuron is the channel of a BatchNormalization kept after a layer (mask on gamma, perturbation of gamma and
-beta, as the paper), or of a BN-folded convolution: with ``--anp-folded bn`` (the default) a BatchNorm is
-re-inserted after it for the optimisation (identity, eval mode; the paper's BN neuron), ``bn-train`` runs that
-BatchNorm on batch statistics (as the reference code's train mode), ``pair`` perturbs the convolution's weight
-slice and bias directly. Other layers: the output channels of a Conv/Gemm/MatMul (mask on the kernel slice,
-perturbation of it and of the bias). A layer the bridge cannot mask (its weight is computed, a Constant node,
+A neuron is a BatchNorm channel, as in the paper's networks (mask on its scale, perturbation of its scale and
+shift). ``--anp-bn batch`` (the default, chosen by measurement: docs/algorithms.md, "ANP"): a BatchNorm is
+inserted for the optimisation after every BN-folded convolution and after every BatchNormalization the graph
+kept, and normalises each batch with its own statistics, as the reference code's train-mode BatchNorm does.
+``eval``: the same BatchNorm after a BN-folded convolution but on its measured statistics (the identity), and a
+kept BatchNormalization's gamma and beta masked directly. ``none``: a BN-folded convolution's neurons are its
+weight-slice-and-bias pairs. Other layers: the output channels of a Conv/Gemm/MatMul (mask on the kernel slice,
+perturbation of it and of the bias). Pruning always zeroes the layer's own initializers (the inserted
+BatchNorms exist only during the optimisation). A layer the bridge cannot mask (its weight is computed, a Constant node,
 shared with another layer, a grouped ConvTranspose) is skipped with the reason; the model's output layer is
 never masked or pruned.
 """
@@ -73,12 +76,12 @@ PARAMS = (
     ParamSpec("anp_lr", float, 0.2, "ANP: SGD learning rate of the masks (momentum 0.9).", minimum=0.0),
     ParamSpec("anp_batch", int, 128, "ANP: clean images per step.", minimum=1),
     ParamSpec(
-        "anp_folded",
+        "anp_bn",
         str,
-        "bn",
-        "ANP: neurons of BN-folded convolutions: bn (BatchNorm re-inserted, eval mode), bn-train (batch "
-        "statistics), pair (weight and bias).",
-        choices=("bn", "bn-train", "pair"),
+        "batch",
+        "ANP: BatchNorm neurons on batch statistics (batch: inserted after folded convolutions and kept BNs), on "
+        "running statistics (eval), or folded convolutions as weight-and-bias pairs (none).",
+        choices=("batch", "eval", "none"),
     ),
 )
 
@@ -168,7 +171,7 @@ class ANP(Method):
 
         from onnxclp.bridge import to_torch
         from onnxclp.defences.anp import anp_masks, choose_count, prune_by_threshold, pruned_right, ranked, split_prune
-        from onnxclp.defences.repair import device_for, insert_batchnorm, progress_for, val_right
+        from onnxclp.defences.repair import device_for, progress_for, val_right
         from onnxclp.guard import DEFAULT_MAX_ACC_DROP
         from onnxclp.methods._fewshot import check_labels, clean_images
         from onnxclp.passes.decide import OUTPUT_NOTE, Decision
@@ -192,10 +195,10 @@ class ANP(Method):
         check_labels(labels.cpu(), classes, state.options.context["clean_data"])
 
         groups, by_key, outputs = self._groups(state, module)
-        folded = str(p["anp_folded"])
+        bn_mode = str(p["anp_bn"])
         taps = 0
-        if folded != "pair":
-            groups, taps = _reinsert(module, groups, by_key, images, insert_batchnorm)
+        if bn_mode != "none":
+            groups, taps = _reinsert(module, groups, by_key, images, bn_mode == "batch")
         progress = progress_for(state)
         budget_iter = int(p["anp_iterations"])
 
@@ -207,7 +210,7 @@ class ANP(Method):
         res = anp_masks(
             module, groups, images, labels, eps=p["anp_eps"], alpha=p["anp_alpha"], lr=p["anp_lr"],
             iterations=budget_iter, batch_size=p["anp_batch"], window=p["anp_window"], tol=p["anp_tol"],
-            bn_train=folded == "bn-train", progress=tick,
+            bn_train=bn_mode == "batch", progress=tick,
         )  # fmt: skip
         progress.done(
             f"{res.iterations} iterations on {what} in {res.seconds:.0f} s ({res.stopped}; loss "
@@ -305,11 +308,18 @@ class ANP(Method):
 
 
 def _reinsert(module: Any, groups: list[NeuronGroup], by_key: dict[str, Layer], images: Any,
-              insert: Any) -> tuple[list[NeuronGroup], int]:  # fmt: skip
-    """Re-insert a BatchNorm after every BN-folded convolution among ``groups`` (statistics on ``images``; the
-    lead's :func:`onnxclp.defences.repair.insert_batchnorm`) and point those groups at it; the BatchNorms
-    inserted after any other convolution are removed again. Returns the groups and how many were inserted."""
+              batch_stats: bool) -> tuple[list[NeuronGroup], int]:  # fmt: skip
+    """Re-insert a BatchNorm after every BN-folded convolution among ``groups`` (statistics on ``images``;
+    :func:`onnxclp.defences.repair.insert_batchnorm`) and point those groups at it; the BatchNorms inserted
+    after any other convolution are removed again. With ``batch_stats`` (``--anp-bn batch``) a layer
+    whose BatchNormalization was kept gets one too, after that BatchNormalization (the graph's BatchNorm runs
+    on its running statistics; the inserted one then normalises each batch as the reference code's train-mode
+    BatchNorm does, with the kept BN's output moments as scale and shift). Returns the groups and how many
+    BatchNorms were inserted."""
     from dataclasses import replace
+
+    from onnxclp.defences.anp import batchnorm_after
+    from onnxclp.defences.repair import insert_batchnorm
 
     mine = {
         (g.scale, g.shift): g.key
@@ -317,10 +327,19 @@ def _reinsert(module: Any, groups: list[NeuronGroup], by_key: dict[str, Layer], 
         if g.shift and by_key[g.key].affine is None and by_key[g.key].op == "Conv" and g.axis == 0
     }
     tap_of: dict[str, str] = {}
-    for item in insert(module, images):
+    for item in insert_batchnorm(module, images):
         key = mine.get((item.weight, item.bias))
         if key is None:
             module.remove_tap(item.output)
         else:
             tap_of[key] = item.output
+    if batch_stats:
+        kept = {by_key[g.key].output: g.key for g in groups if _kept_bn(by_key[g.key])}
+        kept = {t: k for t, k in kept.items() if t and t not in module.taps_by_name()}
+        for tensor in batchnorm_after(module, list(kept), images):
+            tap_of[kept[tensor]] = tensor
     return [replace(g, tap=tap_of[g.key]) if g.key in tap_of else g for g in groups], len(tap_of)
+
+
+def _kept_bn(layer: Layer) -> bool:
+    return layer.affine is not None and layer.affine.kind == "BatchNormalization"

@@ -118,6 +118,10 @@ class Method:
         ]
 
     # -- decisions ------------------------------------------------------------------------------------------------
+    def precheck(self, state: State) -> None:
+        """Refuse a model the method cannot work on before the clean images are read (default: nothing)."""
+        return None
+
     def select(self, scores: np.ndarray, params: Params) -> Selection:
         """Channels to prune / rescale in one hidden layer, from its scores (pure numpy)."""
         raise NotImplementedError(f"method {self.name!r} selects no channels from scores")

@@ -57,6 +57,11 @@ class BNP(Method):
 
         return select_clp(scores, params["u"])
 
+    def precheck(self, state: State) -> None:
+        hidden = [layer for layer in state.layers if not layer.is_output]
+        if not any(layer.affine is not None and layer.affine.kind == "BatchNormalization" for layer in hidden):
+            raise OnnxclpError(FOLDED)
+
     def decide(self, state: State) -> None:
         import numpy as np
 

@@ -124,10 +124,12 @@ def _is_synthetic(value: Any) -> bool:
 
 
 def load_synthetic(state: State) -> CleanSplit:
-    """``clean_data`` = ``synthetic[:N]``: N images synthesized from the input model (:mod:`onnxclp.defences.synth`),
-    labelled by the input model with onnxruntime (so the input agrees with every label), split like clean images;
-    the guard's metric is agreement with the input model. ``save_synthetic`` (a folder) receives the set and a
-    grid picture (:func:`onnxclp.defences.synth.save`)."""
+    """``clean_data`` = ``synthetic[:N]``: N images made from the input model (:mod:`onnxclp.defences.synth`), split
+    in the same proportions as clean images: the method's part optimised (model inversion), the validation part
+    procedural and not optimised (agreement on held-out inverted images does not see a repair's damage); all
+    labelled by the input model with onnxruntime (so the input agrees with every label). The guard's metric is
+    agreement with the input model. ``save_synthetic`` (a folder) receives the set and a grid picture
+    (:func:`onnxclp.defences.synth.save`)."""
     import torch
 
     from onnxclp.defences._inputs import normaliser, to_model
@@ -138,7 +140,9 @@ def load_synthetic(state: State) -> CleanSplit:
     n, overrides = parse_spec(ctx["clean_data"])
     if n < MIN_VAL + MIN_FIT:
         raise OnnxclpError(f"--clean-data synthetic:{n}: the guard needs at least {MIN_VAL + MIN_FIT} images")
-    syn = synthesize_for_state(state, n, overrides)
+    fit, val = split_indices(n, float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION))
+    # the method's images are optimised; the validation images are procedural, not optimised (synthesize_for_state)
+    syn = synthesize_for_state(state, len(fit), len(val), overrides)
     layout, channels, hw = input_layout(state)
     x = to_model(torch.from_numpy(syn.x), normaliser((channels, *hw), ctx.get("mean"), ctx.get("std"), 1, "cpu"))
     if layout == "nhwc":
@@ -149,13 +153,13 @@ def load_synthetic(state: State) -> CleanSplit:
         save(syn, ctx["save_synthetic"])
     info = syn.info
     what = (
-        f"{n} images synthesized from the input model ({info['mode']}, {info['settings']['steps']} steps, "
-        f"{info['batchnorm_layers_matched']} BatchNorm layers matched, {info['seconds']:.0f} s), labelled by it"
+        f"{len(fit)} images synthesized from the input model ({info['mode']}, {info['settings']['steps']} steps, "
+        f"{info['batchnorm_layers_matched']} BatchNorm layers matched) and {len(val)} unoptimised procedural "
+        f"validation images, {info['seconds']:.0f} s, labelled by the input model"
     )
-    fit, val = split_indices(n, float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION))
-    clean = CleanSplit(x, torch.as_tensor(syn.y), fit, val, what, SYNTHETIC_METRIC)
+    clean = CleanSplit(x, torch.as_tensor(syn.y), np.arange(len(fit)), np.arange(len(fit), n), what, SYNTHETIC_METRIC)
     clean.synthetic = {k: v for k, v in info.items() if k != "label_counts"}
-    clean.synthetic["label_counts"] = np.bincount(syn.y, minlength=int(info["classes"])).tolist()
+    clean.synthetic["label_counts"] = np.bincount(syn.y[: len(fit)], minlength=int(info["classes"])).tolist()
     return clean
 
 
@@ -164,6 +168,7 @@ def split(state: State) -> PassResult:
     ctx = _context(state)
     if ctx.get("clean_data") is None and ctx.get("clean_arrays") is None:
         return PassResult()
+    state.method.precheck(state)  # a model the method refuses anyway is refused before any image is read
     if state.clean is None:
         state.clean = load_clean(state)
     clean: CleanSplit = state.clean
@@ -182,8 +187,8 @@ def split(state: State) -> PassResult:
     if clean.synthetic is not None:
         info = clean.synthetic
         result.notes.append(
-            f"synthetic data: {clean.what}; {100 * info['reached_target']:.0f}% labelled with the class they were "
-            f"made for; labels per class {info['label_counts']}"
+            f"synthetic data: {clean.what}; {100 * info['reached_target']:.0f}% of the method's images labelled with "
+            f"the class they were made for; labels per class {info['label_counts']}"
         )
     if state.options.edit:
         pred = predict(state.model, state.store, clean.x_val, str(ctx.get("device") or "auto"))
