@@ -286,31 +286,12 @@ def anp_masks(
     )
 
 
-@torch.no_grad()
 def batchnorm_after(module: nn.Module, tensors: Sequence[str], images: torch.Tensor, batch: int = 128) -> list[str]:
-    """Put a BatchNorm (:class:`onnxclp.defences.repair.InsertedBatchNorm`, the identity in eval mode) after each
-    of ``tensors`` of the bridged ``module``, its statistics measured on ``images``; returns the tensors tapped.
-    (:func:`onnxclp.defences.repair.insert_batchnorm` does the same after BN-folded convolutions only.)"""
-    from onnxclp.defences.repair import InsertedBatchNorm, _Moments
+    """Put a BatchNorm (:func:`onnxclp.defences.repair.batchnorm_after`, the identity in eval mode) after each of
+    ``tensors`` of the bridged ``module``, its statistics measured on ``images``; returns the tensors tapped."""
+    from onnxclp.defences import repair
 
-    if not tensors:
-        return []
-    taps = {t: _Moments() for t in tensors}
-    for t, tap in taps.items():
-        module.set_tap(t, tap)  # type: ignore[operator]
-    was = module.training
-    module.eval()
-    try:
-        for i in range(0, len(images), batch):
-            module(images[i : i + batch])
-    finally:
-        for t in taps:
-            module.remove_tap(t)  # type: ignore[operator]
-        module.train(was)
-    for t, tap in taps.items():
-        mean, var = tap.moments()
-        module.set_tap(t, InsertedBatchNorm(mean.to(images.device), var.to(images.device)))  # type: ignore[operator]
-    return list(taps)
+    return list(repair.batchnorm_after(module, list(tensors), images, batch))  # type: ignore[arg-type]
 
 
 def prune_by_threshold(mask: np.ndarray, threshold: float = THRESHOLD) -> list[int]:

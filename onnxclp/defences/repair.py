@@ -163,30 +163,35 @@ def foldable_convs(module: OnnxModule) -> list[tuple[str, str, str]]:
 
 
 @torch.no_grad()
-def insert_batchnorm(module: OnnxModule, x: torch.Tensor, batch: int = 128) -> list[Inserted]:
-    """Put an :class:`InsertedBatchNorm` after every foldable convolution, its statistics measured on ``x``."""
-    convs = foldable_convs(module)
-    if not convs:
-        return []
-    taps = {out: _Moments() for out, _, _ in convs}
-    for out, tap in taps.items():
-        module.set_tap(out, tap)
+def batchnorm_after(module: OnnxModule, tensors: list[str], x: torch.Tensor,
+                    batch: int = 128) -> dict[str, InsertedBatchNorm]:  # fmt: skip
+    """Put an :class:`InsertedBatchNorm` (the identity in eval mode) after each of ``tensors`` of the bridged
+    ``module``, its statistics measured on ``x``; returns them by tensor name."""
+    taps = {t: _Moments() for t in tensors}
+    for t, tap in taps.items():
+        module.set_tap(t, tap)
     was = module.training
     module.eval()
     try:
         for i in range(0, len(x), batch):
             module(x[i : i + batch])
     finally:
-        for out in taps:
-            module.remove_tap(out)
+        for t in taps:
+            module.remove_tap(t)
         module.train(was)
-    inserted = []
-    for out, weight, bias in convs:
-        mean, var = taps[out].moments()
-        bn = InsertedBatchNorm(mean.to(x.device), var.to(x.device))
-        module.set_tap(out, bn)
-        inserted.append(Inserted(out, weight, bias, bn))
-    return inserted
+    out = {}
+    for t, tap in taps.items():
+        mean, var = tap.moments()
+        out[t] = InsertedBatchNorm(mean.to(x.device), var.to(x.device))
+        module.set_tap(t, out[t])
+    return out
+
+
+def insert_batchnorm(module: OnnxModule, x: torch.Tensor, batch: int = 128) -> list[Inserted]:
+    """Put an :class:`InsertedBatchNorm` after every foldable convolution, its statistics measured on ``x``."""
+    convs = foldable_convs(module)
+    bns = batchnorm_after(module, [out for out, _, _ in convs], x, batch)
+    return [Inserted(out, weight, bias, bns[out]) for out, weight, bias in convs]
 
 
 @torch.no_grad()
