@@ -6,8 +6,7 @@ imported on first use, so ``import onnxclp`` stays fast.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from onnxclp._version import __version__
 from onnxclp.api import sanitize, sanitize_file, scan
 from onnxclp.errors import NothingToSanitize, OnnxclpError
 from onnxclp.report import Report

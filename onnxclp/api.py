@@ -18,10 +18,46 @@ from onnxclp import methods
 from onnxclp.errors import NothingToSanitize, OnnxclpError
 from onnxclp.io import TensorStore, load_model, save_model
 from onnxclp.methods import Params, make_params
-from onnxclp.pipeline import Options, State, run
+from onnxclp.pipeline import Options, Pass, State, run
 from onnxclp.report import Report
 
-__all__ = ["Options", "Params", "make_params", "run_method", "sanitize", "sanitize_file", "scan"]
+__all__ = ["Options", "Params", "make_params", "passes", "run_method", "sanitize", "sanitize_file", "scan"]
+
+
+def passes() -> tuple[Pass, ...]:
+    """The sanitize/scan pipeline, in order: inline, fuse_bn, find, exclude, score, guard.split, decide, streams,
+    prune, rewrite, guard.check, report, annotate. The passes are imported on first use (``import onnxclp`` stays
+    light); they import :mod:`onnxclp.pipeline`, never this module."""
+    from onnxclp.passes import (
+        annotate,
+        decide,
+        exclude,
+        find,
+        fuse_bn,
+        guard,
+        inline,
+        prune,
+        report,
+        rewrite,
+        score,
+        streams,
+    )
+
+    return (
+        inline.run,
+        fuse_bn.run,
+        find.run,
+        exclude.run,
+        score.run,
+        guard.split,
+        decide.run,
+        streams.run,
+        prune.run,
+        rewrite.run,
+        guard.check,
+        report.run,
+        annotate.run,
+    )
 
 
 def _state(model_or_path: onnx.ModelProto | str | os.PathLike[str], params: Params, options: Options,
@@ -66,7 +102,7 @@ def run_method(
     notes = _check_risk(params, options)
     state = _state(model_or_path, params, options, base_dir)
     state.notes.extend(notes)
-    report = run(state)
+    report = run(state, passes())
     if not report.layers and not state.rewrites and not state.added_nodes:
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in report.skipped[:3])
         raise NothingToSanitize(

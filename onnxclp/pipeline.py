@@ -1,6 +1,7 @@
 """The pass pipeline: one :class:`State` object, one :class:`PassResult` type, every pass ``run(state)``.
 
-:data:`PASSES` is the sanitize/scan pipeline in order; :func:`run` applies it. A pass reads and writes only the
+:func:`run` applies a sequence of passes (the sanitize/scan pipeline, in order, is :func:`onnxclp.api.passes`:
+the passes import this module, so the list lives where the pipeline is assembled). A pass reads and writes only the
 state; what it skips goes into ``state.skipped`` with a reason (one type: :class:`~onnxclp.report.SkippedLayer`).
 Nothing here imports torch or onnxruntime: a method that runs the model imports its extra inside ``decide``.
 """
@@ -86,45 +87,11 @@ class State:
 Pass = Callable[[State], PassResult]
 
 
-def passes() -> tuple[Pass, ...]:
-    """The pipeline, in order: inline, fuse_bn, find, exclude, score, guard.split, decide, streams, prune, rewrite,
-    guard.check, report, annotate."""
-    from onnxclp.passes import (
-        annotate,
-        decide,
-        exclude,
-        find,
-        fuse_bn,
-        guard,
-        inline,
-        prune,
-        report,
-        rewrite,
-        score,
-        streams,
-    )
-
-    return (
-        inline.run,
-        fuse_bn.run,
-        find.run,
-        exclude.run,
-        score.run,
-        guard.split,
-        decide.run,
-        streams.run,
-        prune.run,
-        rewrite.run,
-        guard.check,
-        report.run,
-        annotate.run,
-    )
-
-
-def run(state: State, pipeline: Sequence[Pass] | None = None) -> Report:
-    """Apply every pass to ``state``; returns the report the ``report`` pass assembled."""
+def run(state: State, pipeline: Sequence[Pass]) -> Report:
+    """Apply every pass of ``pipeline`` to ``state`` in order (the sanitize/scan pipeline:
+    :func:`onnxclp.api.passes`); returns the report the ``report`` pass assembled."""
     start = time.perf_counter()
-    for p in pipeline if pipeline is not None else passes():
+    for p in pipeline:
         t = time.perf_counter()
         result = p(state)
         state.log.append((p.__module__.rsplit(".", 1)[-1], result, time.perf_counter() - t))

@@ -24,18 +24,8 @@ from typer.testing import CliRunner
 
 from onnxclp.cli import app
 from onnxclp.errors import OnnxclpError
-from onnxclp.report import (
-    CoupledChannels,
-    LayerReport,
-    Report,
-    SkippedLayer,
-    coupled_notes,
-    layer_name,
-    print_report,
-    render_plain,
-    report_title,
-    unique_notes,
-)
+from onnxclp.render import coupled_notes, layer_name, print_report, render_plain, report_title
+from onnxclp.report import CoupledChannels, LayerReport, Report, SkippedLayer, unique_notes
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"

@@ -78,7 +78,7 @@ def _print(report: Any, quiet: bool, verbose: bool) -> None:
             f"({t['skipped_layers']} skipped)"
         )
         return
-    from onnxclp.report import print_report
+    from onnxclp.render import print_report
 
     print_report(report, None, verbose)
 

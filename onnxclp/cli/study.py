@@ -137,7 +137,8 @@ def tac_command(
                     f"{t['tac_over_median']:.1f}", f"{t['score_z']:+.2f}", "yes" if t["pruned"] else "no",
                 ]
             )  # fmt: skip
-        from onnxclp.report import Report, report_title
+        from onnxclp.render import report_title
+        from onnxclp.report import Report
 
         title = report_title(Report(result.method, result.params)).removeprefix("onnxclp ")  # the method's own
         typer.echo(f"{model}: TAC on {result.n_images} attacked images; {title}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxclp import __version__
+from onnxclp._version import __version__
 from onnxclp.passes.decide import Decision
 from onnxclp.pipeline import PassResult, State
 from onnxclp.report import LayerReport, Report, unique_notes
