@@ -11,8 +11,16 @@ from types import ModuleType
 from typing import Any
 
 from onnxclp.errors import OnnxclpError
-from onnxclp.scale import executor
-from onnxclp.scale.executor import CRASHED, TaskOutcome, TaskResources, _invoke, _Progress, default_workers
+from onnxclp.scale.tasks import (
+    CRASHED,
+    Progress,
+    TaskOutcome,
+    TaskResources,
+    default_workers,
+    error_line,
+    invoke,
+    set_shared,
+)
 
 MISSING = "--ray needs the 'scale' extra: pip install 'onnxclp[scale]'"
 
@@ -32,8 +40,8 @@ def import_ray() -> ModuleType:
 def _ray_invoke(fn: Callable[[Any], Any], item: Any, shared: dict[str, Any] | None) -> tuple[bool, Any, str | None]:
     """The Ray task. ``shared`` was passed as the ObjectRef of the one ``ray.put``; Ray resolves a top-level
     ObjectRef argument from the node's object store before the call (numpy arrays zero-copy, read-only)."""
-    executor._SHARED = shared
-    return _invoke(fn, item)
+    set_shared(shared)
+    return invoke(fn, item)
 
 
 def _crash_types(ray: ModuleType) -> tuple[type[BaseException], ...]:
@@ -70,7 +78,7 @@ def run_ray(
     retries: int,
     resources: TaskResources | None,
     shared: dict[str, Any] | None,
-    report: _Progress,
+    report: Progress,
 ) -> list[TaskOutcome[Any]]:
     """:func:`onnxclp.scale.run_tasks` on Ray. Retries of crashed tasks are driven from here (each submission
     has ``max_retries=0``) so that ``attempts`` is exact, as in the local pool."""
@@ -114,7 +122,7 @@ def run_ray(
                         continue
                     ok, value, error = False, None, CRASHED
                 except ray.exceptions.RayError as exc:  # e.g. fn not importable on the cluster
-                    ok, value, error = False, None, executor.error_line(exc)
+                    ok, value, error = False, None, error_line(exc)
                 results[i] = TaskOutcome(i, ok, value, error, attempts[i])
                 report.step()
         return [r for r in results if r is not None]

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from onnxclp.scale.executor import worker_threads
+from onnxclp.scale.tasks import worker_threads
 
 #: Sessions kept per process. A CIFAR ResNet's session is ~10-50 MB; an ImageNet ResNet-50's ~200-400 MB.
 DEFAULT_SESSIONS = 4
