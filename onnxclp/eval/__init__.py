@@ -9,6 +9,7 @@
 - :mod:`onnxclp.eval.run`: :func:`prepare_run` and the batch loop evaluate and compare share.
 - :mod:`onnxclp.eval.metrics`: :class:`Metrics` (ACC / ASR / RA and their counts) and the label rules.
 - :mod:`onnxclp.eval.normalize`: the input normalisation a model records in its metadata (no torch).
+- :mod:`onnxclp.eval.examples`: the ``--save-examples`` picture (clean, triggered, difference).
 - :mod:`onnxclp.eval.api`: :func:`evaluate` and :func:`compare`.
 - the ``evaluate`` and ``compare`` commands live in :mod:`onnxclp.cli.eval`.
 

@@ -288,7 +288,7 @@ class LoopResult:
 def run_models(run: Run, label: str = "evaluate", save_examples: PathLike | None = None) -> LoopResult:
     """The batch loop: every model of ``run`` on each prepared batch; with the ``none`` attack the clean
     predictions of the attacked subset stand for the triggered ones. ``save_examples``: a folder for the PNG
-    grid of the first batch with attacked samples (:func:`onnxclp.eval.api.save_example_grid`)."""
+    grid of the first batch with attacked samples (:func:`onnxclp.eval.examples.save_example_grid`)."""
     counts = [run.metrics() for _ in run.runners]
     same_clean = [0] * len(run.runners)
     same_trig = [0] * len(run.runners)
@@ -323,7 +323,7 @@ def run_models(run: Run, label: str = "evaluate", save_examples: PathLike | None
                     same_trig[i] += int((pt == first[1]).sum())
             n_trig += len(b.y_attacked)
             if b.raw_clean is not None and save_examples is not None:
-                from onnxclp.eval.api import save_example_grid
+                from onnxclp.eval.examples import save_example_grid
 
                 trig = b.raw_clean if b.raw_triggered is None else b.raw_triggered
                 examples = save_example_grid(save_examples, b.raw_clean, trig, run.attack.name)
