@@ -16,7 +16,7 @@ import onnx
 
 from onnxclp import methods
 from onnxclp.errors import NothingToSanitize, OnnxclpError
-from onnxclp.io import TensorStore, load_model, save_model
+from onnxclp.io import checked_store, load_model, save_model
 from onnxclp.methods import Params, make_params
 from onnxclp.pipeline import Options, Pass, State, run
 from onnxclp.report import Report
@@ -25,9 +25,9 @@ __all__ = ["Options", "Params", "make_params", "passes", "run_method", "sanitize
 
 
 def passes() -> tuple[Pass, ...]:
-    """The sanitize/scan pipeline, in order: inline, fuse_bn, find, exclude, score, guard.split, decide, streams,
-    prune, rewrite, guard.check, report, annotate. The passes are imported on first use (``import onnxclp`` stays
-    light); they import :mod:`onnxclp.pipeline`, never this module."""
+    """The sanitize/scan pipeline, in order: inline, fuse_bn, find, exclude, score, guard.split, tune, decide,
+    streams, prune, rewrite, guard.check, report, annotate. The passes are imported on first use (``import
+    onnxclp`` stays light); they import :mod:`onnxclp.pipeline`, never this module."""
     from onnxclp.passes import (
         annotate,
         decide,
@@ -41,6 +41,7 @@ def passes() -> tuple[Pass, ...]:
         rewrite,
         score,
         streams,
+        tune,
     )
 
     return (
@@ -50,6 +51,7 @@ def passes() -> tuple[Pass, ...]:
         exclude.run,
         score.run,
         guard.split,
+        tune.run,
         decide.run,
         streams.run,
         prune.run,
@@ -62,10 +64,10 @@ def passes() -> tuple[Pass, ...]:
 
 def _state(model_or_path: onnx.ModelProto | str | os.PathLike[str], params: Params, options: Options,
            base_dir: str | None) -> State:  # fmt: skip
-    if isinstance(model_or_path, onnx.ModelProto):
+    if isinstance(model_or_path, onnx.ModelProto):  # the checks of a file (load_model), on a copy
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
-        store, path = TensorStore(model, Path(base_dir or ".")), None
+        store, path = checked_store(model, Path(base_dir or ".")), None
     else:
         model, store = load_model(model_or_path)
         path = str(model_or_path)
@@ -138,7 +140,7 @@ def sanitize(
     section 4.5, Algorithm 1; LPP: docs/algorithms.md, "LPP").
 
     ``model_or_path`` is a ModelProto (not modified: a copy is edited; ``base_dir`` locates its external data)
-    or a path (loaded safely). ``method_params`` are the method's own parameters (``u_low``, ``bias_rate``,
+    or a path (loaded safely); both go through the same model checks (:func:`onnxclp.io.checked_store`). ``method_params`` are the method's own parameters (``u_low``, ``bias_rate``,
     ``topk`` for LPP...); unset ones take the method's defaults. ``streams``: the residual-stream rule
     (:mod:`onnxclp.passes.streams`: ``strongest`` prunes a stream channel in one layer only, ``all`` keeps
     every layer's decision). ``context`` carries what a data-reading

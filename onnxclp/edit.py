@@ -18,8 +18,8 @@ from onnx import NodeProto, TensorProto
 
 from onnxclp import weights
 from onnxclp.graph import ConstSource, GraphIndex
-from onnxclp.io import TensorStore, cast_checked
 from onnxclp.layers import Layer, PerChannel
+from onnxclp.tensors import TensorStore, cast_checked
 
 
 class Editor:

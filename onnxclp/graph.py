@@ -23,7 +23,7 @@ import onnx
 from onnx import NodeProto, TensorProto
 
 from onnxclp.errors import OnnxclpError
-from onnxclp.io import iter_graphs
+from onnxclp.tensors import iter_graphs
 
 # How deep the other inputs of a transform (a Reshape's shape, ...) may themselves be transformed constants.
 MAX_NESTING = 8

@@ -160,6 +160,7 @@ class GuardResult:
     metric: str = "clean accuracy"  # "agreement with the input model" on synthesized images
     data: str = ""
     notes: list[str] = field(default_factory=list)
+    tuned: dict[str, Any] | None = None  # the method's strength chosen on the fit part (onnxclp.passes.tune)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,8 +30,8 @@ from onnx import NodeProto
 
 from onnxclp import weights
 from onnxclp.graph import ConstSource, GraphIndex
-from onnxclp.io import TensorStore
 from onnxclp.report import SkippedLayer
+from onnxclp.tensors import TensorStore
 
 SCORED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ONNX_DOMAINS = ("", "ai.onnx")

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from onnxclp.io import TensorStore
 from onnxclp.report import CoupledChannels, Report, SkippedLayer
+from onnxclp.tensors import TensorStore
 
 if TYPE_CHECKING:
     from onnxclp.graph import GraphIndex

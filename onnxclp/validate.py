@@ -3,9 +3,10 @@
 A model that onnx's checker rejects, or whose layers contradict their own weights, must not be written out as
 "sanitized". :func:`check_model` runs, in this order:
 
-1. model-local functions: IR version 8 or later, and no function that calls itself, directly or through
+1. opset imports: an ONNX domain's opset no newer than the installed onnx knows (:func:`check_opsets`);
+2. model-local functions: IR version 8 or later, and no function that calls itself, directly or through
    others (checked here too, so an onnx without the checker's cycle check still refuses them);
-2. onnx's checker (``full_check=False``: no shape inference) on a *skeleton* of the model: the same model with
+3. onnx's checker (``full_check=False``: no shape inference) on a *skeleton* of the model: the same model with
    every large or external tensor replaced by an empty stub of the same name and type. The checker then sees
    the whole structure (IR version, opset imports, node schemas and attributes, SSA form and order, functions)
    but neither serializes the weights (a 45 MB ResNet-18: 0.3 ms instead of 100 ms) nor resolves external-data
@@ -13,7 +14,7 @@ A model that onnx's checker rejects, or whose layers contradict their own weight
    weights could not be serialized). The tensors left out were checked already by :class:`onnxclp.io.TensorStore`
    (type, dims, exactly the bytes the dims need, safe external-data entries). One checker rule is relaxed: a
    graph input or output without a shape (unknown rank, which the IR allows: onnx/onnx#2932);
-3. channel counts the layer structure fixes: a Conv's ``group`` divides its weight's output channels and
+4. channel counts the layer structure fixes: a Conv's ``group`` divides its weight's output channels and
    ``weight.shape[1] * group`` equals the channels of its input; a ConvTranspose's ``group`` divides its
    weight's input channels, which equal those of its input; a BatchNormalization's scale, bias, mean and
    variance have one value per channel of its input. Channel counts come from the layer that produced the
@@ -34,7 +35,8 @@ import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 
 from onnxclp.errors import OnnxclpError
-from onnxclp.io import iter_graphs, iter_tensors
+from onnxclp.graph import GraphIndex
+from onnxclp.tensors import iter_graphs, iter_tensors
 
 # Tensors whose serialized size exceeds this are stubbed in the skeleton handed to onnx's checker.
 STUB_BYTES = 4096
@@ -109,9 +111,34 @@ def check_model(model: ModelProto, where: str = "model") -> None:
     :class:`onnxclp.io.TensorStore`'s tensor checks first: tensors stubbed for the checker are not looked at
     again. Raises :class:`OnnxclpError`.
     """
+    check_opsets(model, where)
     check_functions(model, where)
     run_checker(model, where)
     check_channels(model.graph)
+
+
+def _known_opsets() -> dict[str, int]:
+    """The newest opset of each ONNX domain the installed onnx has schemas for."""
+    newest = onnx.defs.onnx_opset_version()
+    return {"": newest, "ai.onnx": newest, "ai.onnx.ml": onnx.defs.onnx_ml_opset_version()}
+
+
+def check_opsets(model: ModelProto, where: str = "model") -> None:
+    """Refuse an ONNX-domain opset newer than the installed onnx knows.
+
+    onnx's checker accepts such a model silently, and every operator would then be read with the newest schema
+    this onnx has, which may not be the model's: onnxclp cannot tell what its nodes mean. Custom domains are
+    not onnx's to know and are left alone.
+    """
+    known = _known_opsets()
+    for o in model.opset_import:
+        newest = known.get(o.domain)
+        if newest is not None and int(o.version) > newest:
+            domain = o.domain or "ai.onnx"
+            raise OnnxclpError(
+                f"{where}: opset {domain} {o.version} is newer than the installed onnx {onnx.__version__} knows "
+                f"(up to {newest}); upgrade onnx (pip install -U onnx)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,8 +296,6 @@ def run_checker(model: ModelProto, where: str = "model") -> None:
     try:
         onnx.checker.check_model(data, full_check=False)
     except Exception as exc:  # ValidationError, SchemaError, or anything else the checker raises: fail closed
-        from onnxclp.graph import GraphIndex  # graph imports io, which imports this module lazily
-
         GraphIndex.of(model)  # raises its own message when it sees the problem too
         raise OnnxclpError(
             f"{where}: not a valid ONNX model (onnx {onnx.__version__} checker: {_one_line(str(exc))})"

@@ -23,7 +23,7 @@ from onnx import NodeProto
 
 from onnxclp.errors import OnnxclpError
 from onnxclp.graph import ConstSource, GraphIndex
-from onnxclp.io import TensorStore, cast_checked
+from onnxclp.tensors import TensorStore, cast_checked
 
 _ATTR_TYPES = {
     "perm": onnx.AttributeProto.INTS,

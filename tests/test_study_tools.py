@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -255,19 +256,39 @@ def test_cli_tac_and_scan_plots(files, tmp_path):
     assert _png(tmp_path / "plots" / "scores.png")
 
 
-def test_cli_sanitize_calibrate_reports_the_u_chosen(files, tmp_path):
-    out = tmp_path / "clean.onnx"
+def _data200(files: Path) -> Path:
+    """200 clean images: the guard keeps 100 for validation and tunes on the other 100."""
+    path = files / "data200.npz"
+    if not path.exists():
+        x, y = images(200, seed=2)
+        np.savez(path, x_test=x, y_test=y)
+    return path
+
+
+def test_cli_sanitize_calibrate_is_the_guards_tuning(files, tmp_path):
+    """Issue 18.1: --calibrate DATA is --clean-data DATA; u is tuned on the fit part (the strongest within the
+    budget), the validation part checks the result; a --u the user gives is kept; nothing within budget keeps
+    the default."""
+    out, data = tmp_path / "clean.onnx", _data200(files)
     r = _cli(
-        "sanitize", files / "m.onnx", out, "--calibrate", files / "data.npz", "--calibrate-grid", "0.25,0.5,1,3",
+        "sanitize", files / "m.onnx", out, "--calibrate", data, "--calibrate-grid", "0.25,0.5,1,3",
         "--report", tmp_path / "r.json", "-q",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "calibrated: u = 0.5" in r.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["params"]["u"] == 0.5
-    r = _cli("sanitize", files / "m.onnx", out, "--calibrate", files / "data.npz", "--u", "3", "--force")
-    assert r.returncode == 2 and "exclude each other" in r.stderr
-    r = _cli("sanitize", files / "m.onnx", out, "--force", "--calibrate", files / "data.npz", "--calibrate-grid", "0.1")
-    assert r.returncode == 2 and "calibration: even u=0.1" in r.stderr
+    assert "tuned on the 100 fit images" in r.stderr and "u=0.5" in r.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["params"]["u"] == 0.5
+    tuned = report["guard"]["tuned"]
+    assert tuned["parameters"] == {"u": 0.5} and [t["u"] for t in tuned["tried"]] == [3.0, 1.0, 0.5, 0.25]
+    assert tuned["tried"][-1]["within"] is False and report["guard"]["accepted"] is True
+    r = _cli("sanitize", files / "m.onnx", out, "--clean-data", data, "--u", "3", "--report", tmp_path / "r2.json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "r2.json").read_text())
+    assert report["params"]["u"] == 3.0 and report["guard"]["tuned"] is None
+    r = _cli("sanitize", files / "m.onnx", out, "--force", "--clean-data", data, "--calibrate-grid", "0.1")
+    assert r.returncode == 0 and "even u=0.1" in r.stderr and "defaults are kept" in r.stderr
+    r = _cli("sanitize", files / "m.onnx", out, "--calibrate", data, "--clean-data", data)
+    assert r.returncode == 2 and "give one of them" in r.stderr
 
 
 def test_plain_sanitize_and_scan_import_no_torch_onnxruntime_or_matplotlib(files, tmp_path):
@@ -293,24 +314,25 @@ def test_plain_sanitize_and_scan_import_no_torch_onnxruntime_or_matplotlib(files
 
 
 def test_cli_calibrate_lpp_tunes_u_low_and_bias_rate_least_invasive_first(files, tmp_path):
-    """Issue 15.10: LPP's lower threshold and rescale band cost accuracy at any u, so --calibrate starts from
+    """Issue 15.10: LPP's lower threshold and rescale band cost accuracy at any u, so the tuning starts from
     their least invasive values (u_low -1000: nothing pruned below; bias rate 0: nothing rescaled), chooses u,
-    then walks each towards the default while the budget holds, and says which setting it chose."""
-    out = tmp_path / "clean.onnx"
+    then walks each towards the more invasive values while the budget holds, and says which setting it chose."""
+    out, data = tmp_path / "clean.onnx", _data200(files)
     r = _cli(
-        "sanitize", files / "m.onnx", out, "--method", "lpp", "--calibrate", files / "data.npz",
+        "sanitize", files / "m.onnx", out, "--method", "lpp", "--clean-data", data,
         "--calibrate-grid", "0.5,1,3", "--report", tmp_path / "r.json", "-q",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    line = next(x for x in r.stderr.splitlines() if x.startswith("calibrated: u = "))
+    line = next(x for x in r.stderr.splitlines() if x.startswith("tuned on the "))
     assert "u_low=" in line and "bias_rate=" in line  # each tuned parameter is reported with its drop
     params = json.loads((tmp_path / "r.json").read_text())["params"]
     assert params["method"] == "lpp" and params["u_low"] in (-1000.0, -5.0, -4.0, -3.0)
     assert params["bias_rate"] in (0.0, 0.5, 1.0) and params["u"] in (0.5, 1.0, 3.0)
-    # a value the user gives is kept as given, not calibrated
+    # a value the user gives is kept as given, not tuned
     r = _cli(
-        "sanitize", files / "m.onnx", out, "--method", "lpp", "--calibrate", files / "data.npz",
+        "sanitize", files / "m.onnx", out, "--method", "lpp", "--clean-data", data,
         "--calibrate-grid", "0.5,1,3", "--u-low", "-2", "--report", tmp_path / "r2.json", "-q",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "r2.json").read_text())["params"]["u_low"] == -2.0
+    report = json.loads((tmp_path / "r2.json").read_text())
+    assert report["params"]["u_low"] == -2.0 and "u_low" not in report["guard"]["tuned"]["parameters"]

@@ -168,3 +168,41 @@ def test_value_info_is_not_taken_for_a_channel_count() -> None:
     )
     m.graph.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 5, 8, 8]))
     check_model(m)
+
+
+def _conv(opset: int = 17, group: int = 1) -> onnx.ModelProto:
+    return _model(
+        [helper.make_node("Conv", ["x", "W"], ["y"], group=group)],
+        [_w("W", 4, 3, 3, 3)],
+        [1, 3, 8, 8],
+        [1, 4, 6, 6],
+        opset,
+    )
+
+
+def _refusals(m: onnx.ModelProto, tmp_path: Path) -> list[str]:
+    """The error of :func:`onnxclp.api.scan` on the model in memory and on the same model saved as a file."""
+    from onnxclp.api import scan
+
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    out = []
+    for src in (m, path):
+        with pytest.raises(OnnxclpError) as exc:
+            scan(src)
+        out.append(exc.value.message.removeprefix(f"{path}: ").removeprefix("model: "))
+    return out
+
+
+def test_an_opset_newer_than_onnx_knows_is_refused_in_memory_and_from_a_file(tmp_path: Path) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    check_model(_conv(newest))  # the newest known is fine
+    in_memory, from_file = _refusals(_conv(newest + 1), tmp_path)
+    assert in_memory == from_file
+    assert f"opset ai.onnx {newest + 1} is newer than the installed onnx {onnx.__version__} knows" in in_memory
+
+
+def test_an_invalid_model_in_memory_is_refused_as_from_a_file(tmp_path: Path) -> None:
+    in_memory, from_file = _refusals(_conv(group=2), tmp_path)  # 3 input channels, weight takes 3 x 2
+    assert in_memory == from_file
+    assert "with group 2 takes 6" in in_memory

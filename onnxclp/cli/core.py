@@ -153,7 +153,7 @@ def sanitize(
     calibrate: Annotated[
         Path | None,
         typer.Option(
-            "--calibrate", help="Clean labelled images: choose the least invasive setting within --max-acc-drop."
+            "--calibrate", help="Same as --clean-data (kept for old scripts): the guard tunes u and checks the result."
         ),
     ] = None,
     max_acc_drop: Annotated[
@@ -161,7 +161,7 @@ def sanitize(
         typer.Option("--max-acc-drop", help="Budget in points of clean accuracy: a result losing more is not written."),
     ] = 3.0,
     calibrate_grid: Annotated[
-        str | None, typer.Option("--calibrate-grid", help="Candidate u for --calibrate [0.5:8:0.25].")
+        str | None, typer.Option("--calibrate-grid", help="Candidate u the guard tries with clean data [0.5:8:0.25].")
     ] = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -182,52 +182,51 @@ def sanitize(
         check_writable(report, "report")
         m = methods.get(method)
         context = model_context(mean, std, input_shape, device)
-        if m.needs == "clean-data" and clean_data is None:
+        data = clean_data
+        if calibrate is not None:  # issue 18: --calibrate is the guard's mechanism (one data option, one split)
+            if clean_data is not None:
+                raise OnnxclpError("--calibrate is --clean-data now: give one of them")
+            data = str(calibrate)
+            if not quiet:
+                typer.echo("note: --calibrate DATA is --clean-data DATA (the guard tunes and checks)", err=True)
+        if calibrate_grid is not None:
+            if data is None:
+                raise OnnxclpError("--calibrate-grid needs --clean-data")
+            from onnxclp.study.sweep import parse_grid
+
+            context["u_grid"] = parse_grid(calibrate_grid)
+        if m.needs == "clean-data" and data is None:
             raise OnnxclpError(f"--method {method} needs clean labelled images: give --clean-data")
         context.update(quiet=quiet)
-        if clean_data is not None:  # any method: the accuracy guard measures the result (onnxclp.guard)
+        if data is not None:  # any method: the accuracy guard measures the result (onnxclp.guard)
             require_extra("eval", "onnxruntime", "torch")
-            context.update(clean_data=clean_data, clean_n=clean_n, x_key=x_key, y_key=y_key,
+            context.update(clean_data=data, clean_n=clean_n, x_key=x_key, y_key=y_key,
                            val_fraction=val_fraction, max_acc_drop=max_acc_drop)  # fmt: skip
-            if clean_data.strip().lower().startswith("synthetic"):  # issue 21: made from the model, not read
+            if data.strip().lower().startswith("synthetic"):  # issue 21: made from the model, not read
                 from onnxclp.defences.synth import parse_spec
 
-                parse_spec(clean_data)
+                parse_spec(data)
                 context.update(save_synthetic=save_synthetic)
             else:
-                context["clean_data"] = Path(clean_data)
+                context["clean_data"] = Path(data)
+                if mean is None and std is None and not quiet:
+                    typer.echo(
+                        "warning: no --mean/--std: the clean images go to the model as [0, 1] pixels; give the "
+                        "normalisation the model was trained with",
+                        err=True,
+                    )
         synthetic = str(context.get("clean_data") or "").strip().lower().startswith("synthetic")
         if save_synthetic is not None and not synthetic:
             raise OnnxclpError("--save-synthetic needs --clean-data synthetic[:N]")
-            if mean is None and std is None and not quiet:
-                typer.echo(
-                    "warning: no --mean/--std: the clean images go to the model as [0, 1] pixels; give the "
-                    "normalisation the model was trained with",
-                    err=True,
-                )
         if values.get("target_from") == "mmbd":
             require_extra("eval", "torch")
         if m.extra is not None:
             require_extra(m.extra, "torch")
-        allow_risk = force
-        if calibrate is not None:
-            require_extra("eval", "onnxruntime", "torch")
-            from onnxclp.study.calibrate import calibrate_for_sanitize
-
-            if "u" in values:
-                raise OnnxclpError("--u and --calibrate exclude each other")
-            values = calibrate_for_sanitize(
-                input, calibrate, method, max_acc_drop, calibrate_grid, mean, std, values,
-                {"score": score, "include_fc": include_fc, "exclude": exclude or (), "inline_functions": inline_functions},
-            )  # fmt: skip
-            allow_risk = True  # a measured choice within the accuracy budget, reported as such
         rep = sanitize_file(
             input, output, method, score=score, include_fc=include_fc, exclude=exclude or (), fuse_bn=fuse_bn,
-            force=force, allow_risky=allow_risk, inline_functions=inline_functions, context=context, streams=streams,
+            force=force, allow_risky=force, inline_functions=inline_functions, context=context, streams=streams,
             drop_initializer_inputs=drop_initializer_inputs, **values,
         )  # fmt: skip
-        if calibrate is not None:
-            rep.notes.append(f"calibrated on {calibrate}: {', '.join(f'{k}={v:g}' for k, v in values.items())}")
         _write_report(rep, Format(report_format.value), report)
         if report != "-":
             _print(rep, quiet, verbose)

@@ -104,4 +104,5 @@ def make_params(
         score=chosen_score or "",
         include_fc=bool(m.include_fc if include_fc is None else include_fc),
         values=resolved,
+        given=frozenset(given),
     )

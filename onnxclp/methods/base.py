@@ -58,6 +58,8 @@ class Params:
     score: str
     include_fc: bool
     values: Mapping[str, Any] = field(default_factory=dict)
+    # the parameters the caller set (the rest are defaults): the guard's tuning (onnxclp.passes.tune) leaves these
+    given: frozenset[str] = frozenset()
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -129,6 +131,11 @@ class Method:
     def classifier_step(self, w: np.ndarray, params: Params) -> TopK | None:
         """An edit of the classifier's weight ``w`` (classes, inputs); None: the classifier is left alone."""
         return None
+
+    def decide_for_tuning(self, state: State) -> None:
+        """The decisions the guard's tuning measures (:mod:`onnxclp.passes.tune`): :meth:`decide` unless a method
+        does more than decide channels (``clp-npd`` then trains)."""
+        self.decide(state)
 
     def decide(self, state: State) -> None:
         """Fill ``state.decisions``; the default applies :meth:`select` to every scored layer's scores."""

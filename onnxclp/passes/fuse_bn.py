@@ -20,8 +20,8 @@ from onnxclp import weights
 from onnxclp.edit import Editor
 from onnxclp.errors import OnnxclpError
 from onnxclp.graph import GraphIndex
-from onnxclp.io import TensorStore, cast_checked
 from onnxclp.layers import Layer, attr, find_layers
+from onnxclp.tensors import TensorStore, cast_checked
 
 if TYPE_CHECKING:
     from onnxclp.pipeline import PassResult, State

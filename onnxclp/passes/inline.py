@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from onnxclp.errors import OnnxclpError
-from onnxclp.io import iter_graphs
+from onnxclp.tensors import iter_graphs
 
 if TYPE_CHECKING:
     from onnxclp.pipeline import PassResult, State
@@ -96,8 +96,8 @@ def inline_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
 
 def run(state: State) -> PassResult:
     """Pipeline pass: with ``--inline-functions``, replace the model by its inlined copy (a new tensor store)."""
-    from onnxclp.io import TensorStore
     from onnxclp.pipeline import PassResult
+    from onnxclp.tensors import TensorStore
 
     if not state.options.inline_functions:
         return PassResult()

@@ -16,11 +16,11 @@ from onnxclp import scores as S
 from onnxclp import scoring, weights
 from onnxclp.errors import OnnxclpError
 from onnxclp.graph import GraphIndex
-from onnxclp.io import TensorStore
 from onnxclp.layers import Layer, attr
 from onnxclp.pipeline import PassResult, State
 from onnxclp.report import SkippedLayer
 from onnxclp.scoring import BatchNormStats, LayerView
+from onnxclp.tensors import TensorStore
 
 
 @dataclass
