@@ -4,7 +4,8 @@
 - :mod:`~onnxclp.cli.eval`: ``evaluate``, ``compare`` (the ``eval`` extra, imported when they run).
 - :mod:`~onnxclp.cli.study`: ``sweep``, ``tac``.
 - :mod:`~onnxclp.cli.grid`: ``grid``.
-- :mod:`~onnxclp.cli.common`: the shared options and the one error policy.
+- :mod:`~onnxclp.cli.options`: every option the commands share, declared once.
+- :mod:`~onnxclp.cli.common`: the one error policy, install hints and output writing.
 """
 
 from __future__ import annotations

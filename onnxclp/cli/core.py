@@ -9,22 +9,19 @@ from typing import Annotated, Any
 
 import typer
 
-from onnxclp.cli.common import (
+from onnxclp.cli.common import check_writable, one_line, require_extra, run_guarded, write_text
+from onnxclp.cli.options import (
+    MODEL_INPUT,
     Debug,
-    Device,
-    DeviceOpt,
     Exclude,
     InlineFunctions,
+    ModelInput,
     Quiet,
     ReportFormat,
     Streams,
     Verbose,
-    check_writable,
-    one_line,
-    require_extra,
-    run_guarded,
     with_method_options,
-    write_text,
+    with_model_input,
 )
 from onnxclp.errors import EXIT_OK, OnnxclpError
 
@@ -39,29 +36,6 @@ class FailOn(str, Enum):
     suspicious = "suspicious"
     outliers = "outliers"
     never = "never"
-
-
-MeanOpt = Annotated[
-    str | None,
-    typer.Option("--mean", metavar="R,G,B", help="Input normalisation mean (images in [0,1] -> model input)."),
-]
-StdOpt = Annotated[str | None, typer.Option("--std", metavar="R,G,B", help="Input normalisation std (with --mean).")]
-InputShapeOpt = Annotated[
-    str | None, typer.Option("--input-shape", metavar="C,H,W", help="One input image's shape when the graph has none.")
-]
-
-
-def model_context(mean: str | None, std: str | None, input_shape: str | None, device: Device) -> dict[str, Any]:
-    """What methods and detectors that run the model read (``Options.context``)."""
-    from onnxclp.cli.eval import parse_numbers
-
-    shape = parse_numbers(input_shape, "--input-shape")
-    return {
-        "mean": parse_numbers(mean, "--mean"),
-        "std": parse_numbers(std, "--std"),
-        "input_shape": None if shape is None else [int(x) for x in shape],
-        "device": device.value,
-    }
 
 
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Report format: text, json or sarif.")]
@@ -99,6 +73,7 @@ def _write_report(report: Any, fmt: Format, target: str | None) -> None:
 
 
 @with_method_options()
+@with_model_input
 def sanitize(
     input: Annotated[Path, typer.Argument(help="The ONNX model to sanitize (never modified).")],
     output: Annotated[Path, typer.Argument(help="Where to write the sanitized model.")],
@@ -163,10 +138,7 @@ def sanitize(
     calibrate_grid: Annotated[
         str | None, typer.Option("--calibrate-grid", help="Candidate u the guard tries with clean data [0.5:8:0.25].")
     ] = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    input_shape: InputShapeOpt = None,
-    device: DeviceOpt = Device.auto,
+    model_input: ModelInput = MODEL_INPUT,  # --mean, --std, --input-shape, --device (with_model_input)
     quiet: Quiet = False,
     verbose: Verbose = False,
     debug: Debug = False,
@@ -181,7 +153,7 @@ def sanitize(
         check_output(input, output, force)  # every output path is checked before any work
         check_writable(report, "report")
         m = methods.get(method)
-        context = model_context(mean, std, input_shape, device)
+        context = model_input.context()
         data = clean_data
         if calibrate is not None:  # issue 18: --calibrate is the guard's mechanism (one data option, one split)
             if clean_data is not None:
@@ -209,7 +181,7 @@ def sanitize(
                 context.update(save_synthetic=save_synthetic)
             else:
                 context["clean_data"] = Path(data)
-                if mean is None and std is None and not quiet:
+                if model_input.mean is None and model_input.std is None and not quiet:
                     typer.echo(
                         "warning: no --mean/--std: the clean images go to the model as [0, 1] pixels; give the "
                         "normalisation the model was trained with",
@@ -246,6 +218,7 @@ def sanitize(
 
 
 @with_method_options()
+@with_model_input
 def scan(
     paths: Annotated[list[str], typer.Argument(help="ONNX files, folders (every *.onnx below) or globs.")],
     method_values: dict[str, Any],
@@ -296,10 +269,7 @@ def scan(
         str | None, typer.Option("--ray", help="Run on Ray: 'local', 'auto' (RAY_ADDRESS) or an address.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Accept parameter values far outside the paper's.")] = False,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    input_shape: InputShapeOpt = None,
-    device: DeviceOpt = Device.auto,
+    model_input: ModelInput = MODEL_INPUT,  # --mean, --std, --input-shape, --device (with_model_input)
     quiet: Quiet = False,
     verbose: Verbose = False,
     debug: Debug = False,
@@ -326,7 +296,7 @@ def scan(
         config = scanning.ScanConfig(
             method=method, values=dict(method_values), score=score, include_fc=include_fc,
             exclude=tuple(exclude or ()), inline_functions=inline_functions, detectors=tuple(detector or ()),
-            fpr=fpr, force=force, streams=streams, context=model_context(mean, std, input_shape, device),
+            fpr=fpr, force=force, streams=streams, context=model_input.context(),
         )  # fmt: skip
         config.check()
         results = scanning.scan_many(files, config, workers=workers, ray=ray) + missing

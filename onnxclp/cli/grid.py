@@ -13,17 +13,10 @@ from typing import Annotated
 
 import typer
 
-from onnxclp.cli.common import Debug, DeviceOpt, check_writable, one_line, require_extra, run_guarded
+from onnxclp.cli.common import check_writable, one_line, require_extra, run_guarded
+from onnxclp.cli.options import Debug, DeviceOpt, RayOpt, WorkersOpt
 
 __all__ = ["grid_command", "register"]
-
-WorkersOpt = Annotated[
-    int | None,
-    typer.Option("--workers", help="Cells run in parallel, in processes (default: cores, capped by memory)."),
-]
-RayOpt = Annotated[
-    str | None, typer.Option("--ray", help="Run the cells on Ray: 'local', 'auto' (RAY_ADDRESS) or an address.")
-]
 
 
 def echo_table(rows: list[list[str]], err: bool = False) -> None:

@@ -11,9 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from onnxclp.cli.common import check_writable, require_extra, run_guarded, with_method_options
-from onnxclp.cli.eval import DebugOpt, RunArgs, with_run_options
-from onnxclp.cli.grid import RayOpt, WorkersOpt
+from onnxclp.cli.common import check_writable, require_extra, run_guarded
+from onnxclp.cli.options import DebugOpt, RayOpt, RunArgs, WorkersOpt, with_method_options, with_run_options
 from onnxclp.errors import OnnxclpError
 
 __all__ = ["register", "sweep_command", "tac_command"]
