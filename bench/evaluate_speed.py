@@ -1,7 +1,7 @@
 """Throughput of ``onnxclp evaluate`` against a bare onnxruntime loop over the same images, on several models.
 
-For each model (CIFAR-style networks defined here with random weights, exported with torch's TorchScript
-exporter: ResNet-20, a narrow and fast ResNet, a wider ResNet, a small VGG, and ResNet-20 exported with a fixed
+For each model (CIFAR-style networks with random weights, bench/_torch_models.py's ResNets and a VGG defined
+here, exported with torch's TorchScript exporter: ResNet-20, a narrow and fast ResNet, a wider ResNet, a small VGG, and ResNet-20 exported with a fixed
 batch dimension so that evaluate's cutting and zero-padding is measured too), on the same images (CIFAR-10's
 test set when ``../shared/data/cifar10.npz`` is present, else synthetic images of the same shape) and the same
 attack (BadNets, normalised as in training):
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _torch_models import cifar_resnet
 from torch import nn
 
 from onnxclp.eval.api import evaluate
@@ -38,40 +39,6 @@ from onnxclp.eval.attacks import attacked_mask, build_attack
 
 CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10.npz"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
-class ResNet(nn.Module):
-    """CIFAR ResNet with ``blocks`` basic blocks per stage and widths w, 2w, 4w (ResNet-20: blocks 3, w 16)."""
-
-    def __init__(self, width: int = 16, blocks: int = 3, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        layers, cin = [], width
-        for i, cout in enumerate((width, 2 * width, 4 * width)):
-            for j in range(blocks):
-                layers.append(Block(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layers(self.stem(x)).mean(dim=(2, 3)))
 
 
 class VGG(nn.Module):
@@ -96,11 +63,11 @@ class VGG(nn.Module):
 
 # name -> (module factory, fixed batch dimension in the exported file)
 MODELS = {
-    "resnet20": (lambda: ResNet(16, 3), False),
-    "resnet8-narrow": (lambda: ResNet(8, 1), False),
-    "resnet14-wide": (lambda: ResNet(32, 2), False),
+    "resnet20": (lambda: cifar_resnet(16, 3), False),
+    "resnet8-narrow": (lambda: cifar_resnet(8, 1), False),
+    "resnet14-wide": (lambda: cifar_resnet(32, 2), False),
     "vgg-small": (lambda: VGG(), False),
-    "resnet20-fixed-batch": (lambda: ResNet(16, 3), True),
+    "resnet20-fixed-batch": (lambda: cifar_resnet(16, 3), True),
 }
 
 

@@ -81,42 +81,7 @@ def _peak_rss_mb() -> float:
 def _export_models(folder: Path) -> dict[str, Path]:
     """ResNet-18 (ImageNet stem, 224×224), ResNet-20 and ResNet-18 (CIFAR stem, 32×32), random weights."""
     import torch
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.short = nn.Sequential()
-            if stride != 1 or cin != cout:
-                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-    class ResNet(nn.Module):
-        def __init__(self, widths: list[int], blocks: int, classes: int, imagenet: bool) -> None:
-            super().__init__()
-            w0 = widths[0]
-            if imagenet:
-                stem = [nn.Conv2d(3, w0, 7, 2, 3, bias=False), nn.BatchNorm2d(w0), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-            else:
-                stem = [nn.Conv2d(3, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU()]
-            layers: list[nn.Module] = []
-            cin = w0
-            for i, w in enumerate(widths):
-                for j in range(blocks):
-                    layers.append(Block(cin, w, 2 if (i > 0 and j == 0) else 1))
-                    cin = w
-            self.body = nn.Sequential(*stem, *layers)
-            self.fc = nn.Linear(cin, classes)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.body(x), 1), 1))
+    from _torch_models import ResNet, randomize_bn
 
     specs = {
         "resnet18_imagenet": (ResNet([64, 128, 256, 512], 2, 1000, True), 224),
@@ -127,10 +92,7 @@ def _export_models(folder: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     for name, (net, size) in specs.items():
         net.eval()
-        for m in net.modules():  # non-trivial BatchNorm statistics, as a trained model has
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 2.0)
-                m.running_mean.normal_(0, 0.1)
+        randomize_bn(net)
         path = folder / f"{name}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
