@@ -59,7 +59,7 @@ def measure(width: int, folder: Path) -> dict:
     import torch
 
     from onnxclp.bridge import load
-    from onnxclp.defences import mmbd, otbr_channel_scores
+    from onnxclp.defences import SyntheticInput, mmbd, otbr_channel_scores
 
     torch.manual_seed(0)
     path = folder / f"resnet18-w{width}.onnx"
@@ -71,10 +71,10 @@ def measure(width: int, folder: Path) -> dict:
     convs = [n for n in module.float_initializer_names if module.param_for(n).dim() == 4]
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     t0, c0 = time.perf_counter(), time.process_time()
-    res = mmbd(module, (3, 32, 32), mean=mean, std=std)
+    res = mmbd(module, SyntheticInput((3, 32, 32), mean=mean, std=std))
     t_mmbd, c_mmbd = time.perf_counter() - t0, time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
-    nwc = otbr_channel_scores(module, convs, (3, 32, 32), mean=mean, std=std)
+    nwc = otbr_channel_scores(module, convs, SyntheticInput((3, 32, 32), mean=mean, std=std))
     t_otbr, c_otbr = time.perf_counter() - t0, time.process_time() - c0
     assert len(nwc.scores) == len(convs)
     return {

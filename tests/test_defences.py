@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from onnxclp.bridge import load
-from onnxclp.defences import ScoredLayer, fuse_layer, gamma_null_pvalue, mmbd, ot_fuse, otbr_channel_scores, select_top
+from onnxclp.defences import (
+    ScoredLayer,
+    SyntheticInput,
+    fuse_layer,
+    gamma_null_pvalue,
+    mmbd,
+    ot_fuse,
+    otbr_channel_scores,
+    select_top,
+)
 
 pytest.importorskip("scipy")
 torch.set_num_threads(2)
@@ -88,7 +97,7 @@ def test_mmbd_normalised_inputs_stay_in_range(tmp_path):
     mean, std = torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26])
     module = _bridge(Normalised(Tiny(seed=1, trigger=True), mean, std), tmp_path)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    res = mmbd(module, (3, 8, 8), mean=mean.tolist(), std=std.tolist(), steps=60, restarts=3, seed=0)
+    res = mmbd(module, SyntheticInput((3, 8, 8), mean=mean.tolist(), std=std.tolist()), steps=60, restarts=3, seed=0)
     assert res.target == 3 and res.backdoored
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert all(p.requires_grad for p in module.parameters())

@@ -10,6 +10,7 @@ registry turn their results into edits. Needs the ``torch`` and ``scipy`` packag
 
 from __future__ import annotations
 
+from onnxclp.defences._inputs import SyntheticInput
 from onnxclp.defences.mmbd import MMBDResult, gamma_null_pvalue, mmbd
 from onnxclp.defences.otbr import (
     FusedLayer,
@@ -26,6 +27,7 @@ __all__ = [
     "MMBDResult",
     "NWCResult",
     "ScoredLayer",
+    "SyntheticInput",
     "fuse_layer",
     "gamma_null_pvalue",
     "mmbd",

@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class SyntheticInput:
+    """The synthetic images a data-free defence makes (MM-BD's searched images, OTBR's noise) and how the model
+    takes them: one image's ``shape`` (no batch dimension), values in ``[lo, hi]``, fed as ``(x - mean) / std``
+    along ``channel_axis`` of the batched tensor (1 for NCHW, -1 for NHWC) when ``mean``/``std`` are given, on
+    ``device``."""
+
+    shape: tuple[int, ...]
+    lo: float = 0.0
+    hi: float = 1.0
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    channel_axis: int = 1
+    device: str | torch.device = "cpu"
+
+    @classmethod
+    def of(cls, inputs: SyntheticInput | Sequence[int]) -> SyntheticInput:
+        """``inputs`` itself, or the defaults for a plain image shape."""
+        return inputs if isinstance(inputs, SyntheticInput) else cls(tuple(int(d) for d in inputs))
+
+    def normaliser(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:func:`normaliser` of these inputs (on ``device``, default theirs)."""
+        return normaliser(self.shape, self.mean, self.std, self.channel_axis, self.device if device is None else device)
 
 
 def normaliser(

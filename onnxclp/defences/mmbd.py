@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from onnxclp.defences._inputs import normaliser, to_model
+from onnxclp.defences._inputs import SyntheticInput, to_model
 
 # Defaults (rule in mmbd's docstring, written down before any measurement).
 STEPS = 60
@@ -169,14 +169,9 @@ def _search(
 
 def mmbd(
     module: torch.nn.Module,
-    input_shape: Sequence[int],
-    lo: float = 0.0,
-    hi: float = 1.0,
+    inputs: SyntheticInput | Sequence[int],
     *,
     num_classes: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    channel_axis: int = 1,
     steps: int = STEPS,
     restarts: int = RESTARTS,
     lr: float = LR,
@@ -184,13 +179,13 @@ def mmbd(
     batch_size: int = 64,
     alpha: float = ALPHA,
     seed: int = 0,
-    device: str | torch.device = "cpu",
 ) -> MMBDResult:
     """MM-BD (Wang et al., IEEE S&P 2024, section III): per-class maximum margins, Gamma-null p-value, target.
 
-    ``input_shape`` is one image's shape without the batch dimension (``input_spec(model)[0][1:]``); images
-    are searched in ``[lo, hi]`` and fed to the model as ``(x - mean) / std`` along ``channel_axis`` (1 for
-    NCHW, -1 for NHWC) when ``mean``/``std`` are given. ``num_classes`` defaults to the width of the logits.
+    ``inputs`` (a :class:`~onnxclp.defences._inputs.SyntheticInput`, or one image's shape without the batch
+    dimension, ``input_spec(model)[0][1:]``, for the defaults) says where the images are searched (``[lo, hi]``)
+    and how they are fed to the model (normalisation, channel axis, device). ``num_classes`` defaults to the
+    width of the logits.
     The module is used in eval mode and never modified (its parameters get no gradient).
 
     Default budget rule (written before measuring): the search costs K * restarts * (steps + 1) forward and
@@ -201,6 +196,8 @@ def mmbd(
     range within the budget, and an early stop after 10 steps without a margin improving by 1e-4 (relative).
     The cost grows linearly with K; pass fewer steps for many classes or a larger network.
     """
+    inputs = SyntheticInput.of(inputs)
+    input_shape, lo, hi = inputs.shape, inputs.lo, inputs.hi
     if steps < 0 or restarts < 1 or not hi > lo:
         raise ValueError("MM-BD needs steps >= 0, restarts >= 1 and hi > lo")
     t0 = time.perf_counter()
@@ -210,8 +207,8 @@ def mmbd(
     for p in module.parameters():
         p.requires_grad_(False)
     try:
-        dev = torch.device(device)
-        norm = normaliser(input_shape, mean, std, channel_axis, dev)
+        dev = torch.device(inputs.device)
+        norm = inputs.normaliser(dev)
         gen = torch.Generator().manual_seed(seed)
         if num_classes is None:
             with torch.no_grad():

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from onnxclp.defences._inputs import normaliser, to_model
+from onnxclp.defences._inputs import SyntheticInput, to_model
 
 # Defaults (rule in otbr_channel_scores's docstring, written down before any measurement).
 STEPS = 20
@@ -103,14 +103,9 @@ def _channel_l1(delta: np.ndarray, axis: int) -> np.ndarray:
 def otbr_channel_scores(
     module: torch.nn.Module,
     layers: Sequence[ScoredLayer | str | tuple[str, int]],
-    input_shape: Sequence[int],
-    lo: float = 0.0,
-    hi: float = 1.0,
+    inputs: SyntheticInput | Sequence[int],
     *,
     num_classes: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    channel_axis: int = 1,
     steps: int = STEPS,
     batch_size: int = BATCH,
     lr: float = LR,
@@ -118,7 +113,6 @@ def otbr_channel_scores(
     grad_clip: float | None = GRAD_CLIP,
     unlearn: Iterable[str] | None = None,
     seed: int = 0,
-    device: str | torch.device = "cpu",
     keep_unlearned: bool = False,
 ) -> NWCResult:
     """OTBR stage 1 (Lin et al., AAAI 2025): per-output-channel weight change under random-noise unlearning.
@@ -126,8 +120,8 @@ def otbr_channel_scores(
     ``module`` is an :class:`onnxclp.bridge.OnnxModule` (anything with ``param_for(initializer_name)`` and
     ``float_initializer_names``); it is copied, never modified. ``layers`` names the scored weight
     initializers, each a :class:`ScoredLayer`, a name (output axis 0) or ``(name, out_axis)``. Noise images
-    are uniform in ``[lo, hi]`` with ``input_shape`` (no batch dimension), fed as ``(x - mean) / std`` along
-    ``channel_axis``. ``unlearn``: the initializers updated (default: every float initializer). Returns the
+    are uniform in ``[lo, hi]`` with the shape of ``inputs`` (a :class:`~onnxclp.defences._inputs.SyntheticInput`,
+    or one image's shape without the batch dimension for the defaults), fed as its normalisation says. ``unlearn``: the initializers updated (default: every float initializer). Returns the
     L1 norm of each output channel's weight change, per scored initializer (and, with ``keep_unlearned``,
     the unlearned weights).
 
@@ -146,13 +140,15 @@ def otbr_channel_scores(
     unlearning gradient flows through them. A non-finite loss or gradient still stops the ascent with the
     last finite weights; ``NWCResult.steps`` is the number of steps taken.
     """
+    inputs = SyntheticInput.of(inputs)
+    input_shape, lo, hi = inputs.shape, inputs.lo, inputs.hi
     if steps < 1 or batch_size < 1 or not hi > lo:
         raise ValueError("OTBR needs steps >= 1, batch_size >= 1 and hi > lo")
     specs = [_as_layer(s) for s in layers]
     if not specs:
         raise ValueError("OTBR needs at least one scored layer")
     t0 = time.perf_counter()
-    dev = torch.device(device)
+    dev = torch.device(inputs.device)
     work = copy.deepcopy(module).to(dev).eval()
     names = list(work.float_initializer_names) if unlearn is None else list(unlearn)
     for spec in specs:
@@ -165,7 +161,7 @@ def otbr_channel_scores(
     for p in params:
         p.requires_grad_(True)
     before = {s.weight: work.param_for(s.weight).detach().clone() for s in specs}
-    norm = normaliser(input_shape, mean, std, channel_axis, dev)
+    norm = inputs.normaliser(dev)
     gen = torch.Generator().manual_seed(seed)
     if num_classes is None:
         with torch.no_grad():

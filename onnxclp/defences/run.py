@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from onnxclp.errors import OnnxclpError
 
 if TYPE_CHECKING:
+    from onnxclp.defences._inputs import SyntheticInput
     from onnxclp.pipeline import State
 
 
@@ -22,6 +23,14 @@ class ModelRun:
     mean: list[float] | None
     std: list[float] | None
     device: str
+
+    def inputs(self, mean: list[float] | None = None, std: list[float] | None = None) -> SyntheticInput:
+        """The :class:`~onnxclp.defences._inputs.SyntheticInput` of this model (images in [0, 1]); ``mean`` and
+        ``std`` default to the run's (``--mean``/``--std``)."""
+        from onnxclp.defences._inputs import SyntheticInput
+
+        mean, std = (self.mean, self.std) if mean is None and std is None else (mean, std)
+        return SyntheticInput(self.input_shape, mean=mean, std=std, channel_axis=self.channel_axis, device=self.device)
 
 
 def model_run(state: State) -> ModelRun:

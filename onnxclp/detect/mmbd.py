@@ -23,7 +23,7 @@ class MMBD(Detector):
         from onnxclp.defences.run import model_run
 
         r = model_run(state)
-        result = mmbd(r.module, r.input_shape, mean=r.mean, std=r.std, channel_axis=r.channel_axis, device=r.device)
+        result = mmbd(r.module, r.inputs())
         margins = ", ".join(f"{m:.1f}" for m in result.margins)
         return DetectorResult(
             float(result.statistic),

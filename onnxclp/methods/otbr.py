@@ -68,8 +68,7 @@ class OTBR(Method):
             hidden.append(layer)
             specs.append(Spec(name, axis))
         nwc = otbr_channel_scores(
-            r.module, specs, r.input_shape, mean=r.mean, std=r.std, channel_axis=r.channel_axis,
-            steps=state.params["steps"], device=r.device,
+            r.module, specs, r.inputs(), steps=state.params["steps"],
         )  # fmt: skip
         chosen = select_top({s.weight: nwc.scores[s.weight] for s in specs}, state.params["ratio"])
         decisions = []
