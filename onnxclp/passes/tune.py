@@ -54,8 +54,9 @@ def _apply(state: State, snapshot: bytes, values: dict[str, Any]) -> State:
     model.ParseFromString(snapshot)
     base = Path(state.path).parent if state.path else Path(".")
     params = replace(state.params, values={**state.params.values, **values})
-    options = replace(state.options, context={}, fuse_bn=False, inline_functions=False)
+    options = replace(state.options, fuse_bn=False, inline_functions=False)  # done to the snapshot already
     copy = State(model, TensorStore(model, base), state.method, params, options, state.path)
+    copy.clean = state.clean  # a method that reads the clean images (BNP) reads the same split
     for p in (find.run, exclude.run, score.run):
         p(copy)
     state.method.decide_for_tuning(copy)
