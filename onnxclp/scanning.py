@@ -1,7 +1,8 @@
 """``scan`` over many models: expand paths, scan each (in this process, a process pool or on Ray), render.
 
-Each model gives one JSON-ready object: ``path``, ``verdict``, ``target``, ``error``, ``exit_code``, ``detectors``
-(statistic, p-value, threshold per detector), ``detectors_skipped`` (why each other detector did not apply) and
+Each model gives one JSON-ready object: ``path``, ``verdict``, ``target``, ``p_value`` (the model's, from the
+combined rule of :func:`onnxclp.detect.verdict`), ``error``, ``exit_code``, ``detectors`` (statistic, own p-value,
+calibrated p-value, threshold per detector), ``detectors_skipped`` (why each other detector did not apply) and
 ``report`` (the per-layer report). The verdict is ``suspicious``, ``clean``, ``unverified`` (read, but no selected
 detector could examine it: the gate fails closed on it) or ``error`` (could not be read or scored: its own error
 entry; the others are still scanned).
@@ -79,7 +80,7 @@ def expand_paths(paths: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def error_entry(path: str, message: str, code: int = EXIT_BAD_INPUT) -> dict[str, Any]:
-    return {"path": path, "verdict": "error", "target": None, "error": message, "exit_code": code,
+    return {"path": path, "verdict": "error", "target": None, "p_value": None, "error": message, "exit_code": code,
             "detectors": {}, "detectors_skipped": {}, "report": None}  # fmt: skip
 
 
@@ -103,14 +104,15 @@ def scan_model(path: str, config: ScanConfig) -> dict[str, Any]:
         return error_entry(path, "out of memory", EXIT_INTERNAL)
     except Exception as exc:  # a bug: reported per model, the others are still scanned
         return error_entry(path, f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
-    verdict, target = detect.verdict(results, config.fpr)
+    verdict, target, p_model = detect.verdict(results, config.fpr)
     report = state.report
     assert report is not None
-    report.verdict = {"verdict": verdict, "target": target, "fpr": config.fpr}
+    report.verdict = {"verdict": verdict, "target": target, "fpr": config.fpr, "p_value": p_model}
     return {
         "path": path,
         "verdict": verdict,
         "target": target,
+        "p_value": p_model,
         "error": None,
         "exit_code": EXIT_OK,
         "detectors": {n: r.to_dict() for n, r in results.items()},
@@ -187,6 +189,7 @@ def gate_lines(results: list[dict[str, Any]], fail_on: str | None, allow_unverif
         else:
             why = [f"target class {r['target']}"] if r["target"] is not None else []
             why += [f"{n} p={_fmt_p(d['p_value'])}" for n, d in r["detectors"].items() if d.get("suspicious")]
+            why += [f"model p={_fmt_p(r['p_value'])}"] if r.get("p_value") is not None else []
         lines.append(f"FAIL {r['path']}: " + "; ".join([r["verdict"], *why]))
     return [_printable(x) for x in lines]
 
@@ -266,6 +269,8 @@ def render_text(results: list[dict[str, Any]], *, quiet: bool = False, verbose: 
             continue
         t = r["report"]["totals"]
         det = "; ".join(f"{n} p={_fmt_p(d['p_value'])}" for n, d in r["detectors"].items())
+        if r.get("p_value") is not None:  # the combined rule's (onnxclp.detect.verdict)
+            det += f"; model p={_fmt_p(r['p_value'])}"
         target = f" (target class {r['target']})" if r["target"] is not None else ""
         if r["verdict"] == "unverified":  # the reasons: here with -q, else on the "not applied" lines below
             target = f" ({_unverified_reason(r) if quiet else 'no selected detector could examine it'})"

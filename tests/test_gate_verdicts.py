@@ -153,7 +153,9 @@ def test_classifier_layers_are_read(build, tmp_path: Path) -> None:
     ],
 )
 def test_no_detector_applies_is_unverified(build, reason: str, tmp_path: Path) -> None:
-    entry = scan(save(build(), tmp_path / "m.onnx"))
+    """With the weight-only detector alone (as without torch), a head it cannot read leaves the model unverified.
+    (By default MM-BD also runs and reads any 2-D logit output: test_default_mmbd_reads_a_kxk_head.)"""
+    entry = scan(save(build(), tmp_path / "m.onnx"), detectors=("classifier",))
     assert entry["verdict"] == "unverified" and entry["target"] is None and entry["error"] is None
     assert entry["detectors"] == {} and reason in entry["detectors_skipped"]["classifier"]
     assert entry["report"]["verdict"]["verdict"] == "unverified"
@@ -186,6 +188,7 @@ def test_a_detector_that_fails_is_not_applied(failing_detector: str, tmp_path: P
     both = scan(path, detectors=("classifier", failing_detector))
     assert both["verdict"] == "suspicious" and both["target"] == 3
     assert both["detectors"]["classifier"]["threshold"] == pytest.approx(0.01)  # only the detector that ran counts
+    assert both["p_value"] is not None and both["p_value"] < 0.01
     assert both["detectors_skipped"][failing_detector].startswith("failed:")
 
 
@@ -197,7 +200,8 @@ def zoo(tmp_path: Path) -> dict[str, str]:
     return {
         "suspicious": save(conv_head(1, target=3), tmp_path / "a_suspicious.onnx"),
         "clean": save(matmul_head(), tmp_path / "b_clean.onnx"),
-        "unverified": save(conv_head(3), tmp_path / "c_unverified.onnx"),
+        # no classifier layer and a spatial output: neither the classifier detector nor MM-BD can examine it
+        "unverified": save(no_classifier(), tmp_path / "c_unverified.onnx"),
     }
 
 
@@ -249,7 +253,8 @@ def test_text_ends_with_the_tally_and_failing_models_are_named(zoo: dict[str, st
     assert f"{zoo['unverified']}: unverified (no selected detector could examine it)" in r.stdout
     err = r.stderr.splitlines()
     assert f"FAIL {zoo['suspicious']}: suspicious; target class 3; classifier p=" in r.stderr
-    assert any(line.startswith(f"FAIL {zoo['unverified']}: unverified; ") and "3x3 Conv" in line for line in err)
+    assert any(line.startswith(f"FAIL {zoo['unverified']}: unverified; ") and "no layer with weights" in line
+               for line in err)  # fmt: skip
     assert not any(zoo["clean"] in line for line in err)
     assert any(line.startswith("error: ") and "broken.onnx" in line for line in err)
     assert "scan: 3 of 4 models failed the gate (--fail-on suspicious): exit 2" in err
@@ -308,7 +313,7 @@ def test_json_and_sarif_say_unverified(zoo: dict[str, str], tmp_path: Path) -> N
     assert not list(validator.iter_errors(log))
     [result] = [x for x in log["runs"][0]["results"] if x["ruleId"] == "ONNXCLP006"]
     assert result["level"] == "error" and "unverified" in result["message"]["text"]
-    assert "3x3 Conv" in result["message"]["text"]
+    assert "no layer with weights" in result["message"]["text"]
     assert result["properties"]["detectorsSkipped"]["classifier"]
     rule = log["runs"][0]["tool"]["driver"]["rules"][result["ruleIndex"]]
     assert rule["name"] == "model-unverified" and rule["properties"]["security-severity"] == "7.0"

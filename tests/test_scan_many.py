@@ -31,7 +31,7 @@ def models(tmp_path: Path) -> Path:
 
 
 def test_folder_scan_json_list(models: Path) -> None:
-    r = invoke("scan", models, "--format", "json", "--output", "-")
+    r = invoke("scan", models, "--format", "json", "--output", "-", "--detector", "classifier")
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
     assert [Path(e["path"]).name for e in out] == [
@@ -43,7 +43,7 @@ def test_folder_scan_json_list(models: Path) -> None:
             e["verdict"] == "unverified" if e["path"].endswith("qdq.onnx") else e["verdict"] in ("clean", "suspicious")
         )
         assert e["target"] is None or isinstance(e["target"], int)
-        assert set(e["detectors"]) | set(e["detectors_skipped"]) == {"classifier"}  # the default gate
+        assert set(e["detectors"]) | set(e["detectors_skipped"]) == {"classifier"}  # the weight-only gate
         for d in e["detectors"].values():
             assert 0.0 <= d["p_value"] <= 1.0 and d["threshold"] == pytest.approx(0.01 / len(e["detectors"]))
         assert e["report"]["layers"] and e["error"] is None
@@ -61,7 +61,7 @@ def test_unreadable_model_is_an_error_entry_and_the_worst_exit_code(models: Path
 
 
 def test_glob_and_fail_on(models: Path) -> None:
-    r = invoke("scan", str(models / "*.onnx"), "--fail-on", "outliers", "-q")
+    r = invoke("scan", str(models / "*.onnx"), "--fail-on", "outliers", "-q", "--detector", "classifier")
     assert r.exit_code == 1  # the golden models have planted outlier channels
     assert len(r.stdout.strip().splitlines()) == 5  # one line per model with -q, then the tally
     assert r.stdout.strip().splitlines()[-1].startswith("4 models: ")
@@ -79,7 +79,7 @@ def test_text_output_is_never_truncated(models: Path) -> None:
 def test_sarif_output_validates(models: Path, tmp_path: Path) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     out = tmp_path / "scan.sarif"
-    r = invoke("scan", models, "--format", "sarif", "--output", out)
+    r = invoke("scan", models, "--format", "sarif", "--output", out, "--detector", "classifier")
     assert r.exit_code == 0, r.stderr
     schema = json.loads((Path(__file__).parent / "data" / "sarif-schema-2.1.0.json").read_text())
     log = json.loads(out.read_text())
@@ -88,18 +88,20 @@ def test_sarif_output_validates(models: Path, tmp_path: Path) -> None:
 
 
 def test_workers_give_the_same_json(models: Path) -> None:
-    one = invoke("scan", models, "--format", "json", "--workers", "1")
-    two = invoke("scan", models, "--format", "json", "--workers", "2")
+    one = invoke("scan", models, "--format", "json", "--workers", "1", "--detector", "classifier")
+    two = invoke("scan", models, "--format", "json", "--workers", "2", "--detector", "classifier")
     assert one.exit_code == two.exit_code == 0
     assert one.stdout == two.stdout
 
 
 def test_ray_local_gives_the_same_json(models: Path) -> None:
     ray = pytest.importorskip("ray")
-    one = invoke("scan", models, "--format", "json", "--output", "-", "--workers", "1")
+    one = invoke("scan", models, "--format", "json", "--output", "-", "--workers", "1", "--detector", "classifier")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        on_ray = invoke("scan", models, "--format", "json", "--output", "-", "--ray", "local")
+        on_ray = invoke(
+            "scan", models, "--format", "json", "--output", "-", "--ray", "local", "--detector", "classifier"
+        )
     finally:
         ray.shutdown()
     assert on_ray.exit_code == 0, on_ray.stderr

@@ -238,10 +238,12 @@ def scan(
     ] = None,
     detector: Annotated[
         list[str] | None,
-        typer.Option("--detector", help="Model-level detectors to run (default: the weight-only ones)."),
+        typer.Option(
+            "--detector", help="Model-level detectors (default: classifier; mmbd too when torch is installed)."
+        ),
     ] = None,
     fpr: Annotated[
-        float, typer.Option("--fpr", help="False-positive rate of the verdict: suspicious when p < fpr.")
+        float, typer.Option("--fpr", help="False-positive rate of the verdict on clean models (docs/detect.md).")
     ] = 0.01,
     fail_on: Annotated[
         FailOn | None,

@@ -144,6 +144,8 @@ def _search(
     stale, run = 0, 0
     for step in range(steps + 1):
         logits = module(to_model(x, norm))
+        if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(d == 1 for d in logits.shape[2:]):
+            logits = logits.flatten(1)  # N x K x 1 x 1 (a 1x1-convolution classifier after global pooling)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise ValueError("MM-BD needs a model whose (first) output is a 2-D logit matrix")
         if onehot is None or onehot.shape != logits.shape:
@@ -213,6 +215,8 @@ def mmbd(
         if num_classes is None:
             with torch.no_grad():
                 probe = module(to_model(torch.full((1, *input_shape), (lo + hi) / 2, device=dev), norm))
+            if probe.dim() > 2 and all(d == 1 for d in probe.shape[2:]):
+                probe = probe.flatten(1)
             num_classes = int(probe.shape[-1])
         labels = torch.arange(num_classes).repeat_interleave(restarts)
         starts = lo + (hi - lo) * torch.rand((labels.numel(), *input_shape), generator=gen)

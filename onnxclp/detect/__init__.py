@@ -2,11 +2,12 @@
 
 A detector turns a scanned model (the pipeline's :class:`~onnxclp.pipeline.State`: scores, layers, weights) into
 one statistic and a p-value under its null hypothesis "no backdoor", plus the suspected target class where it
-yields one. :func:`verdict` combines the detectors that ran: the model is ``suspicious`` when the smallest p-value,
-Bonferroni-corrected for the number of detectors, is below the false-positive rate ``fpr``; ``unverified`` when no
-detector could examine it (each one's reason is kept: the gate fails closed, never calls it ``clean``). The p-values are
-computed within the model (no clean reference model is needed at scan time); how well they hold on real clean
-models is measured in docs/detect.md (bench/detect_roc.py).
+yields one. :func:`verdict` combines the detectors that ran (:mod:`onnxclp.detect._null`): each p-value is
+recalibrated on clean models, and the model is ``suspicious`` when the smallest calibrated p-value, Sidak-corrected
+for the number of detectors that examined it, is below the false-positive rate ``fpr``; ``unverified`` when no
+detector could examine it (each one's reason is kept: the gate fails closed, never calls it ``clean``). No
+reference model is needed at scan time: the calibration constants ship with the package, and the false-positive
+rate they give is measured on held-out clean models in docs/results-detect.md (bench/detect_roc.py).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ class DetectorResult:
     p_value: float | None
     target: int | None = None
     detail: str = ""
-    threshold: float | None = None  # the p-value threshold applied (fpr / number of detectors)
+    threshold: float | None = None  # the threshold applied to p_calibrated (Sidak over the detectors that ran)
     suspicious: bool = False
+    p_calibrated: float | None = None  # p_value recalibrated on clean models (onnxclp.detect._null)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("statistic", "p_value", "threshold"):
+        for k in ("statistic", "p_value", "threshold", "p_calibrated"):
             if isinstance(d[k], float) and not math.isfinite(d[k]):
                 d[k] = None
         return d
@@ -95,20 +97,27 @@ def run_detectors(
     return results, skipped
 
 
-def verdict(results: dict[str, DetectorResult], fpr: float) -> tuple[str, int | None]:
-    """``suspicious`` when a detector's p-value is below ``fpr / len(results)`` (Bonferroni), else ``clean``;
-    ``unverified`` when no detector ran (none could examine the model: fail closed). The target class of the most
-    significant suspicious detector. Marks each result with its threshold."""
+def verdict(results: dict[str, DetectorResult], fpr: float) -> tuple[str, int | None, float | None]:
+    """(verdict, target, the model's p-value). Each result's p-value is recalibrated on clean models
+    (:func:`onnxclp.detect._null.calibrate`) and the smallest of the ``m`` is Sidak-corrected,
+    ``p_model = 1 - (1 - min p_cal)^m``: ``suspicious`` when ``p_model < fpr``, else ``clean``; ``unverified`` (no
+    p-value) when no detector ran (none could examine the model: fail closed). The target class of the most
+    significant suspicious detector that names one. Marks each result with its calibrated p-value and threshold."""
+    from onnxclp.detect import _null
+
     if not results:
-        return "unverified", None
-    threshold = fpr / len(results)
-    best: tuple[float, int | None] | None = None
-    for r in results.values():
+        return "unverified", None, None
+    threshold = _null.threshold(fpr, len(results))
+    calibrated = []
+    for name, r in results.items():
+        r.p_calibrated = None if r.p_value is None else _null.calibrate(name, r.p_value)
         r.threshold = threshold
-        r.suspicious = r.p_value is not None and r.p_value < threshold
-        if r.suspicious and (best is None or (r.p_value or 0.0) < best[0]):
-            best = (r.p_value or 0.0, r.target)
-    return ("suspicious", best[1]) if best is not None else ("clean", None)
+        r.suspicious = r.p_calibrated is not None and r.p_calibrated < threshold
+        calibrated.append(1.0 if r.p_calibrated is None else r.p_calibrated)
+    p_model = _null.combine(calibrated)
+    named = [r for r in results.values() if r.suspicious and r.target is not None]
+    target = min(named, key=lambda r: r.p_calibrated or 0.0).target if named else None
+    return ("suspicious" if p_model < fpr else "clean"), target, p_model
 
 
 def max_normal_p(z: float, k: int) -> float:
