@@ -46,6 +46,7 @@ __all__ = [
     "GuardResult",
     "Refused",
     "choose_strongest",
+    "isotonic",
     "paired_drop",
     "split_indices",
 ]
@@ -106,6 +107,18 @@ class Drop:
         if self.se <= 0:
             return 1.0 if self.drop <= budget + 1e-9 else 0.0
         return 0.5 * (1.0 + math.erf((budget - self.drop) / (self.se * math.sqrt(2.0))))
+
+
+def isotonic(values: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``values`` in squared error (pool-adjacent-violators; pure numpy):
+    a noisy measured drop read as a curve that cannot fall when the method gets stronger."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in np.asarray(values, dtype=np.float64).ravel():
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    return np.concatenate([np.full(int(w), m) for m, w in blocks]) if blocks else np.zeros(0)
 
 
 def paired_drop(right_before: np.ndarray, right_after: np.ndarray) -> Drop:

@@ -167,8 +167,8 @@ def test_anp_reinserts_batchnorm_after_a_folded_conv(tmp_path: Path) -> None:
 
 
 def test_anp_pruning_count_is_the_largest_within_the_budget() -> None:
-    """The guard's walk over 0, 1, 2, 3, 4, 6, 8, 11, ... then bisection: with accuracy lost one point per
-    neuron beyond 7, a 3-point budget gives 10 (8 within, 11 over, then 9 and 10 within)."""
+    """Every count of 0, 1, 2, 3, 4, 6, 8, 11, ... until one is 10 points past the budget, then bisection: with
+    accuracy lost one point per neuron beyond 7, a 3-point budget gives 10 (8 within, 11 over, 9 and 10 within)."""
     from onnxclp.defences.anp import choose_count, count_grid, ranked, split_prune
 
     assert count_grid(0) == [0] and count_grid(5) == [0, 1, 2, 3, 4, 5]
@@ -183,11 +183,30 @@ def test_anp_pruning_count_is_the_largest_within_the_budget() -> None:
 
     count, trials = choose_count(order, 40, measure, right, 3.0)
     assert count == 10
-    assert [t["count"] for t in trials] == [0, 1, 2, 3, 4, 6, 8, 11, 9, 10]
+    assert [t["count"] for t in trials] == [0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 9, 10]
     assert choose_count(order, 5, measure, right, 3.0)[0] == 5  # never past the neurons below the threshold
     masks = {"a": np.array([0.5, 0.0, 1.0]), "b": np.array([0.0, 0.2])}
     assert ranked(masks, ["a", "b"]) == [("a", 1), ("b", 0), ("b", 1), ("a", 0), ("a", 2)]
     assert split_prune(ranked(masks, ["a", "b"]), 3) == {"a": [1], "b": [0, 1]}
+
+
+def test_anp_count_reads_a_noisy_drop_as_a_monotone_curve() -> None:
+    """One noisy count over the budget (4 points at count 4, the neighbours at 0-1) does not stop the walk: the
+    fitted non-decreasing curve stays within the budget up to 16, where the measured drop is within it too."""
+    from onnxclp.defences.anp import choose_count
+    from onnxclp.guard import isotonic
+
+    assert isotonic(np.array([0.0, 4.0, 1.0, 1.0, 5.0])).tolist() == [0.0, 2.0, 2.0, 2.0, 5.0]
+    drops = {0: 0, 1: 0, 2: 1, 3: 0, 4: 4, 6: 1, 8: 1, 11: 2, 16: 2, 23: 9, 32: 20, 40: 30}
+    right = np.ones(100, bool)
+
+    def measure(count: int) -> np.ndarray:
+        r = right.copy()
+        r[: drops.get(count, 5)] = False
+        return r
+
+    count, trials = choose_count([("a", i) for i in range(40)], 40, measure, right, 3.0)
+    assert count == 16 and trials[4]["within"] is False and trials[4]["fitted"] <= 3.0
 
 
 def test_anp_stops_when_the_objective_converges(tmp_path: Path) -> None:
