@@ -220,6 +220,8 @@ def main() -> None:
         else None
     )
     times = {r["model"]: {"wall": r["seconds_wall"], "cpu": r["seconds_cpu"]} for r in pos_rows}
+    for r in rows:  # no machine-specific paths in the json (the model key names it)
+        r.pop("path", None)
     out = {"fpr": args.fpr, "null": {n: list(v) for n, v in null.items()}, "default": default,
            "calibration_corr_z": corr, "summary": summary, "models": rows, "times_backdoored": times}  # fmt: skip
     args.out.write_text(json.dumps(out, indent=1, default=float) + "\n")
