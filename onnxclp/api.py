@@ -102,6 +102,9 @@ def run_method(
     if options.streams not in STREAM_RULES:
         raise OnnxclpError(f"--streams must be one of {', '.join(STREAM_RULES)}, got {options.streams!r}")
     notes = _check_risk(params, options)
+    experimental = methods.get(params.method).experimental
+    if experimental and options.edit:
+        notes.append(f"WARNING: {experimental}")
     state = _state(model_or_path, params, options, base_dir)
     state.notes.extend(notes)
     report = run(state, passes())

@@ -77,6 +77,7 @@ class State:
     log: list[tuple[str, PassResult, float]] = field(default_factory=list)
     # methods given clean images (onnxclp.guard): the split, the guard's measurements, and what a repair did
     clean: Any = None  # onnxclp.passes.guard.CleanSplit
+    probe: Any = None  # data-free methods that run the model: (images, the input's predictions), passes/guard.py
     guard: Any = None  # onnxclp.guard.GuardResult
     rewrites: dict[str, Any] = field(default_factory=dict)  # initializer name -> new value (file's dtype)
     graph_edit: Callable[[State], list[str]] | None = None  # adds nodes (NPD); returns their names

@@ -210,3 +210,36 @@ def test_fuse_pruned_channel_is_scaled_down():
     # output axis 1 (a MatMul weight [in, out]) gives the same result transposed
     g = fuse_layer(pruned.T.copy(), w.T.copy(), 0.8, out_axis=1)
     assert np.allclose(g.weight, f.weight.T)
+
+
+def test_otbr_is_marked_experimental_and_reports_what_it_changed(tmp_path):
+    """Issue 21.4: a data-free run that runs the model is never silent about what it changed: the share of 500
+    seeded procedural images whose predicted class the result changed is a report note (the same on a rerun),
+    and OTBR says it is experimental (methods table, JSON, report)."""
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    import onnxclp
+    from onnxclp.methods import describe
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples"))
+    try:
+        from make_example_model import build
+    finally:
+        sys.path.pop(0)
+    path = tmp_path / "m.onnx"
+    onnx.save(build(seed=3, planted=4), path)
+    notes = []
+    for _ in range(2):
+        _, rep = onnxclp.sanitize(str(path), "otbr", ratio=0.2, steps=2)
+        notes.append([n for n in rep.notes if "procedural images" in n])
+    assert len(notes[0]) == 1 and notes[0] == notes[1]
+    assert "changed its predicted class on" in notes[0][0] and "of 500 procedural images" in notes[0][0]
+    assert any(n.startswith("WARNING: otbr is experimental") for n in rep.notes)
+    row = next(r for r in describe() if r["name"] == "otbr")
+    assert row["experimental"] and row["description"].startswith("EXPERIMENTAL")
+    _, rep = onnxclp.sanitize(str(path), "clp")  # weight-only: no probe, no runtime
+    assert not any("procedural images" in n for n in rep.notes)

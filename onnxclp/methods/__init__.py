@@ -58,6 +58,7 @@ def describe() -> list[dict[str, Any]]:
                 "paper": cls.paper,
                 "defaults": cls.defaults(),
                 "rescales": cls.rescales,
+                "experimental": cls.experimental,
                 "parameters": [
                     {"name": p.name, "flag": p.flag, "type": p.type.__name__, "default": p.default, "help": p.help}
                     for p in cls.params

@@ -87,6 +87,8 @@ class Method:
     # global ranking), whose decisions are left as they are
     per_layer: ClassVar[bool] = True
     params: ClassVar[tuple[ParamSpec, ...]] = ()
+    # a method kept for experiments, whose measured damage the user must see: the sentence the report and stderr give
+    experimental: ClassVar[str | None] = None
 
     # -- parameters -----------------------------------------------------------------------------------------------
     @classmethod

@@ -163,10 +163,57 @@ def load_synthetic(state: State) -> CleanSplit:
     return clean
 
 
+# -- data-free methods that run the model, without --clean-data (issue 21.4) ------------------------------------
+
+PROBE_N = 500  # procedural images the input and the result classify (about 1 s on a CIFAR ResNet)
+
+
+def _probes(state: State) -> bool:
+    """A data-free method that runs the model (torch and onnxruntime already needed), editing, no clean images."""
+    return state.options.edit and state.method.needs == "nothing" and state.method.extra == "eval"
+
+
+def probe_input(state: State) -> None:
+    """Classify :data:`PROBE_N` seeded procedural images (:func:`onnxclp.defences.synth.procedural`) with the input
+    model; :func:`probe_result` says how many the result classifies differently. No accuracy and no refusal: the
+    images have no labels; the share is in the report so that a data-free run is never silent about a model it
+    changed on most inputs."""
+    import torch
+
+    from onnxclp.defences._inputs import normaliser, to_model
+    from onnxclp.defences.synth import procedural
+    from onnxclp.methods._fewshot import input_layout
+
+    ctx = _context(state)
+    try:
+        layout, channels, hw = input_layout(state)
+    except OnnxclpError:
+        return  # not an image model: nothing to probe with
+    x = procedural(PROBE_N, (channels, *hw), torch.Generator().manual_seed(0))
+    x = to_model(x, normaliser((channels, *hw), ctx.get("mean"), ctx.get("std"), 1, "cpu"))
+    if layout == "nhwc":
+        x = x.permute(0, 2, 3, 1).contiguous()
+    state.probe = (x, predict(state.model, state.store, x, str(ctx.get("device") or "auto")))
+
+
+def probe_result(state: State) -> None:
+    """The share of the probe images whose predicted class the edit changed, as a note of the report."""
+    x, before = state.probe
+    after = predict(state.model, state.store, x, str(_context(state).get("device") or "auto"))
+    changed = float(np.mean(after != before))
+    state.notes.append(
+        f"{state.params.method}: the result changed its predicted class on {100 * changed:.1f}% of {len(before)} "
+        "procedural images (no clean data given: this is not accuracy; --clean-data gives the guard's check)"
+        + ("; WARNING: most of them" if changed > 0.5 else "")
+    )
+
+
 def split(state: State) -> PassResult:
     """Pipeline pass: read and split the clean images, measure the input on the validation part."""
     ctx = _context(state)
     if ctx.get("clean_data") is None and ctx.get("clean_arrays") is None:
+        if _probes(state):
+            probe_input(state)
         return PassResult()
     state.method.precheck(state)  # a model the method refuses anyway is refused before any image is read
     if state.clean is None:
@@ -201,6 +248,8 @@ def split(state: State) -> PassResult:
 
 def check(state: State) -> PassResult:
     """Pipeline pass: measure the edited model on the validation part and apply the guard's rule."""
+    if state.probe is not None and state.options.edit:
+        probe_result(state)
     if state.guard is None or not state.options.edit:
         return PassResult()
     clean: CleanSplit = state.clean
