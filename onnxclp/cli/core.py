@@ -159,8 +159,6 @@ def sanitize(
             if clean_data is not None:
                 raise OnnxclpError("--calibrate is --clean-data now: give one of them")
             data = str(calibrate)
-            if not quiet:
-                typer.echo("note: --calibrate DATA is --clean-data DATA (the guard tunes and checks)", err=True)
         if calibrate_grid is not None:
             if data is None:
                 raise OnnxclpError("--calibrate-grid needs --clean-data")
