@@ -303,6 +303,9 @@ def _detector_summary(detectors: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
+SANITIZED = "sanitized"  # the verdict field of a ``sanitize --report-format sarif`` entry: no detector ran
+
+
 def _channel_message(layer: Mapping[str, Any], channel: int, verdict: str) -> tuple[str, dict[str, Any]]:
     """Message and properties of one flagged channel."""
     node = str(layer.get("node") or layer.get("weight") or "?")
@@ -327,7 +330,7 @@ def _channel_message(layer: Mapping[str, Any], channel: int, verdict: str) -> tu
     )
     if z is not None:
         message += f" (z = {_fmt(z)})"
-    message += "; `onnxclp sanitize` would prune it."
+    message += "; `onnxclp sanitize` pruned it." if verdict == SANITIZED else "; `onnxclp sanitize` would prune it."
     if verdict == "clean":
         message += " The model's verdict is clean: on its own this outlier is weak evidence."
     elif verdict == "unverified":

@@ -349,3 +349,21 @@ def test_no_heavy_imports() -> None:
     code = "import sys, onnxclp.sarif; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_sanitize_report_as_sarif_is_not_a_scan_error(validator: Any, tmp_path: Path) -> None:
+    """`sanitize --report-format sarif` (no detector runs): the pruned channels, said to be pruned, and no
+    'could not be scanned' result."""
+    repo = Path(__file__).resolve().parents[1]
+    model, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.sarif"
+    subprocess.run([sys.executable, str(repo / "examples" / "make_example_model.py"), str(model)], check=True,
+                   capture_output=True)  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "onnxclp", "sanitize", str(model), str(out), "--report", str(rep),
+                        "--report-format", "sarif", "-q"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    log = check(validator, json.loads(rep.read_text()))
+    results = log["runs"][0]["results"]
+    assert not [x for x in results if x["ruleId"] == RULES[2]["id"]], results  # no scan-error
+    pruned = [x for x in results if "pruned it." in x["message"]["text"]]
+    assert pruned and all(x["properties"]["modelVerdict"] == "sanitized" for x in pruned)
+    assert not log["runs"][0]["invocations"][0].get("toolExecutionNotifications")

@@ -62,10 +62,11 @@ def _write_report(report: Any, fmt: Format, target: str | None) -> None:
         return
     if fmt is Format.sarif:
         from onnxclp import __version__
-        from onnxclp.sarif import to_sarif
+        from onnxclp.sarif import SANITIZED, to_sarif
 
-        entry = {"path": report.input, "verdict": report.verdict.get("verdict") if report.verdict else None,
-                 "target": None, "error": None, "detectors": {}, "report": report.to_dict()}  # fmt: skip
+        verdict = report.verdict.get("verdict") if report.verdict else SANITIZED  # sanitize runs no detector
+        entry = {"path": report.input, "verdict": verdict, "target": None, "error": None, "detectors": {},
+                 "report": report.to_dict()}  # fmt: skip
         text = json.dumps(to_sarif([entry], tool_version=__version__, base_dir="."), indent=2) + "\n"
     else:
         text = report.to_json()
