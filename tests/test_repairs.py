@@ -379,3 +379,26 @@ def test_clp_npd_prunes_tuned_channels_then_adds_one_polarizer(backdoored, tmp_p
             keep = [k for k in range(value.shape[0]) if k not in gone]
             assert np.all(new[name][gone] == 0) and np.array_equal(new[name][keep], value[keep])
     assert rep.guard["accepted"] is True
+
+
+def test_fst_head_rewrites_only_the_classifier_and_walks_alpha(backdoored, tmp_path):
+    """fst-head: only the classifier's weight and bias change; alpha walks 0.02, 0.05, ... while the validation
+    images stay within the budget (a generous budget: every step within, so all four are tried)."""
+    import onnx
+    from onnx import numpy_helper
+
+    import onnxclp
+
+    src, out = backdoored[0], tmp_path / "fst-head.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="fst-head", context=_ctx(backdoored[1]), epochs=1)
+    ladder = rep.training["alpha_ladder"]
+    assert [s["alpha"] for s in ladder] == [0.02, 0.05, 0.1, 0.2] and all(s["within"] for s in ladder)
+    assert rep.training["settings"]["alpha"] == 0.2 and rep.training["settings"]["scope"] == "head"
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    new = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    changed = {k for k in old if not np.array_equal(old[k], new[k])}
+    head = next(n for n in before.graph.node if n.op_type in ("Gemm", "MatMul"))
+    assert changed and changed <= set(head.input[1:])
+    rep = onnxclp.sanitize_file(src, out, method="fst-head", context=_ctx(backdoored[1]), epochs=1, fst_alpha=0.05)
+    assert [s["alpha"] for s in rep.training["alpha_ladder"]] == [0.05]  # a given alpha is kept

@@ -25,10 +25,17 @@ if TYPE_CHECKING:
     from torch import nn
 
     from onnxclp.bridge import OnnxModule
-    from onnxclp.defences.repair import Objective
+    from onnxclp.defences.repair import Objective, Settings
     from onnxclp.pipeline import State
 
 ALPHA = ParamSpec("fst_alpha", float, 0.2, "FST: weight of the <w, w_ori> penalty on the classifier.", minimum=0.0)
+SCOPE = ParamSpec(
+    "fst_scope",
+    str,
+    "all",
+    "FST: what trains: all (the paper: every weight) or head (the classifier alone, the features frozen).",
+    choices=("all", "head"),
+)
 
 
 def classifier_weight(state: State, module: OnnxModule) -> str:
@@ -49,8 +56,9 @@ class FSTObjective:
 
     name = "fst"
 
-    def __init__(self, alpha: float, seed: int = 0) -> None:
+    def __init__(self, alpha: float, seed: int = 0, scope: str = "all") -> None:
         self.alpha = alpha
+        self.scope = scope
         self.seed = seed
         self.weight: nn.Parameter | None = None
         self.w_ori: Any = None
@@ -74,6 +82,11 @@ class FSTObjective:
         with torch.no_grad():
             w.copy_((torch.rand(w.shape, generator=gen) * 2 - 1).to(w) * bound)
             self._project()
+        if self.scope == "head":  # the features frozen: only the classifier's weight and bias train
+            node = next(n for n in state.model.graph.node if len(n.input) > 1 and n.input[1] == self.name_)
+            head = {id(w)} | {id(module.param_for(b)) for b in node.input[2:3] if b in module.float_initializer_names}
+            for p in module.parameters():
+                p.requires_grad_(id(p) in head)
         return [p for p in module.parameters() if p.requires_grad]
 
     def _project(self) -> None:
@@ -95,7 +108,7 @@ class FSTObjective:
             self._project()
 
     def describe(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "classifier": self.name_}
+        return {"alpha": self.alpha, "classifier": self.name_, "scope": self.scope}
 
 
 @register
@@ -104,7 +117,14 @@ class FST(RepairMethod):
     order = 31
     description = "Feature shift tuning (NeurIPS 2023): re-initialised classifier pushed from the old one; weights."
     paper = "Min, Qin, Shen & Cheng, Towards Stable Backdoor Purification through Feature Shift Tuning, NeurIPS 2023"
-    params = (EPOCHS, LR, DISTILL, BATCH, ALPHA)
+    params = (EPOCHS, LR, DISTILL, BATCH, ALPHA, SCOPE)
 
     def objective(self, state: State) -> Objective:
-        return FSTObjective(float(state.params["fst_alpha"]))  # type: ignore[return-value]
+        p = state.params
+        return FSTObjective(float(p["fst_alpha"]), scope=str(p["fst_scope"]))  # type: ignore[return-value]
+
+    def settings(self, state: State) -> Settings:
+        s = super().settings(state)
+        if state.params["fst_scope"] == "head":
+            s.reinsert_bn = False  # the features are frozen: nothing for a BatchNorm to stabilise
+        return s
