@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +338,26 @@ def test_cli_calibrate_lpp_tunes_u_low_and_bias_rate_least_invasive_first(files,
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "r2.json").read_text())
     assert report["params"]["u_low"] == -2.0 and "u_low" not in report["guard"]["tuned"]["parameters"]
+
+
+def test_tuning_steps_back_when_the_validation_part_disagrees():
+    """The fit part holds class 0 only and the validation part classes 1 and 2: u = 0.25 (every channel pruned, the
+    model answers 0) is within budget on the fit images and 100 points over on validation, so the tuning steps
+    back to u = 3, and the guard accepts that (marked selected on validation)."""
+    import onnxclp
+    from onnxclp.guard import split_indices
+
+    _, val = split_indices(300)
+    y = np.zeros(300, np.int64)
+    y[val] = 1 + np.arange(len(val)) % 2
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 0.2, size=(300, 8, 8, 3))
+    x[np.arange(300), :, :, y] = rng.uniform(0.5, 0.7, size=(300, 8, 8))
+    path = Path(tempfile.mkdtemp()) / "d.npz"
+    np.savez(path, x_test=(x * 255).round().astype(np.uint8), y_test=y)
+    ctx = {"clean_data": path, "clean_n": 300, "u_grid": [0.25, 3], "quiet": True}
+    _, rep = onnxclp.sanitize(backdoored_model(), "clp", context=ctx, force=True)
+    tuned = rep.guard["tuned"]
+    assert [t["within"] for t in tuned["tried"]] == [True, True]  # both within on the fit images
+    assert [(s["u"], s["within"]) for s in tuned["stepped_back"]] == [(0.25, False), (3.0, True)]
+    assert rep.params["u"] == 3.0 and rep.guard["accepted"] and rep.guard["selected_on_validation"]
