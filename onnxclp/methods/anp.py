@@ -5,8 +5,9 @@ Learns one mask per neuron on the guard's fit images under adversarial neuron pe
 Algorithm 1; the optimisation is :func:`onnxclp.defences.anp.anp_masks`, run through the torch bridge, on CUDA
 when present) until the objective converges (``--anp-window``, ``--anp-tol``; at most ``--anp-iterations``, the
 paper's 2000), then prunes the lowest-mask neurons: as many as the accuracy guard allows on the validation
-images the masks never saw (``--max-acc-drop``), among those whose mask ends below ``--anp-threshold``. Without
-a validation part it prunes every neuron below the threshold (the paper's rule). The pruned channels are written
+images the masks never saw (``--max-acc-drop``), in mask order (the count replaces the paper's threshold, which
+on the zoo's resnet-badnets stopped at 39 of the 48 neurons the backdoor needed). Without a validation part it
+prunes every neuron whose mask ends below ``--anp-threshold`` (the paper's rule). The pruned channels are written
 into the ONNX weights like CLP's (exactly 0 before the activation); the report's scores are ``1 - mask`` so that,
 as for every other method, a higher score is more suspicious.
 
@@ -56,8 +57,8 @@ PARAMS = (
         "anp_threshold",
         float,
         0.2,
-        "ANP: only neurons whose mask ends below this are pruned (how many: the accuracy guard; without "
-        "validation images all of them).",
+        "ANP: without validation images, the neurons whose mask ends below this are pruned (with them, the "
+        "accuracy guard chooses how many, in mask order).",
         minimum=0.0,
         maximum=1.0,
     ),
@@ -234,12 +235,12 @@ class ANP(Method):
             def measure(count: int) -> np.ndarray:
                 return pruned_right(module, groups, split_prune(order, count), x_val, y_val)
 
-            count, trials = choose_count(order, below, measure, right_before, budget)
+            count, trials = choose_count(order, len(order), measure, right_before, budget)
             prune = split_prune(order, count)
             if state.guard is not None:
                 state.guard.selected_on_validation = True  # the count was chosen on the validation images
-            rule = (f"guard: {count} of the {below} neurons with mask below {threshold:g} pruned, the most within "
-                    f"{budget:g} pt on {len(clean.val)} validation images")  # fmt: skip
+            rule = (f"guard: the {count} lowest-mask neurons pruned ({below} have a mask below {threshold:g}), the "
+                    f"most within {budget:g} pt on {len(clean.val)} validation images")  # fmt: skip
             progress.done(rule)
         else:
             prune = {g.key: prune_by_threshold(res.masks[g.key], threshold) for g in groups}
