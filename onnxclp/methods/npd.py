@@ -365,7 +365,6 @@ def insert_polarizer(model: onnx.ModelProto, tensor: str, weight: np.ndarray, bi
 @register
 class NPD(RepairMethod):
     name = "npd"
-    suggested = True  # scan's next step names it (onnxclp.scanning.suggested_methods)
     order = 34
     description = "Neural polarizer (NeurIPS 2023): a trained 1x1 Conv inserted, the rest frozen; adds one node."
     paper = (
