@@ -402,3 +402,27 @@ def test_fst_head_rewrites_only_the_classifier_and_walks_alpha(backdoored, tmp_p
     assert changed and changed <= set(head.input[1:])
     rep = onnxclp.sanitize_file(src, out, method="fst-head", context=_ctx(backdoored[1]), epochs=1, fst_alpha=0.05)
     assert [s["alpha"] for s in rep.training["alpha_ladder"]] == [0.05]  # a given alpha is kept
+
+
+def test_clp_npd_fst_adds_the_polarizer_and_rewrites_only_the_classifier(backdoored, tmp_path):
+    """clp-npd-fst: NPD's one Conv, the pruned channels zero, the classifier rewritten by the third stage (a
+    generous budget: an alpha is within), every other initializer the input's; with a zero budget the third stage
+    is skipped and said so."""
+    import onnx
+    from onnx import numpy_helper
+
+    import onnxclp
+
+    src, out = backdoored[0], tmp_path / "cnf.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="clp-npd-fst", context=_ctx(backdoored[1]), epochs=1)
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    assert len(after.graph.node) == len(before.graph.node) + 1 and len(rep.added_nodes) == 1
+    head = next(n for n in before.graph.node if n.op_type in ("Gemm", "MatMul"))
+    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    new = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    pruned = {layer.weight for layer in rep.layers if layer.pruned}
+    biases = {n.input[2] for n in before.graph.node if len(n.input) > 2 and n.input[1] in pruned}
+    changed = {k for k in old if not np.array_equal(old[k], new[k])}
+    assert set(head.input[1:]) & changed and changed <= set(head.input[1:]) | pruned | biases
+    assert rep.training["alpha_ladder"] and rep.training["npd"]["settings"]["npd_layer"]
+    assert any("classifier re-learnt at alpha" in n for n in rep.notes)

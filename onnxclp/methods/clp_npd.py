@@ -18,7 +18,7 @@ stages. The report lists the pruned channels and the added node.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,6 +60,10 @@ class CLPNPD(NPD):
     def decide(self, state: State) -> None:
         """CLP's decisions, applied to the model now (so that NPD trains on the pruned model), then NPD's training;
         the pipeline's ``prune`` pass re-applies the same zeros (idempotent) and ``rewrite`` adds the polarizer."""
+        self.prune_then_polarize(state)
+
+    def prune_then_polarize(self, state: State) -> tuple[Any, Any]:
+        """:meth:`decide`'s work; returns the trained module (polarizer as a tap) and NPD's outcome."""
         from onnxclp.edit import Editor
         from onnxclp.passes import streams
         from onnxclp.passes.decide import decide_by_scores
@@ -72,5 +76,6 @@ class CLPNPD(NPD):
         pruned = state.decisions
         n = sum(len(d.selection.prune) for d in pruned)
         state.notes.append(f"clp-npd: {n} channel(s) pruned at u={state.params['u']:g}, then NPD on the pruned model")
-        super().decide(state)
+        module, outcome = self.train_polarizer(state)
         state.decisions = pruned
+        return module, outcome

@@ -52,8 +52,13 @@ class FSTHead(FST):
         s.reinsert_bn = False  # the features are frozen: nothing for a BatchNorm to stabilise
         return s
 
-    def decide(self, state: State) -> None:
-        from onnxclp.defences.repair import finish, train
+    def walk(self, state: State, module: Any = None) -> tuple[Any, Any, FSTObjective, list[dict[str, Any]], bool]:
+        """Train the classifier at each alpha (from a copy of ``module`` when given: a previous stage's result),
+        weakest first, while the latest epoch stays within the budget. Returns the module, outcome and objective of
+        the strongest alpha within budget (the first run's when none is), the ladder, and whether one was."""
+        import copy
+
+        from onnxclp.defences.repair import train
 
         given = "fst_alpha" in state.params.given
         alphas = (float(state.params["fst_alpha"]),) if given else ALPHAS
@@ -63,22 +68,31 @@ class FSTHead(FST):
         ladder: list[dict[str, Any]] = []
         for alpha in alphas:
             objective = self.objective_for(alpha)
-            module, outcome = train(state, objective, settings)  # type: ignore[arg-type]
+            start = None if module is None else copy.deepcopy(module)
+            trained, outcome = train(state, objective, settings, module=start)  # type: ignore[arg-type]
             within = outcome.chosen_epoch is not None
             last = outcome.curve[-1]
             ladder.append({"alpha": alpha, "within": within, "val_acc": last["val_acc"], "drop": last["drop"]})
-            first = first or (module, outcome, objective)
+            first = first or (trained, outcome, objective)
             if not within:
                 break
-            kept = (module, outcome, objective)
-        module, outcome, objective = kept or first  # type: ignore[misc]
-        finish(state, module, outcome, settings, objective)  # type: ignore[arg-type]
+            kept = (trained, outcome, objective)
+        if kept is None:
+            assert first is not None
+            return (*first, ladder, False)
+        return (*kept, ladder, True)
+
+    def decide(self, state: State) -> None:
+        from onnxclp.defences.repair import finish
+
+        module, outcome, objective, ladder, ok = self.walk(state)
+        finish(state, module, outcome, self.settings(state), objective)  # type: ignore[arg-type]
         assert state.training is not None
         state.training["alpha_ladder"] = ladder
-        chosen = objective.alpha if kept is not None else None
+        given = "fst_alpha" in state.params.given
         state.notes.append(
             "fst-head: alpha "
-            + (f"{chosen:g}" if chosen is not None else "none within budget")
-            + (" (given)" if given else f" chosen on the validation images from {', '.join(f'{a:g}' for a in alphas)}")
+            + (f"{objective.alpha:g}" if ok else "none within budget")
+            + (" (given)" if given else f" chosen on the validation images from {', '.join(f'{a:g}' for a in ALPHAS)}")
         )
         state.decisions = []

@@ -384,7 +384,9 @@ class NPD(RepairMethod):
         s.augment = False  # as the reference
         return s
 
-    def decide(self, state: State) -> None:
+    def train_polarizer(self, state: State) -> tuple[OnnxModule, Any]:
+        """Train the polarizer (the module keeps it as a tap), set the graph edit that writes it, record the
+        training (:func:`onnxclp.defences.repair.finish`); returns the trained module and the outcome."""
         from onnxclp.defences.repair import finish, train
 
         objective = self.objective(state)
@@ -399,4 +401,8 @@ class NPD(RepairMethod):
             f"npd: one Conv node (1x1, {npd.channels} -> {npd.channels} channels, with bias) added on tensor "
             f"{tensor!r} ({npd.why}); every other weight is the input's"
         )
+        return module, outcome
+
+    def decide(self, state: State) -> None:
+        self.train_polarizer(state)
         state.decisions = []
