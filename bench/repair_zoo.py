@@ -24,7 +24,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["ft", "fst", "fst-head", "ft-sam", "i-bau", "npd", "clp-npd", "clp-npd-fst", "anp", "bnp", "clp", "lpp", "otbr"]
+METHODS = [
+    "ft",
+    "fst",
+    "fst-head",
+    "ft-sam",
+    "i-bau",
+    "npd",
+    "clp-npd",
+    "clp-npd-fst",
+    "anp",
+    "bnp",
+    "clp",
+    "lpp",
+    "otbr",
+]
 
 
 def subsets(cifar: Path, folder: Path, n_clean: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
