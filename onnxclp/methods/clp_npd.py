@@ -40,7 +40,7 @@ class CLPNPD(NPD):
     description = "CLP pruning tuned on the clean images, then the neural polarizer (NPD) on the pruned model."
     paper = f"{CLP.paper}; then {NPD.paper}"
     # scan's next step names it (onnxclp.scanning.suggested_methods): on the zoo's three ResNets (500 clean images)
-    # it left 11.7 % ASR on average at 2.6 points, NPD alone 17.2 % at 1.9 (docs/results-repair.md)
+    # it left 9.3 % ASR on average at 2.6 points over four models, NPD alone 13.9 % at 2.0 (docs/results-repair.md)
     suggested = True
     score = "spectral"
     include_fc = False
