@@ -101,15 +101,24 @@ def test_parse_spec():
             parse_spec(bad)
 
 
-@pytest.mark.parametrize("method", ["ft", "fst"])
+def _repairs() -> list[str]:
+    from onnxclp import methods
+    from onnxclp.methods._repair import RepairMethod
+
+    return [n for n in methods.names() if isinstance(methods.get(n), RepairMethod)]
+
+
+@pytest.mark.parametrize("method", _repairs())
 def test_repairs_run_on_synthetic_data(models, method, tmp_path):
+    """Issue 21.2: every repair runs on synthesized data, the guard reporting agreement with the input model."""
     from onnxclp.api import sanitize_file
 
     folded, _ = models
     out = tmp_path / "out.onnx"
     context = {"clean_data": "synthetic:150", "mean": MEAN, "std": STD, "max_acc_drop": 100.0, "quiet": True,
                "device": "cpu", **FAST}  # fmt: skip
-    rep = sanitize_file(folded, out, method, context=context, epochs=1)
+    extra = {"fst_alpha": 0.2} if method in ("fst-head", "clp-npd-fst") else {}  # one run, not the alpha walk
+    rep = sanitize_file(folded, out, method, context=context, epochs=1, **extra)
     g = rep.guard
     assert g["metric"] == "agreement with the input model"
     assert g["acc_before"] == 1.0  # the labels are the input model's own (onnxruntime)
@@ -119,7 +128,9 @@ def test_repairs_run_on_synthetic_data(models, method, tmp_path):
     assert "synthesized from the input model" in g["data"]
     assert any("changed its predicted class" in n for n in rep.notes)
     before, after = onnx.load(folded), onnx.load(out)
-    assert [n.op_type for n in before.graph.node] == [n.op_type for n in after.graph.node]  # weights only
+    assert len(after.graph.node) == len(before.graph.node) + len(rep.added_nodes)  # NPD's: exactly one Conv
+    ops = [n.op_type for n in after.graph.node if n.name not in rep.added_nodes]
+    assert [n.op_type for n in before.graph.node] == ops  # otherwise weights only
 
 
 def test_too_few_synthetic_images_is_a_usage_error(models, tmp_path):
