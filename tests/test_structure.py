@@ -81,20 +81,11 @@ def _top_level_imports(stmts: list[ast.stmt]) -> list[ast.Import | ast.ImportFro
 
 
 def _resolve(module: str, is_package: bool, node: ast.Import | ast.ImportFrom) -> list[tuple[str, int]]:
-    """Absolute names imported by ``node`` (a submodule named in ``from pkg import sub`` counts as ``pkg.sub``)."""
-    if isinstance(node, ast.Import):
-        return [(a.name, node.lineno) for a in node.names]
-    if node.level:
-        base = module.split(".") if is_package else module.split(".")[:-1]
-        base = base[: len(base) - (node.level - 1)]
-        target = ".".join([*base, *([node.module] if node.module else [])])
-    else:
-        target = node.module or ""
-    names = []
-    for a in node.names:
-        sub = f"{target}.{a.name}"
-        names.append((sub if sub in MODULES else target, node.lineno))
-    return names
+    """Absolute names imported by ``node``: the rule of tests/test_imports.py (a submodule named in ``from pkg
+    import sub`` counts as ``pkg.sub``)."""
+    from test_imports import _targets
+
+    return _targets(module, is_package, node)
 
 
 def _graph() -> dict[str, list[tuple[str, int]]]:
