@@ -39,14 +39,14 @@ class CLPNPD(NPD):
     order = 35
     description = "CLP pruning tuned on the clean images, then the neural polarizer (NPD) on the pruned model."
     paper = f"{CLP.paper}; then {NPD.paper}"
-    # scan's next step names it (onnxclp.scanning.suggested_methods): on the zoo's three ResNets (500 clean images)
-    # it left 9.3 % ASR on average at 2.6 points over four models, NPD alone 13.9 % at 2.0 (docs/results-repair.md)
+    # scan's next step names it (onnxclp.scanning.suggested_methods): on the zoo's four models (500 clean images)
+    # it left 9.3 % ASR on average at 2.6 points, NPD alone 13.9 % at 2.0 (docs/results-repair.md)
     suggested = True
     score = "spectral"
     include_fc = False
     per_layer = True
     tune_share = 1.0 / 3.0  # the pruning stage's share of --max-acc-drop; NPD measures the rest against the input
-    params = (U, *[p for p in NPD.params])
+    params = (U, *NPD.params)
 
     def select(self, scores: np.ndarray, params: Params) -> Selection:
         return select_clp(scores, params["u"])

@@ -123,6 +123,16 @@ def _is_synthetic(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower().startswith("synthetic")
 
 
+def as_model_input(state: State, pixels: torch.Tensor, layout: str) -> torch.Tensor:
+    """Images (N, C, H, W) in [0, 1] as the model takes them: normalised with the context's ``mean``/``std`` and in
+    the model's ``layout`` (:func:`onnxclp.methods._fewshot.input_layout`)."""
+    from onnxclp.defences._inputs import normaliser, to_model
+
+    ctx = _context(state)
+    x = to_model(pixels, normaliser(tuple(pixels.shape[1:]), ctx.get("mean"), ctx.get("std"), 1, "cpu"))
+    return x.permute(0, 2, 3, 1).contiguous() if layout == "nhwc" else x
+
+
 def load_synthetic(state: State) -> CleanSplit:
     """``clean_data`` = ``synthetic[:N]``: N images made from the input model (:mod:`onnxclp.defences.synth`), split
     in the same proportions as clean images: the method's part optimised (model inversion), the validation part
@@ -132,7 +142,6 @@ def load_synthetic(state: State) -> CleanSplit:
     (:func:`onnxclp.defences.synth.save`)."""
     import torch
 
-    from onnxclp.defences._inputs import normaliser, to_model
     from onnxclp.defences.synth import parse_spec, save, synthesize_for_state
     from onnxclp.methods._fewshot import input_layout
 
@@ -143,10 +152,7 @@ def load_synthetic(state: State) -> CleanSplit:
     fit, val = split_indices(n, float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION))
     # the method's images are optimised; the validation images are procedural, not optimised (synthesize_for_state)
     syn = synthesize_for_state(state, len(fit), len(val), overrides)
-    layout, channels, hw = input_layout(state)
-    x = to_model(torch.from_numpy(syn.x), normaliser((channels, *hw), ctx.get("mean"), ctx.get("std"), 1, "cpu"))
-    if layout == "nhwc":
-        x = x.permute(0, 2, 3, 1).contiguous()
+    x = as_model_input(state, torch.from_numpy(syn.x), input_layout(state)[0])
     y = predict(state.model, state.store, x, str(ctx.get("device") or "auto"))  # the labels the guard checks
     syn.y = y.astype(np.int64)
     if ctx.get("save_synthetic") is not None:
@@ -180,7 +186,6 @@ def probe_input(state: State) -> None:
     changed on most inputs."""
     import torch
 
-    from onnxclp.defences._inputs import normaliser, to_model
     from onnxclp.defences.synth import procedural
     from onnxclp.methods._fewshot import input_layout
 
@@ -189,10 +194,7 @@ def probe_input(state: State) -> None:
         layout, channels, hw = input_layout(state)
     except OnnxclpError:
         return  # not an image model: nothing to probe with
-    x = procedural(PROBE_N, (channels, *hw), torch.Generator().manual_seed(0))
-    x = to_model(x, normaliser((channels, *hw), ctx.get("mean"), ctx.get("std"), 1, "cpu"))
-    if layout == "nhwc":
-        x = x.permute(0, 2, 3, 1).contiguous()
+    x = as_model_input(state, procedural(PROBE_N, (channels, *hw), torch.Generator().manual_seed(0)), layout)
     state.probe = (x, predict(state.model, state.store, x, str(ctx.get("device") or "auto")))
 
 

@@ -53,8 +53,8 @@ def tunable(state: State) -> list[str]:
 
 def _apply(state: State, snapshot: bytes, values: dict[str, Any]) -> State:
     """A copy of the model with the method applied at ``values`` (the pipeline's own passes, no guard)."""
-    from onnxclp.io import TensorStore
     from onnxclp.passes import exclude, find, prune, score, streams
+    from onnxclp.tensors import TensorStore
 
     model = onnx.ModelProto()
     model.ParseFromString(snapshot)
@@ -115,17 +115,21 @@ def run(state: State) -> PassResult:
     def measure(trial: dict[str, Any]) -> np.ndarray:
         right, pruned = predictions(trial, "fit")
         tried.append({**{k: trial[k] for k in names if k in trial}, "pruned": pruned})
-        if paired_drop(right_input, right).drop <= budget + 1e-9:
-            path.append(dict(trial))
         return right
+
+    def walk(trials: list[dict[str, Any]]) -> tuple[int | None, list[dict[str, Any]]]:
+        i, steps = choose_strongest(trials, measure, right_input, budget)
+        for t, step in zip(tried[-len(steps) :], steps, strict=True):
+            t.update(acc=step["acc"], drop=step["drop"], within=step["within"])
+        path.extend(step["candidate"] for step in steps if step["within"])
+        return i, steps
 
     why: list[str] = []
     if "u" in names:
         grid = [float(u) for u in ctx.get("u_grid") or DEFAULT_U_GRID]
         grid = sorted({u for u in grid if "u_low" not in values or u > values["u_low"]}, reverse=True)
         trials = [{**values, "u": u} for u in grid]
-        i, steps = choose_strongest(trials, measure, right_input, budget)
-        _annotate(tried, steps)
+        i, steps = walk(trials)
         if i is None:
             state.guard.notes.append(
                 f"tuning: even u={grid[0]:g} loses {steps[0]['drop']:.1f} points on the {len(y_fit)} fit images "
@@ -141,8 +145,7 @@ def run(state: State) -> PassResult:
         trials = [{**values, n: v} for v in options]
         if "u_low" in values:
             trials = [t for t in trials if t["u_low"] < t["u"]]
-        i, steps = choose_strongest(trials, measure, right_input, budget)
-        _annotate(tried, steps)
+        i, steps = walk(trials)
         if i is not None:
             values[n] = trials[i][n]
             why.append(f"{n}={values[n]:g} (drop {steps[i]['drop']:.1f} pt)")
@@ -176,8 +179,3 @@ def run(state: State) -> PassResult:
                          "stepped_back": back}  # fmt: skip
     state.guard.notes.append(line)
     return PassResult(len(tried))
-
-
-def _annotate(tried: list[dict[str, Any]], steps: list[dict[str, Any]]) -> None:
-    for t, s in zip(tried[-len(steps) :], steps, strict=True):
-        t.update(acc=s["acc"], drop=s["drop"], within=s["within"])

@@ -5,7 +5,7 @@
 - :mod:`onnxclp.study.calibrate`: the smallest u within a clean-accuracy budget.
 - :mod:`onnxclp.study.tac`: trigger-activated change per channel (CLP paper section 4.2, Figure 3).
 - :mod:`onnxclp.study.plots`: the figures.
-- the ``sweep`` and ``tac`` commands live in :mod:`onnxclp.cli.study`; ``scan --plot`` and ``sanitize --calibrate`` call :mod:`.plots` and :mod:`.calibrate`.
+- the ``sweep`` and ``tac`` commands live in :mod:`onnxclp.cli.study`; ``scan --plot`` calls :mod:`.plots`; ``sanitize --clean-data`` tunes u in the pipeline (:mod:`onnxclp.passes.tune`), and :mod:`.calibrate` is the study tool's walk on a prepared set.
 
 Importing this package is cheap; torch, onnxruntime and matplotlib load when a function that needs them runs.
 """
