@@ -22,22 +22,15 @@ def exported(tmp_path_factory) -> tuple[Path, Path, Path]:
     import onnxruntime as ort
     import torch
 
-    from tests.torch_models import SmallResNet, randomize_bn
+    from tests.torch_models import SmallResNet, randomize_bn, train_sgd
 
     folder = tmp_path_factory.mktemp("repair")
     torch.manual_seed(0)
     net = SmallResNet(width=8)
     randomize_bn(net, seed=1, outliers=0)
     xs, ys = stripes(768, seed=1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     xt, yt = torch.from_numpy(xs.transpose(0, 3, 1, 2) / 255.0).float(), torch.from_numpy(ys).long()
-    for _ in range(3):  # a few epochs: the stripe task is easy
-        for i in range(0, len(xt), 64):
-            loss = torch.nn.functional.cross_entropy(net(xt[i : i + 64]), yt[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
+    train_sgd(net, xt, yt, epochs=3)  # a few epochs: the stripe task is easy
     x = torch.rand(2, 3, 32, 32)
     dyn = folder / "dyn.onnx"
     torch.onnx.export(net, x, dyn, dynamo=False, input_names=["x"], output_names=["y"],

@@ -34,7 +34,7 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     exported with BatchNorm folded (the TorchScript default) and with BatchNorm kept."""
     import torch
 
-    from tests.torch_models import SmallResNet
+    from tests.torch_models import SmallResNet, train_sgd
 
     folder = tmp_path_factory.mktemp("synth")
     torch.manual_seed(0)
@@ -46,14 +46,7 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
         x[i, :, :, 3 * k : 3 * k + 3] = 255
     xt = (torch.from_numpy(x / 255.0) - 0.5) / 0.25
     yt = torch.from_numpy(y).long()
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(2):
-        for i in range(0, len(xt), 64):
-            loss = torch.nn.functional.cross_entropy(net(xt[i : i + 64]), yt[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
+    train_sgd(net, xt, yt, epochs=2)
     folded, kept = folder / "folded.onnx", folder / "kept.onnx"
     dummy = torch.zeros(2, 3, 32, 32)
     with warnings.catch_warnings():
