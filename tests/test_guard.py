@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from onnxclp.errors import EXIT_REFUSED, OnnxclpError
-from onnxclp.guard import GuardResult, Refused, choose_strongest, decide, paired_drop, split_indices
+from onnxclp.guard import GuardResult, Refused, choose_strongest, decide, paired_drop, split_indices, split_parts
 
 REPO = Path(__file__).resolve().parents[1]
 needs_eval = pytest.mark.skipif(
@@ -31,6 +31,20 @@ def test_split_is_seeded_disjoint_and_keeps_100():
     assert len(val) == 500  # 20 %
     fit, val = split_indices(300, 0.1)
     assert len(val) == 100  # the floor
+
+
+def test_split_parts_keeps_validation_and_carves_selection_from_the_fit_part():
+    fit2, val2 = split_indices(500)
+    fit, sel, val = split_parts(500)
+    assert np.array_equal(val, val2)  # the final check reads the same images with or without a selection part
+    assert sel is not None and (len(fit), len(sel), len(val)) == (300, 100, 100)
+    assert set(fit) | set(sel) == set(fit2) and not set(fit) & set(sel)
+    fit, sel, val = split_parts(2500, select_fraction=0.1)
+    assert (len(fit), len(sel), len(val)) == (1750, 250, 500)
+    # too few for three parts (fewer than 100 + 100 + 20), or 0: candidates are chosen on the validation part
+    assert split_parts(210)[1] is None and split_parts(500, select_fraction=0.0)[1] is None
+    with pytest.raises(OnnxclpError, match="select-fraction"):
+        split_parts(500, select_fraction=1.0)
 
 
 def test_split_refuses_too_few_images_and_bad_fraction():
@@ -153,7 +167,7 @@ def test_guard_in_the_report_and_on_the_terminal(tmp_path):
              "100", "--report", str(report))  # fmt: skip
     assert r.returncode == 0, r.stderr
     g = json.loads(report.read_text())["guard"]
-    assert g["n_val"] == 100 and g["n_fit"] == 200 and g["acc_before"] == pytest.approx(1.0)
+    assert g["n_val"] == 100 and g["n_select"] == 100 and g["n_fit"] == 100 and g["acc_before"] == pytest.approx(1.0)
     assert g["accepted"] is True and g["ci95"][0] <= g["drop"] <= g["ci95"][1]
     assert "guard: clean accuracy 100.0%" in r.stderr
     assert f"report: {report}" in r.stderr

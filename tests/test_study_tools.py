@@ -340,16 +340,19 @@ def test_cli_calibrate_lpp_tunes_u_low_and_bias_rate_least_invasive_first(files,
     assert report["params"]["u_low"] == -2.0 and "u_low" not in report["guard"]["tuned"]["parameters"]
 
 
-def test_tuning_steps_back_when_the_validation_part_disagrees():
-    """The fit part holds class 0 only and the validation part classes 1 and 2: u = 0.25 (every channel pruned, the
-    model answers 0) is within budget on the fit images and 100 points over on validation, so the tuning steps
-    back to u = 3, and the guard accepts that (marked selected on validation)."""
+def test_tuning_steps_back_when_the_selection_part_disagrees():
+    """The fit part holds class 0 only and the selection and validation parts classes 1 and 2: u = 0.25 (every
+    channel pruned, the model answers 0) is within budget on the fit images and 100 points over on the selection
+    part, so the tuning steps back to u = 3, and the guard accepts that on the validation part, which chose
+    nothing."""
     import onnxclp
-    from onnxclp.guard import split_indices
+    from onnxclp.guard import split_parts
 
-    _, val = split_indices(300)
+    _, sel, val = split_parts(300)
+    assert sel is not None
     y = np.zeros(300, np.int64)
-    y[val] = 1 + np.arange(len(val)) % 2
+    held = np.concatenate([sel, val])
+    y[held] = 1 + np.arange(len(held)) % 2
     rng = np.random.default_rng(0)
     x = rng.uniform(0.0, 0.2, size=(300, 8, 8, 3))
     x[np.arange(300), :, :, y] = rng.uniform(0.5, 0.7, size=(300, 8, 8))
@@ -360,4 +363,4 @@ def test_tuning_steps_back_when_the_validation_part_disagrees():
     tuned = rep.guard["tuned"]
     assert [t["within"] for t in tuned["tried"]] == [True, True]  # both within on the fit images
     assert [(s["u"], s["within"]) for s in tuned["stepped_back"]] == [(0.25, False), (3.0, True)]
-    assert rep.params["u"] == 3.0 and rep.guard["accepted"] and rep.guard["selected_on_validation"]
+    assert rep.params["u"] == 3.0 and rep.guard["accepted"] and not rep.guard["selected_on_validation"]

@@ -126,6 +126,14 @@ def sanitize(
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Share of the clean images kept for validation (>= 100).")
     ] = 0.2,
+    select_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--select-fraction",
+            help="Share of the clean images that choose a method's strength (epochs, counts, thresholds; >= 100; "
+            "default: as many as --val-fraction; 0: choose on the validation part).",
+        ),
+    ] = None,
     calibrate: Annotated[
         Path | None,
         typer.Option(
@@ -172,7 +180,8 @@ def sanitize(
         if data is not None:  # any method: the accuracy guard measures the result (onnxclp.guard)
             require_extra("eval", "onnxruntime", "torch")
             context.update(clean_data=data, clean_n=clean_n, x_key=x_key, y_key=y_key,
-                           val_fraction=val_fraction, max_acc_drop=max_acc_drop)  # fmt: skip
+                           val_fraction=val_fraction, select_fraction=select_fraction,
+                           max_acc_drop=max_acc_drop)  # fmt: skip
             if data.strip().lower().startswith("synthetic"):  # issue 21: made from the model, not read
                 from onnxclp.defences.synth import parse_spec
 

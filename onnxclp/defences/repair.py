@@ -350,7 +350,7 @@ def train(state: State, objective: Objective, settings: Settings,
         module = to_torch(state.model, store=state.store)
     module.to(dev)
     x_fit, y_fit = clean.x_fit.to(dev), clean.y_fit.to(dev)
-    x_val, y_val = clean.x_val.to(dev), clean.y_val.to(dev)
+    x_val, y_val = clean.x_sel.to(dev), clean.y_sel.to(dev)  # the epochs are chosen on the selection part
     nhwc = x_fit.ndim == 4 and x_fit.shape[1] not in (1, 3) and x_fit.shape[-1] in (1, 3)
     teacher = None
     if settings.distill > 0:
@@ -362,7 +362,7 @@ def train(state: State, objective: Objective, settings: Settings,
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     steps = max(1, math.ceil(len(x_fit) / settings.batch)) * settings.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    right_before = clean.right_before
+    right_before = clean.right_before_selection
     if right_before is None:  # the pipeline measures the input with onnxruntime; the bridge when run alone
         right_before = val_right(teacher if teacher is not None else module, x_val, y_val)
     budget = state.guard.budget if state.guard is not None else 3.0
@@ -468,8 +468,8 @@ def finish(state: State, module: OnnxModule, outcome: Outcome, settings: Setting
         "rewritten": rewritten,
         "largest_relative_change": max((r["relative_change"] or 0.0 for r in rewritten), default=0.0),
     }
-    if state.guard is not None:
-        state.guard.selected_on_validation = True  # the epoch was chosen on the validation images
+    if state.clean is not None:
+        state.clean.mark_selection(state.guard)  # the epoch was chosen on the selection part
     if state.graph_edit is None:
         state.notes.append(
             f"{state.params.method}: {len(rewritten)} initializers rewritten (largest relative change "

@@ -226,8 +226,8 @@ class ANP(Method):
         trials: list[dict[str, Any]] = []
         if clean is not None:
             order = ranked(res.masks, [g.key for g in groups])
-            x_val, y_val = clean.x_val.to(dev), clean.y_val.to(dev)
-            right_before = clean.right_before
+            x_val, y_val = clean.x_sel.to(dev), clean.y_sel.to(dev)  # the count is chosen on the selection part
+            right_before = clean.right_before_selection
             if right_before is None:  # the pipeline measures the input with onnxruntime when it will write
                 right_before = val_right(module, x_val, y_val)
             budget = state.guard.budget if state.guard is not None else DEFAULT_MAX_ACC_DROP
@@ -237,10 +237,10 @@ class ANP(Method):
 
             count, trials = choose_count(order, len(order), measure, right_before, budget)
             prune = split_prune(order, count)
-            if state.guard is not None:
-                state.guard.selected_on_validation = True  # the count was chosen on the validation images
+            clean.mark_selection(state.guard)
+            part = "validation" if clean.sel is None else "selection"
             rule = (f"guard: the {count} lowest-mask neurons pruned ({below} have a mask below {threshold:g}), the "
-                    f"most within {budget:g} pt on {len(clean.val)} validation images")  # fmt: skip
+                    f"most within {budget:g} pt on {len(clean.selection)} {part} images")  # fmt: skip
             progress.done(rule)
         else:
             prune = {g.key: prune_by_threshold(res.masks[g.key], threshold) for g in groups}

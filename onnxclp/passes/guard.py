@@ -2,8 +2,9 @@
 ``check`` after the model was edited.
 
 ``split`` runs only when clean images were given (``context['clean_data']``): it reads them once, splits them
-(seeded) into the part the method may use and the validation part it never sees (``state.clean``), and, when
-the model will be written, measures the input model on the validation part with onnxruntime. ``check``
+(seeded, :func:`onnxclp.guard.split_parts`) into the part the method may fit on, the selection part that chooses
+among its candidates, and the validation part nothing but the final check reads (``state.clean``), and, when
+the model will be written, measures the input model on the validation and selection parts with onnxruntime. ``check``
 measures the edited model on the same images and applies the guard's rule (:func:`onnxclp.guard.decide`).
 Both import torch and onnxruntime inside (the ``eval`` extra): the weight-only path without clean images
 never reaches them.
@@ -27,6 +28,7 @@ from onnxclp.guard import (
     decide,
     paired_drop,
     split_indices,
+    split_parts,
 )
 from onnxclp.pipeline import PassResult, State
 
@@ -45,12 +47,14 @@ class CleanSplit:
     x: torch.Tensor
     y: torch.Tensor
     fit: np.ndarray  # indices the method may use
-    val: np.ndarray  # indices it never sees
+    val: np.ndarray  # indices it never sees: the guard's final check only
     what: str
     metric: str = "clean accuracy"
     right_before: np.ndarray | None = None  # the input model right/wrong on each validation image
     pred_before: np.ndarray | None = None
     synthetic: dict[str, Any] | None = None  # --clean-data synthetic: what the synthesis did (onnxclp.defences.synth)
+    sel: np.ndarray | None = None  # indices that choose among a method's candidates (None: the validation part)
+    right_before_sel: np.ndarray | None = None  # the input model right/wrong on each selection image
 
     @property
     def x_fit(self) -> torch.Tensor:
@@ -67,6 +71,30 @@ class CleanSplit:
     @property
     def y_val(self) -> torch.Tensor:
         return self.y[self.val]
+
+    @property
+    def selection(self) -> np.ndarray:
+        """Indices that choose among a method's candidates (epochs, counts, strengths): the selection part, or
+        the validation part when the images were too few for three parts (:func:`onnxclp.guard.split_parts`)."""
+        return self.val if self.sel is None else self.sel
+
+    @property
+    def x_sel(self) -> torch.Tensor:
+        return self.x[self.selection]
+
+    @property
+    def y_sel(self) -> torch.Tensor:
+        return self.y[self.selection]
+
+    @property
+    def right_before_selection(self) -> np.ndarray | None:
+        """The input model right/wrong on each selection image (None until ``split`` measured it)."""
+        return self.right_before if self.sel is None else self.right_before_sel
+
+    def mark_selection(self, guard: GuardResult | None) -> None:
+        """Record in the guard's result that candidates were chosen, and on which part."""
+        if guard is not None and self.sel is None:
+            guard.selected_on_validation = True
 
 
 def model_bytes(model: onnx.ModelProto, store: TensorStore) -> bytes:
@@ -109,9 +137,12 @@ def load_clean(state: State) -> CleanSplit:
     if ctx.get("clean_arrays") is None and _is_synthetic(ctx.get("clean_data")):
         return load_synthetic(state)
     x, y, what = clean_images(state)
-    fit, val = split_indices(len(y), float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION))
+    select = ctx.get("select_fraction")
+    fit, sel, val = split_parts(
+        len(y), float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION), None if select is None else float(select)
+    )
     metric = str(ctx.get("guard_metric") or "clean accuracy")
-    return CleanSplit(x, y, fit, val, what, metric)
+    return CleanSplit(x, y, fit, val, what, metric, sel=sel)
 
 
 # -- --clean-data synthetic[:N] (issue 21): stand-in images made from the model itself -------------------------
@@ -239,11 +270,16 @@ def split(state: State) -> PassResult:
             f"synthetic data: {clean.what}; {100 * info['reached_target']:.0f}% of the method's images labelled with "
             f"the class they were made for; labels per class {info['label_counts']}"
         )
+    if clean.sel is not None:
+        result.n_select = len(clean.sel)
     if state.options.edit:
-        pred = predict(state.model, state.store, clean.x_val, str(ctx.get("device") or "auto"))
+        device = str(ctx.get("device") or "auto")
+        pred = predict(state.model, state.store, clean.x_val, device)
         clean.pred_before = pred
         clean.right_before = pred == clean.y_val.numpy()
         result.acc_before = float(clean.right_before.mean())
+        if clean.sel is not None:
+            clean.right_before_sel = predict(state.model, state.store, clean.x_sel, device) == clean.y_sel.numpy()
     state.guard = result
     return PassResult(len(clean.val))
 

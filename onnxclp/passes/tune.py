@@ -18,12 +18,13 @@ The rule, written down before any zoo measurement (docs/algorithms.md, "The accu
 3. With that ``u``, each calibrated parameter walks its list towards the more invasive values the same way.
 4. When even the least invasive candidate is over budget, the method's defaults are kept and the guard's check
    decides (it will usually refuse).
-5. The choice sits at the edge of the budget on the fit images, so the validation images, measured independently,
-   find it over budget about half the time (measured: BNP on resnet-blended, 4 points on 100 validation images).
-   So the choice is measured on the validation part here; when it is over budget there, the walk steps back
-   through the weaker candidates (those within budget on the fit images, strongest first) and keeps the first
-   within budget on the validation part too; when none is, the weakest (the guard's check then refuses it). The
-   report marks the result ``selected_on_validation`` when a step back was taken.
+5. The choice sits at the edge of the budget on the fit images, so independent images find it over budget about
+   half the time (measured: BNP on resnet-blended, 4 points on 100 validation images). So the choice is measured
+   on the guard's selection part here (:func:`onnxclp.guard.split_parts`; the validation part when the images are
+   too few for three parts); when it is over budget there, the walk steps back through the weaker candidates
+   (those within budget on the fit images, strongest first) and keeps the first within budget on the selection
+   part too; when none is, the weakest (the guard's check then usually refuses it). The validation part is read
+   only by the guard's final check.
 
 What was tried, and why the choice, goes into the guard's entry of the report (``tuned``) and on stderr.
 """
@@ -96,7 +97,7 @@ def run(state: State) -> PassResult:
     tried: list[dict[str, Any]] = []
 
     seen: dict[tuple, dict[str, np.ndarray]] = {}  # the same decisions give the same model: measured once
-    x_val, y_val = clean.x_val, clean.y_val.numpy()
+    x_sel, y_sel = clean.x_sel, clean.y_sel.numpy()  # the step back reads the selection part
 
     def predictions(trial: dict[str, Any], part: str) -> tuple[np.ndarray, int]:
         copy = _apply(state, snapshot, trial)
@@ -106,7 +107,7 @@ def run(state: State) -> PassResult:
         )
         got = seen.setdefault(key, {})
         if part not in got:
-            x, y = (x_fit, y_fit) if part == "fit" else (x_val, y_val)
+            x, y = (x_fit, y_fit) if part == "fit" else (x_sel, y_sel)
             got[part] = predict(copy.model, copy.store, x, device) == y
         return got[part], sum(len(d.selection.prune) for d in copy.decisions)
 
@@ -149,17 +150,18 @@ def run(state: State) -> PassResult:
         if i is not None:
             values[n] = trials[i][n]
             why.append(f"{n}={values[n]:g} (drop {steps[i]['drop']:.1f} pt)")
-    line = f"tuned on the {len(y_fit)} fit images (strongest within {budget:g} pt; the validation part checks it): " + (
+    line = f"tuned on the {len(y_fit)} fit images (strongest within {budget:g} pt; the selection part checks it): " + (
         ", ".join(why) if why else "defaults kept"
     )
-    # the validation part's check, made here on the choice: over budget, step back to weaker candidates (those
-    # within budget on the fit images, strongest first) until one is within on validation too
+    # the selection part's check of the choice: over budget, step back to weaker candidates (those within budget on
+    # the fit images, strongest first) until one is within on the selection part too
     back: list[dict[str, Any]] = []
-    if why and clean.right_before is not None:
+    right_sel = clean.right_before_selection
+    if why and right_sel is not None:
         start = next((i for i in range(len(path) - 1, -1, -1) if path[i] == values), len(path) - 1)
         for trial in reversed(path[: start + 1]):
-            right, _ = predictions(trial, "val")
-            d = paired_drop(clean.right_before, right)
+            right, _ = predictions(trial, "sel")
+            d = paired_drop(right_sel, right)
             back.append({**{k: trial[k] for k in names}, "val_drop": d.drop, "within": d.drop <= budget + 1e-9})
             if back[-1]["within"]:
                 values = dict(trial)
@@ -167,9 +169,10 @@ def run(state: State) -> PassResult:
         else:
             values = dict(path[0]) if path else values
         if len(back) > 1:
-            state.guard.selected_on_validation = True
+            clean.mark_selection(state.guard)
+            part = "validation" if clean.sel is None else "selection"
             line += (
-                f"; over budget on the validation images ({back[0]['val_drop']:.1f} pt), stepped back to "
+                f"; over budget on the {part} images ({back[0]['val_drop']:.1f} pt), stepped back to "
                 + ", ".join(f"{k}={values[k]:g}" for k in names)
                 + (f" ({back[-1]['val_drop']:.1f} pt)" if back[-1]["within"] else " (the weakest; still over)")
             )
