@@ -125,7 +125,8 @@ def main() -> None:
                         g = rep.guard or {}
                         row.update(val_before=g.get("acc_before"), val_after=g.get("acc_after"),
                                    pruned=rep.totals()["pruned_channels"], rewritten=len(rep.rewritten),
-                                   added=len(rep.added_nodes))  # fmt: skip
+                                   added=len(rep.added_nodes), n_select=g.get("n_select"),
+                                   selected_on_validation=g.get("selected_on_validation"))  # fmt: skip
                         if g.get("tuned"):  # the strength the guard chose on the fit images (passes/tune.py)
                             row["tuned"] = g["tuned"]["parameters"]
                     print(json.dumps(row), flush=True)
@@ -199,7 +200,9 @@ machine, shared with zoo training and other work while it ran: times are wall se
 ACC / ASR (%) on 3,000 CIFAR-10 test images no method saw (attack applied by `onnxclp evaluate`), and the time of
 `sanitize_file` (load to save, the guard's measurements included). Every method at its defaults with the guard's
 defaults (20 % of the clean images held out for validation, budget 3 points; CLP, LPP, BNP and clp-npd's pruning
-tune u on the other 80 %, the `tuned` values in the JSON): a refused result is not written, which is what a user
+tune u on the rest, the `tuned` values in the JSON; rows with `n_select` in the JSON, from session 6 on, chose
+epochs, counts and strengths on a further 20 %, the selection part, and trained on the remaining 60 %; older rows
+chose them on the validation images): a refused result is not written, which is what a user
 gets, and the averages count it as the input kept. BNP reads the BN-kept export, the others the BN-folded one.
 Data-free rows: nothing but the ONNX file and the normalisation (no guard), or images synthesized from the model
 (`--clean-data synthetic:N`: the guard then checks agreement with the input model, not accuracy).
