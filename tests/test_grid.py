@@ -269,7 +269,10 @@ def test_clean_data_config(clean_setup: Path, tmp_path: Path) -> None:
     assert b is None and c is not None and (c.n, c.x_key, c.max_acc_drop) == (150, None, 2.0)
     cli = grid.parse_config(cfg, clean_setup, clean_data=tmp_path / "other.npz")
     assert cli.clean is not None and cli.clean.path == str(tmp_path / "other.npz") and cli.clean.n == 200
+    sel = grid.parse_config({**cfg, "clean_data": {"path": "clean.npz", "select_fraction": 0}}, clean_setup)
+    assert sel.clean is not None and sel.clean.select_fraction == 0.0  # the guard's selection part, off
     for bad, message in (
+        ({**cfg, "clean_data": {"path": "clean.npz", "select_fraction": "all"}}, "must be a number"),
         ({**cfg, "clean_data": {"path": "clean.npz", "nn": 3}}, "unknown key"),
         ({**cfg, "clean_data": {"path": "clean.npz", "n": 0}}, "positive integer"),
         ({**cfg, "clean_data": {"path": "clean.npz", "mean": [0.5]}}, "both mean and std"),

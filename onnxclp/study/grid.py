@@ -416,6 +416,7 @@ def _clean_context(task: _Task, proto: Any, opts: RunOptions, shared: Mapping[st
         "x_key": c.x_key,
         "y_key": c.y_key,
         "val_fraction": c.val_fraction,
+        "select_fraction": c.select_fraction,
         "max_acc_drop": c.max_acc_drop,
         "mean": None if mean is None else list(mean),
         "std": None if std is None else list(std),

@@ -24,7 +24,8 @@ ATTACK_KEYS = ("config", "attack", "params", "target", "mode", "seed", "mean", "
 #: Keys of the config's ``run`` section: RunOptions fields shared by every cell.
 RUN_KEYS = ("batch_size", "device", "threads", "mean", "std", "layout", "input_size", "x_key", "y_key")
 #: Keys of a ``clean_data`` entry (a path alone is ``{"path": ...}``).
-CLEAN_KEYS = ("path", "n", "x_key", "y_key", "val_fraction", "max_acc_drop", "mean", "std", "force")
+CLEAN_KEYS = ("path", "n", "x_key", "y_key", "val_fraction", "select_fraction", "max_acc_drop", "mean", "std",
+              "force")  # fmt: skip
 #: Parameters every method takes besides its registry parameters.
 COMMON_PARAMS = ("score", "include_fc")
 
@@ -45,8 +46,8 @@ class AttackSpec:
 class CleanSpec:
     """The clean labelled images given to every method cell (the few-shot methods' data and the accuracy
     guard's validation part): ``label`` is the path as written, ``path`` the resolved one; the rest are the
-    ``sanitize --clean-n/--x-key/--y-key/--val-fraction/--max-acc-drop/--mean/--std`` settings (None: the
-    defaults; ``mean``/``std`` None: the attack's normalisation). ``force``: a result over the budget is
+    ``sanitize --clean-n/--x-key/--y-key/--val-fraction/--select-fraction/--max-acc-drop/--mean/--std`` settings
+    (None: the defaults; ``mean``/``std`` None: the attack's normalisation). ``force``: a result over the budget is
     measured anyway (its cell then has ``guard.forced``) instead of being an error entry."""
 
     label: str
@@ -59,6 +60,7 @@ class CleanSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     force: bool = False
+    select_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,7 @@ def _clean(entry: Any, base: Path, where: str) -> CleanSpec | None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise OnnxclpError(f"grid config: {where}.n must be a positive integer, got {n!r}")
     numbers = {}
-    for key in ("val_fraction", "max_acc_drop"):
+    for key in ("val_fraction", "select_fraction", "max_acc_drop"):
         v = entry.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
             raise OnnxclpError(f"grid config: {where}.{key} must be a number, got {v!r}")
@@ -247,7 +249,7 @@ def _clean(entry: Any, base: Path, where: str) -> CleanSpec | None:
         raise OnnxclpError(f"grid config: {where}.force must be true or false")
     return CleanSpec(
         str(entry["path"]), _path(entry["path"], base, f"{where}.path"), n, entry.get("x_key"), entry.get("y_key"),
-        numbers["val_fraction"], numbers["max_acc_drop"], mean, std, force,
+        numbers["val_fraction"], numbers["max_acc_drop"], mean, std, force, numbers["select_fraction"],
     )  # fmt: skip
 
 
