@@ -65,6 +65,9 @@ def test_paired_drop_counts_only_changed_images():
     assert d.changed == 5
     assert d.low < 5.0 < d.high
     assert 0.0 < d.p_within(3.0) < 0.5 < d.p_within(8.0) < 1.0
+    # the selection rule's bound: 5 of 100 lost, sd of d = sqrt(.05 * .95 * 100 / 99), se = sd / 10
+    assert d.bound() == pytest.approx(5.0 + 1.28 * 100 * np.sqrt(0.05 * 0.95 * 100 / 99) / 10)
+    assert d.bound(0.0) == d.drop and paired_drop(before, before).bound() == 0.0
 
 
 def test_choose_strongest_stops_at_first_over_budget():

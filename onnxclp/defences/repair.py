@@ -16,9 +16,10 @@ module before training (FST re-initialises the classifier, NPD adds a layer). Ar
   The teacher carries the backdoor, but on clean images its outputs are clean: they hold the student near the
   input's clean behaviour while the method's own term removes the backdoor.
 - **Checkpoints chosen by the guard**: after every epoch the BatchNorm statistics are re-estimated on the fit
-  images and the validation accuracy measured; the latest epoch within ``--max-acc-drop`` of the input is kept
-  (the strongest setting within budget: training further is the stronger repair). Without any epoch within
-  budget the last epoch is kept and the guard's final check refuses it.
+  images and the accuracy measured on the guard's selection part; the latest epoch whose drop's one-sided 90 %
+  upper bound is within ``--max-acc-drop`` of the input is kept (the strongest setting within budget: training
+  further is the stronger repair; the bound leaves room for the independent check, :data:`onnxclp.guard.SELECT_Z`).
+  Without any epoch within budget the best epoch so far is kept and the guard's final check decides.
 - **Augmentation**: random crops (padding an eighth of the side) and horizontal flips of the clean images.
 
 Nothing is written here: :func:`finish` returns the new value of every initializer that changed, for the
@@ -337,7 +338,7 @@ def train(state: State, objective: Objective, settings: Settings,
     """Train the bridged model of ``state`` on the guard's fit images with ``objective``; returns the module with
     the chosen checkpoint loaded and BatchNorm folded back, and the outcome (see the module docstring)."""
     from onnxclp.bridge import to_torch
-    from onnxclp.guard import paired_drop
+    from onnxclp.guard import SELECT_Z, paired_drop
 
     clean: CleanSplit | None = state.clean
     if clean is None:
@@ -366,6 +367,7 @@ def train(state: State, objective: Objective, settings: Settings,
     if right_before is None:  # the pipeline measures the input with onnxruntime; the bridge when run alone
         right_before = val_right(teacher if teacher is not None else module, x_val, y_val)
     budget = state.guard.budget if state.guard is not None else 3.0
+    select_z = float(state.options.context.get("select_z", SELECT_Z))
     outcome = Outcome(inserted=len(inserted))
     progress = progress_for(state)
     kept: dict[str, torch.Tensor] | None = None
@@ -412,7 +414,7 @@ def train(state: State, objective: Objective, settings: Settings,
         recompute_bn_stats(module, inserted, x_fit, 128)
         right = val_right(module, x_val, y_val)
         d = paired_drop(right_before, right)
-        within = d.drop <= budget + 1e-9
+        within = d.bound(select_z) <= budget + 1e-9  # the one-sided 90 % bound (onnxclp.guard.SELECT_Z)
         best = max((c["val_acc"] for c in outcome.curve), default=-1.0)
         # the latest epoch within budget; while none is, the best so far (the guard then refuses it)
         if within or (outcome.chosen_epoch is None and d.acc_after > best):
@@ -422,7 +424,8 @@ def train(state: State, objective: Objective, settings: Settings,
         elapsed = time.perf_counter() - start
         left = elapsed / epoch * (settings.epochs - epoch)
         outcome.curve.append({"epoch": epoch, "loss": total / max(count, 1), "val_acc": d.acc_after,
-                              "drop": d.drop, "within": within, "seconds": elapsed})  # fmt: skip
+                              "drop": d.drop, "bound": d.bound(select_z), "within": within,
+                              "seconds": elapsed})  # fmt: skip
         progress.step(f"epoch {epoch}/{settings.epochs} loss {total / max(count, 1):.3f} val "
                       f"{100 * d.acc_after:.1f}% (input {100 * d.acc_before:.1f}%) {elapsed:.0f} s, ~{left:.0f} s left")  # fmt: skip
     assert kept is not None

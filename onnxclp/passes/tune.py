@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxclp.guard import choose_strongest, paired_drop
+from onnxclp.guard import SELECT_Z, choose_strongest, paired_drop
 from onnxclp.pipeline import PassResult, State
 
 DEFAULT_U_GRID = tuple(float(u) for u in np.arange(8.0, 0.49, -0.25))
@@ -157,12 +157,15 @@ def run(state: State) -> PassResult:
     # the fit images, strongest first) until one is within on the selection part too
     back: list[dict[str, Any]] = []
     right_sel = clean.right_before_selection
+    select_z = float(ctx.get("select_z", SELECT_Z))
     if why and right_sel is not None:
         start = next((i for i in range(len(path) - 1, -1, -1) if path[i] == values), len(path) - 1)
         for trial in reversed(path[: start + 1]):
             right, _ = predictions(trial, "sel")
             d = paired_drop(right_sel, right)
-            back.append({**{k: trial[k] for k in names}, "val_drop": d.drop, "within": d.drop <= budget + 1e-9})
+            within = d.bound(select_z) <= budget + 1e-9  # the one-sided 90 % bound (onnxclp.guard.SELECT_Z)
+            back.append({**{k: trial[k] for k in names}, "val_drop": d.drop, "bound": d.bound(select_z),
+                         "within": within})  # fmt: skip
             if back[-1]["within"]:
                 values = dict(trial)
                 break
