@@ -338,7 +338,7 @@ def train(state: State, objective: Objective, settings: Settings,
     """Train the bridged model of ``state`` on the guard's fit images with ``objective``; returns the module with
     the chosen checkpoint loaded and BatchNorm folded back, and the outcome (see the module docstring)."""
     from onnxclp.bridge import to_torch
-    from onnxclp.guard import SELECT_Z, paired_drop
+    from onnxclp.guard import paired_drop
 
     clean: CleanSplit | None = state.clean
     if clean is None:
@@ -367,7 +367,6 @@ def train(state: State, objective: Objective, settings: Settings,
     if right_before is None:  # the pipeline measures the input with onnxruntime; the bridge when run alone
         right_before = val_right(teacher if teacher is not None else module, x_val, y_val)
     budget = state.guard.budget if state.guard is not None else 3.0
-    select_z = float(state.options.context.get("select_z", SELECT_Z))
     outcome = Outcome(inserted=len(inserted))
     progress = progress_for(state)
     kept: dict[str, torch.Tensor] | None = None
@@ -414,7 +413,7 @@ def train(state: State, objective: Objective, settings: Settings,
         recompute_bn_stats(module, inserted, x_fit, 128)
         right = val_right(module, x_val, y_val)
         d = paired_drop(right_before, right)
-        within = d.bound(select_z) <= budget + 1e-9  # the one-sided 90 % bound (onnxclp.guard.SELECT_Z)
+        within = d.bound() <= budget + 1e-9  # the one-sided 90 % bound (onnxclp.guard.SELECT_Z)
         best = max((c["val_acc"] for c in outcome.curve), default=-1.0)
         # the latest epoch within budget; while none is, the best so far (the guard then refuses it)
         if within or (outcome.chosen_epoch is None and d.acc_after > best):
@@ -424,7 +423,7 @@ def train(state: State, objective: Objective, settings: Settings,
         elapsed = time.perf_counter() - start
         left = elapsed / epoch * (settings.epochs - epoch)
         outcome.curve.append({"epoch": epoch, "loss": total / max(count, 1), "val_acc": d.acc_after,
-                              "drop": d.drop, "bound": d.bound(select_z), "within": within,
+                              "drop": d.drop, "bound": d.bound(), "within": within,
                               "seconds": elapsed})  # fmt: skip
         progress.step(f"epoch {epoch}/{settings.epochs} loss {total / max(count, 1):.3f} val "
                       f"{100 * d.acc_after:.1f}% (input {100 * d.acc_before:.1f}%) {elapsed:.0f} s, ~{left:.0f} s left")  # fmt: skip

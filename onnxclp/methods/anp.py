@@ -238,9 +238,8 @@ class ANP(Method):
             count, trials = choose_count(order, len(order), measure, right_before, budget)
             prune = split_prune(order, count)
             clean.mark_selection(state.guard)
-            part = "validation" if clean.sel is None else "selection"
             rule = (f"guard: the {count} lowest-mask neurons pruned ({below} have a mask below {threshold:g}), the "
-                    f"most within {budget:g} pt on {len(clean.selection)} {part} images")  # fmt: skip
+                    f"most within {budget:g} pt on {len(clean.selection)} {clean.selection_name} images")  # fmt: skip
             progress.done(rule)
         else:
             prune = {g.key: prune_by_threshold(res.masks[g.key], threshold) for g in groups}

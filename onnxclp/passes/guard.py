@@ -79,6 +79,11 @@ class CleanSplit:
         return self.val if self.sel is None else self.sel
 
     @property
+    def selection_name(self) -> str:
+        """Which part chooses the candidates, for messages: ``"selection"`` or ``"validation"``."""
+        return "validation" if self.sel is None else "selection"
+
+    @property
     def x_sel(self) -> torch.Tensor:
         return self.x[self.selection]
 
@@ -273,13 +278,16 @@ def split(state: State) -> PassResult:
     if clean.sel is not None:
         result.n_select = len(clean.sel)
     if state.options.edit:
-        device = str(ctx.get("device") or "auto")
-        pred = predict(state.model, state.store, clean.x_val, device)
-        clean.pred_before = pred
-        clean.right_before = pred == clean.y_val.numpy()
+        # one onnxruntime session for both held-out parts: the validation part, then the selection part if any
+        both = clean.val if clean.sel is None else np.concatenate([clean.val, clean.sel])
+        pred_all = predict(state.model, state.store, clean.x[both], str(ctx.get("device") or "auto"))
+        right_all = pred_all == clean.y[both].numpy()
+        n_val = len(clean.val)
+        clean.pred_before = pred_all[:n_val]
+        clean.right_before = right_all[:n_val]
         result.acc_before = float(clean.right_before.mean())
         if clean.sel is not None:
-            clean.right_before_sel = predict(state.model, state.store, clean.x_sel, device) == clean.y_sel.numpy()
+            clean.right_before_sel = right_all[n_val:]
     state.guard = result
     return PassResult(len(clean.val))
 

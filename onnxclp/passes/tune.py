@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxclp.guard import SELECT_Z, choose_strongest, paired_drop
+from onnxclp.guard import choose_strongest, paired_drop
 from onnxclp.pipeline import PassResult, State
 
 DEFAULT_U_GRID = tuple(float(u) for u in np.arange(8.0, 0.49, -0.25))
@@ -150,21 +150,21 @@ def run(state: State) -> PassResult:
         if i is not None:
             values[n] = trials[i][n]
             why.append(f"{n}={values[n]:g} (drop {steps[i]['drop']:.1f} pt)")
-    line = f"tuned on the {len(y_fit)} fit images (strongest within {budget:g} pt; the selection part checks it): " + (
+    checker = f"the {clean.selection_name} part checks it"
+    line = f"tuned on the {len(y_fit)} fit images (strongest within {budget:g} pt; {checker}): " + (
         ", ".join(why) if why else "defaults kept"
     )
     # the selection part's check of the choice: over budget, step back to weaker candidates (those within budget on
     # the fit images, strongest first) until one is within on the selection part too
     back: list[dict[str, Any]] = []
     right_sel = clean.right_before_selection
-    select_z = float(ctx.get("select_z", SELECT_Z))
     if why and right_sel is not None:
         start = next((i for i in range(len(path) - 1, -1, -1) if path[i] == values), len(path) - 1)
         for trial in reversed(path[: start + 1]):
             right, _ = predictions(trial, "sel")
             d = paired_drop(right_sel, right)
-            within = d.bound(select_z) <= budget + 1e-9  # the one-sided 90 % bound (onnxclp.guard.SELECT_Z)
-            back.append({**{k: trial[k] for k in names}, "val_drop": d.drop, "bound": d.bound(select_z),
+            within = d.bound() <= budget + 1e-9  # the one-sided 90 % bound (onnxclp.guard.SELECT_Z)
+            back.append({**{k: trial[k] for k in names}, "val_drop": d.drop, "bound": d.bound(),
                          "within": within})  # fmt: skip
             if back[-1]["within"]:
                 values = dict(trial)
@@ -173,9 +173,8 @@ def run(state: State) -> PassResult:
             values = dict(path[0]) if path else values
         if len(back) > 1:
             clean.mark_selection(state.guard)
-            part = "validation" if clean.sel is None else "selection"
             line += (
-                f"; over budget on the {part} images ({back[0]['val_drop']:.1f} pt), stepped back to "
+                f"; over budget on the {clean.selection_name} images ({back[0]['val_drop']:.1f} pt), stepped back to "
                 + ", ".join(f"{k}={values[k]:g}" for k in names)
                 + (f" ({back[-1]['val_drop']:.1f} pt)" if back[-1]["within"] else " (the weakest; still over)")
             )
