@@ -8,7 +8,10 @@ detectors tried"):
 - ``anp``: ANP's observation (Wu & Wang, NeurIPS 2021, section 3): every convolution's output channels and every
   bias multiplied by ``1 + delta``, ``|delta| <= eps``, delta maximising the loss; which class the model collapses to;
 - ``targeted``: per class, the share of images a small neuron perturbation sends to it, and the MAD z-score of the
-  largest share.
+  largest share;
+- ``nc``: Neural Cleanse's trigger reverse-engineering (Wang et al., IEEE S&P 2019, section IV;
+  :mod:`onnxclp.defences.cleanse`, the ``nc`` detector's code): per class the smallest mask (L1) that, with its
+  pattern, sends the clean images of the other classes to that class; the anomaly index of the smallest.
 
 Models: ``zoo/<name>`` (CIFAR-10 test images, normalisation and target from attack.json) and ``zoo-null/<name>``
 (the task of ``bench/null_models.py``). Prints one JSON line per model.
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", nargs="*", default=[])
     ap.add_argument("--null", nargs="*", default=[])
-    ap.add_argument("--probe", choices=("uap", "anp", "targeted"), required=True)
+    ap.add_argument("--probe", choices=("uap", "anp", "targeted", "nc"), required=True)
     ap.add_argument("--eps", type=float, nargs="+")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--cifar", default=str(REPO.parent / "shared" / "data" / "cifar10.npz"))
@@ -112,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     data = dict(np.load(a.cifar))
     eps_list = (
-        a.eps or {"uap": [2 / 255, 4 / 255, 8 / 255], "anp": [0.05, 0.1, 0.2, 0.4], "targeted": [0.01, 0.02]}[a.probe]
+        a.eps
+        or {"uap": [2 / 255, 4 / 255, 8 / 255], "anp": [0.05, 0.1, 0.2, 0.4], "targeted": [0.01, 0.02], "nc": [200]}[
+            a.probe
+        ]
     )
     folders = [REPO / "zoo" / m for m in a.zoo] + [REPO / "zoo-null" / m for m in a.null]
     for folder in folders:
@@ -127,6 +133,18 @@ def main(argv: list[str] | None = None) -> None:
         k = int(logits(module(xn[:1])).shape[1])
         row: dict = {"model": f"{folder.parent.name}/{folder.name}", "target": target, "probe": a.probe}
         for eps in eps_list:
+            if a.probe == "nc":  # eps: the optimisation steps per class
+                from onnxclp.defences.cleanse import cleanse
+
+                with torch.enable_grad():
+
+                    def fwd(p, module=module, mean=mean, std=std):
+                        return logits(module((p - mean) / std))
+
+                    res = cleanse(fwd, x, y, k, steps=int(eps))
+                row[f"steps {int(eps)}"] = {"l1": np.round(res.l1, 1).tolist(), "success": np.round(res.success, 2).tolist(),
+                                            "top": res.target, "index": round(res.index, 2), "p": res.p_value}  # fmt: skip
+                continue
             if a.probe == "targeted":
                 rates = np.array([float((neuron_attack(module, xn[:100], y[:100], eps, 8, t) == t).float().mean())
                                   for t in range(k)])  # fmt: skip

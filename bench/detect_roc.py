@@ -116,6 +116,9 @@ def fisher(ps: list[float]) -> float:
 
 
 def write_null(fitted: dict[str, tuple[float, float, int]]) -> None:
+    """Write the fitted nulls into onnxclp/detect/_null.py, keeping the entries fitted elsewhere (``nc``: clean images,
+    bench/detect_fewshot_probe.py)."""
+    fitted = {**_null.NULL, **fitted}
     body = "".join(f'    "{n}": ({mu:.4f}, {sigma:.4f}, {k}),\n' for n, (mu, sigma, k) in fitted.items())
     block = f"NULL: dict[str, tuple[float, float, int]] = {{\n{body}}}\n"
     text = NULL_PY.read_text()

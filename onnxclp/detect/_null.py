@@ -26,11 +26,14 @@ from statistics import NormalDist
 __all__ = ["NULL", "calibrate", "combine", "fit", "p_to_z", "threshold", "z_to_p"]
 
 # Fitted by bench/detect_roc.py on the calibration models (zoo-null, split "calibration"): name -> (mu, sigma, n).
+# "nc" needs clean images of each model's task: fitted with bench/detect_fewshot_probe.py --probe nc on the same
+# thirteen models (their test images, 200 each; docs/detect.md, "Neural Cleanse").
 # fmt: off
 NULL: dict[str, tuple[float, float, int]] = {
     "channels": (0.8050, 3.4014, 13),
     "classifier": (0.0000, 1.0000, 13),
     "mmbd": (1.9859, 1.8582, 13),
+    "nc": (0.0000, 1.3530, 13),
 }
 # fmt: on
 
