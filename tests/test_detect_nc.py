@@ -16,17 +16,21 @@ from test_gate_verdicts import invoke, save, scan
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-K, S = 5, 16  # classes, image side
+K, S = 10, 16  # classes (the detector needs at least 10), image side
 
 
 def patch_model(backdoor: bool) -> onnx.ModelProto:
-    """An identity 1x1 Conv, then scores from the three channel means (classes 0-2 each one channel, class 4 the dark images) and, with
+    """An identity 1x1 Conv, then scores from the three channel means (classes 0-2 each one channel, class 4 the
+    dark images, 5-9 mixtures of channels) and, with
     ``backdoor``, class 3 = 40 x (mean of channel 0's bottom-right 2x2 corner) - 24: silent on clean images, on
     when the corner is bright."""
     w = np.zeros((4, K), np.float32)
     w[0, 0] = w[1, 1] = w[2, 2] = 8.0
     w[:3, 4] = -8.0
-    bias = np.array([-4, -4, -4, -100, 8.4], np.float32)
+    bias = np.array([-4, -4, -4, -100, 8.4, -3.5, -3.5, -3.5, -3.3, -2.9], np.float32)
+    w[[0, 1], 5] = w[[1, 2], 6] = w[[0, 2], 7] = 4.0  # two channels alike
+    w[:3, 8] = 8.0 / 3.0  # all three alike
+    w[0, 9] = 6.0  # channel 0, a flatter slope
     if backdoor:
         w[3, 3], bias[3] = 40.0, -24.0
     inits = [
@@ -87,7 +91,7 @@ def test_nc_finds_the_planted_corner_trigger(tmp_path: Path) -> None:
 
 def test_the_corner_trigger_is_small_only_where_the_backdoor_is(tmp_path: Path) -> None:
     """Neural Cleanse itself (onnxclp.defences.cleanse) on both twins through the torch bridge: class 3's mask is a
-    few pixels where the corner path exists and the largest of all where it does not; the run is deterministic."""
+    few pixels where the corner path exists and nearly the whole image where it does not; the run is deterministic."""
     import torch
 
     from onnxclp.bridge import to_torch
@@ -100,12 +104,11 @@ def test_the_corner_trigger_is_small_only_where_the_backdoor_is(tmp_path: Path) 
             x = torch.from_numpy(d["x_test"]).permute(0, 3, 1, 2).float() / 255
             y = torch.from_numpy(d["y_test"]).long()
         module = to_torch(model).eval()
-        runs = [cleanse(module, x, y, K, steps=60) for _ in range(1 if not backdoor else 2)]
-        found[backdoor] = runs[0]
-        if backdoor:
-            assert runs[0].l1 == runs[1].l1  # seeded: the same masks twice
+        found[backdoor] = cleanse(module, x, y, K)
+        if backdoor:  # seeded: the same masks twice (a short run)
+            assert cleanse(module, x, y, K, steps=20).l1 == cleanse(module, x, y, K, steps=20).l1
     assert found[True].target == 3 and found[True].l1[3] < 8, found[True].l1
-    assert found[False].l1[3] == max(found[False].l1) and found[False].l1[3] > 50, found[False].l1
+    assert found[False].l1[3] > 200, found[False].l1  # nearly the whole 16 x 16 image, and still not reached
     assert found[False].success[3] < 0.5  # no trigger reaches class 3 without its path
 
 

@@ -247,7 +247,9 @@ def scan(
     detector: Annotated[
         list[str] | None,
         typer.Option(
-            "--detector", help="Model-level detectors (default: classifier; mmbd too when torch is installed)."
+            "--detector",
+            help="Model-level detectors (default: classifier; mmbd too when torch is installed; nc too with "
+            "--clean-data).",
         ),
     ] = None,
     fpr: Annotated[

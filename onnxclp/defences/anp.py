@@ -372,17 +372,19 @@ def choose_count(order: Sequence[tuple[str, int]], limit: int, measure: Callable
     neurons of the 48 that remove the backdoor). So: the drop is measured at every count of :func:`count_grid`
     up to ``limit`` (stopping once one is :data:`PAST` points over the budget), then by bisection between the
     last grid count within the budget and the next; a non-decreasing curve is fitted to all of them (isotonic
-    regression, :func:`onnxclp.guard.isotonic`), and the count is the largest whose fitted **and** measured drops
-    are both within ``budget`` (so the guard's final check on the same images passes). ``measure(count)`` is
-    the correctness per validation image with that many pruned. Returns the count and every trial (count,
-    accuracy, drop, within, fitted) in the order measured."""
+    regression, :func:`onnxclp.guard.isotonic`), and the count is the largest whose fitted drop is within
+    ``budget`` and whose measured drop's one-sided upper bound (:meth:`onnxclp.guard.Drop.bound`, the selection
+    margin every repair's choice has) is within it too; the bisection reads the same bound. ``measure(count)`` is
+    the correctness per selection image with that many pruned. Returns the count and every trial (count,
+    accuracy, drop, bound, within, fitted) in the order measured."""
     from onnxclp.guard import isotonic, paired_drop
 
     trials: list[dict[str, Any]] = []
 
     def trial(count: int) -> float:
         d = paired_drop(right_before, measure(count))
-        trials.append({"count": count, "acc": d.acc_after, "drop": d.drop, "within": d.drop <= budget + 1e-9})
+        trials.append({"count": count, "acc": d.acc_after, "drop": d.drop, "bound": d.bound(),
+                       "within": d.bound() <= budget + 1e-9})  # fmt: skip
         return d.drop
 
     grid = count_grid(max(0, min(limit, len(order))))
@@ -395,8 +397,8 @@ def choose_count(order: Sequence[tuple[str, int]], limit: int, measure: Callable
         return dict(zip([c for c, _ in pts], isotonic(np.array([d for _, d in pts])).tolist(), strict=True))
 
     def best_of(fit: dict[int, float]) -> int:
-        raw = {t["count"]: t["drop"] for t in trials}
-        ok = [c for c in fit if fit[c] <= budget + 1e-9 and raw[c] <= budget + 1e-9]
+        within = {t["count"]: t["within"] for t in trials}
+        ok = [c for c in fit if fit[c] <= budget + 1e-9 and within[c]]
         return max(ok) if ok else 0
 
     best = best_of(fitted())
@@ -405,7 +407,8 @@ def choose_count(order: Sequence[tuple[str, int]], limit: int, measure: Callable
         lo, hi = best, above[0]
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if trial(mid) <= budget + 1e-9 else (lo, mid)
+            trial(mid)
+            lo, hi = (mid, hi) if trials[-1]["within"] else (lo, mid)
         best = best_of(fitted())
     fit = fitted()
     for t in trials:

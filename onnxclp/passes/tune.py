@@ -164,8 +164,8 @@ def run(state: State) -> PassResult:
             right, _ = predictions(trial, "sel")
             d = paired_drop(right_sel, right)
             within = d.bound() <= budget + 1e-9  # the one-sided 90 % bound (onnxclp.guard.SELECT_Z)
-            back.append({**{k: trial[k] for k in names}, "val_drop": d.drop, "bound": d.bound(),
-                         "within": within})  # fmt: skip
+            back.append({**{k: trial[k] for k in names}, "drop": d.drop, "bound": d.bound(), "within": within,
+                         "part": clean.selection_name})  # fmt: skip
             if back[-1]["within"]:
                 values = dict(trial)
                 break
@@ -174,9 +174,9 @@ def run(state: State) -> PassResult:
         if len(back) > 1:
             clean.mark_selection(state.guard)
             line += (
-                f"; over budget on the {clean.selection_name} images ({back[0]['val_drop']:.1f} pt), stepped back to "
+                f"; over budget on the {clean.selection_name} images ({back[0]['drop']:.1f} pt), stepped back to "
                 + ", ".join(f"{k}={values[k]:g}" for k in names)
-                + (f" ({back[-1]['val_drop']:.1f} pt)" if back[-1]["within"] else " (the weakest; still over)")
+                + (f" ({back[-1]['drop']:.1f} pt)" if back[-1]["within"] else " (the weakest; still over)")
             )
     chosen = {n: values[n] for n in names}
     state.params = replace(state.params, values=values)
