@@ -286,7 +286,7 @@ def scan(
         typer.Option(
             "--clean-data",
             help="Clean labelled images of the models' task (as sanitize's --clean-data): the few-shot detector "
-            "'nc' (Neural Cleanse, about two minutes per CIFAR-10 ResNet on two CPU cores) runs on them.",
+            "'nc' (Neural Cleanse, about 3 minutes per CIFAR-10 ResNet-14 on two CPU cores) runs on them.",
         ),
     ] = None,
     clean_n: Annotated[int, typer.Option("--clean-n", help="How many clean images are read (seeded subset).")] = 500,

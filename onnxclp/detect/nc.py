@@ -6,7 +6,7 @@ the smallest of ``K`` normals; target: that class.
 The few-shot detector of ``scan --clean-data`` (issue 20): ``scan`` runs it beside the default detectors when clean
 labelled images are given (the same ``--clean-data``/``--clean-n`` as ``sanitize``); it needs torch (the ``eval``
 extra). Named with ``--detector nc`` but without images or torch, it is skipped, and the report says why. Cost: ``K`` x :data:`onnxclp.defences.cleanse.STEPS` forward and backward passes of 64
-images, about two minutes for a CIFAR-10 ResNet on two CPU cores (docs/detect.md, "Neural Cleanse"): opt in with
+images: 169 s for a CIFAR-10 ResNet-14 with 500 images on two idle CPU cores (docs/detect.md): opt in with
 clean data, never part of the ten-second default. Models with fewer than :data:`MIN_CLASSES` classes are skipped,
 with the reason.
 """
