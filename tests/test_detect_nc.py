@@ -19,11 +19,11 @@ pytest.importorskip("onnxruntime")
 K, S = 10, 16  # classes (the detector needs at least 10), image side
 
 
-def patch_model(backdoor: bool) -> onnx.ModelProto:
+def patch_model(backdoor: bool, nhwc: bool = False) -> onnx.ModelProto:
     """An identity 1x1 Conv, then scores from the three channel means (classes 0-2 each one channel, class 4 the
     dark images, 5-9 mixtures of channels) and, with
     ``backdoor``, class 3 = 40 x (mean of channel 0's bottom-right 2x2 corner) - 24: silent on clean images, on
-    when the corner is bright."""
+    when the corner is bright. ``nhwc``: the input is N x H x W x C, transposed first (a TensorFlow-style export)."""
     w = np.zeros((4, K), np.float32)
     w[0, 0] = w[1, 1] = w[2, 2] = 8.0
     w[:3, 4] = -8.0
@@ -42,7 +42,8 @@ def patch_model(backdoor: bool) -> onnx.ModelProto:
         numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
     ]
     nodes = [
-        helper.make_node("Conv", ["x", "Wid"], ["h"]),
+        *([helper.make_node("Transpose", ["x"], ["xc"], perm=[0, 3, 1, 2])] if nhwc else []),
+        helper.make_node("Conv", ["xc" if nhwc else "x", "Wid"], ["h"]),
         helper.make_node("GlobalAveragePool", ["h"], ["g"]),
         helper.make_node("Flatten", ["g"], ["gf"]),
         helper.make_node("Slice", ["h", "starts", "ends", "axes"], ["corner"]),
@@ -54,7 +55,7 @@ def patch_model(backdoor: bool) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "patch",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, S, S])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", S, S, 3] if nhwc else ["N", 3, S, S])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K])],
         inits,
     )
@@ -73,13 +74,15 @@ def clean_set(model: onnx.ModelProto, path: Path, n: int = 200) -> Path:
     for i, t in enumerate(tint):
         x[i] = x[i] * 0.4 if t == 3 else x[i] * 0.7 + 0.3 * (np.arange(3) == t)[:, None, None]
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y = sess.run(None, {"x": x})[0].argmax(1)
+    nhwc = sess.get_inputs()[0].shape[-1] == 3
+    y = sess.run(None, {"x": x.transpose(0, 2, 3, 1) if nhwc else x})[0].argmax(1)
     np.savez(path, x_test=(x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8), y_test=y)
     return path
 
 
-def test_nc_finds_the_planted_corner_trigger(tmp_path: Path) -> None:
-    model = patch_model(backdoor=True)
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
+def test_nc_finds_the_planted_corner_trigger(tmp_path: Path, nhwc: bool) -> None:
+    model = patch_model(backdoor=True, nhwc=nhwc)
     data = clean_set(model, tmp_path / "clean.npz")
     assert 3 not in set(np.load(data)["y_test"].tolist())  # class 3 never fires on the clean images
     entry = scan(save(model, tmp_path / "b.onnx"), detectors=("nc",), context={"scan_clean_data": data})

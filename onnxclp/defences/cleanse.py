@@ -21,8 +21,8 @@ Where onnxclp's reading differs:
 - The statistic becomes a p-value as the smallest of ``K`` normals, ``1 - Phi(index)^K``; the gate recalibrates it on
   clean models like every detector's (:mod:`onnxclp.detect._null`).
 
-Inputs are pixel images (N, C, H, W) in [0, 1]; ``forward`` maps them to the model's scores (normalisation and
-layout are the caller's).
+Inputs are pixel images (N, C, H, W) in [0, 1] on the model's device; ``forward`` maps them to the model's scores
+(normalisation and layout are the caller's).
 """
 
 from __future__ import annotations
@@ -64,14 +64,15 @@ def reverse_trigger(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
     the mask (H x W) and the share of ``x`` the final trigger sends to ``target``."""
     gen = torch.Generator().manual_seed(seed)
     _, c, h, w = x.shape
-    m_raw = torch.full((1, 1, h, w), -2.0, requires_grad=True)
-    p_raw = (torch.rand((1, c, h, w), generator=gen) * 2 - 1).requires_grad_(True)
+    dev = x.device  # the generator stays on the CPU: the same draws on every device
+    m_raw = torch.full((1, 1, h, w), -2.0, device=dev, requires_grad=True)
+    p_raw = (torch.rand((1, c, h, w), generator=gen) * 2 - 1).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([m_raw, p_raw], lr=LR, betas=(0.5, 0.9))
     lam, up, down = LAMBDA, 0, 0
     n = min(batch, len(x))
-    labels = torch.full((n,), target, dtype=torch.long)
+    labels = torch.full((n,), target, dtype=torch.long, device=dev)
     for _ in range(steps):
-        idx = torch.randint(0, len(x), (n,), generator=gen)
+        idx = torch.randint(0, len(x), (n,), generator=gen).to(dev)
         m, p = torch.sigmoid(m_raw), (torch.tanh(p_raw) + 1) / 2
         scores = forward((1 - m) * x[idx] + m * p)
         loss = F.cross_entropy(scores, labels) + lam * m.sum()
@@ -88,7 +89,7 @@ def reverse_trigger(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
         m, p = torch.sigmoid(m_raw), (torch.tanh(p_raw) + 1) / 2
         hits = sum(int((forward((1 - m) * x[i : i + 256] + m * p).argmax(1) == target).sum())
                    for i in range(0, len(x), 256))  # fmt: skip
-    return m[0, 0].detach().numpy(), hits / max(len(x), 1)
+    return m[0, 0].detach().cpu().numpy(), hits / max(len(x), 1)
 
 
 def anomaly_index(l1: np.ndarray) -> float:

@@ -65,8 +65,10 @@ class NeuralCleanse(Detector):
             x = x.permute(0, 3, 1, 2)
         given = normaliser((channels, *hw), ctx.get("mean"), ctx.get("std"), 1, "cpu")
         pixels = (x * given[1] + given[0] if given is not None else x).float().clamp(0, 1)
-        to_model = normaliser((channels, *hw), mean, std, 1, "cpu")
-        module = model_run(state).module.cpu().eval()
+        run = model_run(state)  # --device: cuda when asked (or auto and present), else cpu
+        module = run.module.eval()
+        pixels, y = pixels.to(run.device), y.to(run.device)
+        to_model = normaliser((channels, *hw), mean, std, 1, run.device)
         for p in module.parameters():
             p.requires_grad_(False)
 
