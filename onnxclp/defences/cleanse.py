@@ -93,10 +93,11 @@ def reverse_trigger(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
 
 
 def anomaly_index(l1: np.ndarray) -> float:
-    """``(median - min) / (1.4826 * MAD)`` of the classes' mask norms (Neural Cleanse, section IV-B)."""
-    med = float(np.median(l1))
-    mad = float(np.median(np.abs(l1 - med))) * 1.4826
-    return (med - float(l1.min())) / max(mad, 1e-9)
+    """``(median - min) / (1.4826 * MAD)`` of the classes' mask norms (Neural Cleanse, section IV-B): the robust
+    z-score of the smallest (:func:`onnxclp.detect.classifier.anomaly_index` of the negated norms)."""
+    from onnxclp.detect.classifier import anomaly_index as robust_z
+
+    return float(robust_z(-np.asarray(l1, dtype=np.float64)).max())
 
 
 def cleanse(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,

@@ -32,6 +32,16 @@ class ModelRun:
         mean, std = (self.mean, self.std) if mean is None and std is None else (mean, std)
         return SyntheticInput(self.input_shape, mean=mean, std=std, channel_axis=self.channel_axis, device=self.device)
 
+    def normalization(self, model: Any) -> tuple[list[float] | None, list[float] | None, str]:
+        """(mean, std, where from) of ``model``'s input: ``--mean``/``--std``, else what the model records in its
+        metadata (:mod:`onnxclp.eval.normalize`), else none (images in [0, 1] fed as they are)."""
+        if self.mean is not None or self.std is not None:
+            return self.mean, self.std, "--mean/--std"
+        from onnxclp.eval.normalize import normalization_from_metadata
+
+        found = normalization_from_metadata(model)
+        return (found[0], found[1], "metadata") if found else (None, None, "none: images in [0, 1]")
+
 
 def model_run(state: State) -> ModelRun:
     """The state's model as a torch module, with its input geometry (exit 3 naming an op the bridge lacks)."""

@@ -51,12 +51,7 @@ class MMBD(Detector):
         from onnxclp.defences.run import model_run
 
         r = model_run(state)
-        mean, std, norm = r.mean, r.std, "--mean/--std"
-        if mean is None and std is None:
-            from onnxclp.eval.normalize import normalization_from_metadata
-
-            found = normalization_from_metadata(state.model)
-            mean, std, norm = (found[0], found[1], "metadata") if found else (None, None, "none: images in [0, 1]")
+        mean, std, norm = r.normalization(state.model)
         result = mmbd(r.module, r.inputs(mean, std), steps=STEPS, restarts=RESTARTS, lr=LR)
         margins = ", ".join(f"{m:.1f}" for m in result.margins)
         return DetectorResult(

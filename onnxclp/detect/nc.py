@@ -52,20 +52,15 @@ class NeuralCleanse(Detector):
         from onnxclp.methods._fewshot import clean_images, input_layout
 
         layout, channels, hw = input_layout(state)
-        mean, std, norm = ctx.get("mean"), ctx.get("std"), "--mean/--std"
-        if mean is None and std is None:
-            from onnxclp.eval.normalize import normalization_from_metadata
-
-            found = normalization_from_metadata(state.model)
-            mean, std, norm = (found[0], found[1], "metadata") if found else (None, None, "none: images in [0, 1]")
+        run = model_run(state)  # --device: cuda when asked (or auto and present), else cpu
+        mean, std, norm = run.normalization(state.model)
         images = SimpleNamespace(model=state.model, params=state.params,
                                  options=replace(state.options, context={**ctx, "clean_data": data}))  # fmt: skip
         x, y, what = clean_images(images)  # type: ignore[arg-type]  # normalised with --mean/--std, model layout
         if layout == "nhwc":
             x = x.permute(0, 3, 1, 2)
-        given = normaliser((channels, *hw), ctx.get("mean"), ctx.get("std"), 1, "cpu")
+        given = normaliser((channels, *hw), run.mean, run.std, 1, "cpu")  # what clean_images applied
         pixels = (x * given[1] + given[0] if given is not None else x).float().clamp(0, 1)
-        run = model_run(state)  # --device: cuda when asked (or auto and present), else cpu
         module = run.module.eval()
         pixels, y = pixels.to(run.device), y.to(run.device)
         to_model = normaliser((channels, *hw), mean, std, 1, run.device)
