@@ -72,7 +72,7 @@ def main() -> None:
     import torch
 
     from onnxclp.api import sanitize_file
-    from onnxclp.errors import OnnxclpError
+    from onnxclp.errors import EXIT_REFUSED, OnnxclpError
     from onnxclp.eval.api import evaluate
 
     torch.set_num_threads(args.threads)
@@ -115,20 +115,29 @@ def main() -> None:
                         ctx["clean_data"], ctx["clean_n"] = n, 500
                     row = {"model": folder.name, "method": method, "clean_n": n}
                     t0 = time.perf_counter()
-                    try:
-                        rep = sanitize_file(src, out, method, context=ctx)
+                    try:  # forced, so that a result the guard refuses is measured too (the row says refused)
+                        rep = sanitize_file(src, out, method, context=ctx, force=True)  # defaults: not risky
                     except OnnxclpError as exc:
                         row.update(refused=exc.message, exit=exc.exit_code, seconds=time.perf_counter() - t0)
                     else:
                         row["seconds"] = time.perf_counter() - t0
-                        row["acc"], row["asr"] = measure(out, cfg)
+                        acc, asr = measure(out, cfg)
                         g = rep.guard or {}
                         row.update(val_before=g.get("acc_before"), val_after=g.get("acc_after"),
                                    pruned=rep.totals()["pruned_channels"], rewritten=len(rep.rewritten),
                                    added=len(rep.added_nodes), n_select=g.get("n_select"),
                                    selected_on_validation=g.get("selected_on_validation"))  # fmt: skip
+                        if g.get("drop") is not None:  # the guard's final check (onnxclp.guard.decide)
+                            row["guard"] = {k: g.get(k) for k in ("drop", "se", "bound", "confidence", "n_val",
+                                                                  "changed_predictions", "accepted")}  # fmt: skip
                         if g.get("tuned"):  # the strength the guard chose on the fit images (passes/tune.py)
                             row["tuned"] = g["tuned"]["parameters"]
+                        if g and g.get("accepted") is False:  # what a user gets: nothing written (exit 5)
+                            row.update(refused=f"guard: drop {g['drop']:.1f} pt, {100 * g['confidence']:.0f}% "
+                                       f"bound {g['bound']:.1f} pt on {g['n_val']} images", exit=EXIT_REFUSED,
+                                       forced_acc=acc, forced_asr=asr)  # fmt: skip
+                        else:
+                            row["acc"], row["asr"] = acc, asr
                     print(json.dumps(row), flush=True)
                     results["runs"] = [r for r in results["runs"]
                                        if (r["model"], r["method"], r["clean_n"]) != (folder.name, method, n)]  # fmt: skip
@@ -164,6 +173,8 @@ def write_markdown(results: dict, out: Path) -> None:
                 r = next((r for r in rows if r["model"] == model and r["method"] == m), None)
                 if r is None:
                     cells.append("")
+                elif "refused" in r and "forced_acc" in r:  # the guard refused: measured anyway, in brackets
+                    cells.append(f"refused [{r['forced_acc']:.1f} / {r['forced_asr']:.1f}] ({_secs(r['seconds'])} s)")
                 elif "refused" in r:
                     cells.append(f"refused (exit {r['exit']}, {_secs(r['seconds'])} s)")
                 else:

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 from onnxclp.errors import EXIT_REFUSED, OnnxclpError
-from onnxclp.guard import GuardResult, Refused, choose_strongest, decide, paired_drop, split_indices, split_parts
+from onnxclp.guard import (
+    GuardResult,
+    Refused,
+    choose_strongest,
+    decide,
+    images_needed,
+    paired_drop,
+    split_indices,
+    split_parts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 needs_eval = pytest.mark.skipif(
@@ -98,12 +107,45 @@ def test_decide_refuses_over_budget_unless_forced():
     g = GuardResult(400, 100, 0.2, 3.0, 1.0)
     decide(g, paired_drop(before, after), 0.1, force=True)
     assert g.forced and not g.accepted and any("WARNING" in n for n in g.notes)
-    g = GuardResult(400, 100, 0.2, 3.0, 1.0)
+    g = GuardResult(400, 100, 0.2, 3.0, 1.0, confidence=0.5)  # 0.5: the measured drop alone decides
     after = before.copy()
     after[:2] = False
     decide(g, paired_drop(before, after), 0.02, force=False)
-    assert g.accepted and g.drop == pytest.approx(2.0)
+    assert g.accepted and g.drop == pytest.approx(2.0) and g.bound == pytest.approx(2.0)
     assert "accepted" in g.summary()
+
+
+def test_decide_refuses_what_the_images_cannot_show_within_budget():
+    """The default check reads the drop's one-sided 90 % bound: a result that changed many of 100 images and
+    measured 2 points (the session-7 BppAttack case: 8.5 points on the test images) is not shown within 3."""
+    before = np.zeros(100, bool)
+    before[:80] = True
+    after = before.copy()
+    after[:11] = False  # 11 lost ...
+    after[80:89] = True  # ... 9 gained: drop 2.0, 20 changed, se ~ 4.5
+    d = paired_drop(before, after)
+    assert d.drop == pytest.approx(2.0) and d.changed == 20
+    g = GuardResult(300, 100, 0.2, 3.0, 0.8)
+    with pytest.raises(Refused) as exc:
+        decide(g, d, 0.2, force=False)
+    assert g.confidence == 0.9 and g.bound == pytest.approx(2.0 + 1.2816 * d.se, abs=1e-3)
+    assert "cannot show" in exc.value.message and "--clean-n" in exc.value.message
+    # sd per image (ddof 1) 44.9 points -> (1.2816 * 44.9 / 1.0)^2 = 3,312 images; 5x that at 20 %
+    assert images_needed(d, 3.0) == 3312
+    assert "about 3312 validation" in exc.value.message and "--clean-n about 16600" in exc.value.message
+    assert images_needed(d, 2.0) is None
+    forced = decide(GuardResult(300, 100, 0.2, 3.0, 0.8), d, 0.2, force=True)
+    assert forced.forced and not forced.accepted
+    assert decide(GuardResult(300, 100, 0.2, 3.0, 0.8, confidence=0.5), d, 0.2, force=False).accepted
+    # the same share lost on 500 images with few changed: measured tightly, accepted at the default
+    before = np.ones(500, bool)
+    after = before.copy()
+    after[:3] = False
+    g = decide(GuardResult(1500, 500, 0.2, 3.0, 1.0), paired_drop(before, after), 0.006, force=False)
+    assert g.accepted and g.bound is not None and g.drop < g.bound < 3.0
+    assert "90% bound" in g.summary()
+    with pytest.raises(OnnxclpError, match="--confidence"):
+        decide(GuardResult(1500, 500, 0.2, 3.0, 1.0, confidence=1.0), paired_drop(before, after), 0.0, False)
 
 
 def _self_labelled(tmp_path: Path, n: int = 300) -> tuple[Path, Path]:
@@ -145,7 +187,7 @@ def test_guard_refuses_a_damaging_prune_and_writes_nothing(tmp_path):
              "--max-acc-drop", "0")  # fmt: skip
     # --force also admits an over-budget result (with a warning): without it the same run is refused
     assert r.returncode == 0, r.stderr
-    assert "FORCED over budget" in r.stderr or "accepted" in r.stderr
+    assert "FORCED past the budget" in r.stderr or "accepted" in r.stderr
     out.unlink(missing_ok=True)
     import json
 

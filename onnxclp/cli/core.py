@@ -144,6 +144,14 @@ def sanitize(
         float,
         typer.Option("--max-acc-drop", help="Budget in points of clean accuracy: a result losing more is not written."),
     ] = 3.0,
+    confidence: Annotated[
+        float,
+        typer.Option(
+            "--confidence",
+            help="How sure the final check must be that the result is within --max-acc-drop: it accepts when the "
+            "drop's one-sided upper bound at this confidence is in budget (0.5: the measured drop alone).",
+        ),
+    ] = 0.9,
     calibrate_grid: Annotated[
         str | None, typer.Option("--calibrate-grid", help="Candidate u the guard tries with clean data [0.5:8:0.25].")
     ] = None,
@@ -181,7 +189,7 @@ def sanitize(
             require_extra("eval", "onnxruntime", "torch")
             context.update(clean_data=data, clean_n=clean_n, x_key=x_key, y_key=y_key,
                            val_fraction=val_fraction, select_fraction=select_fraction,
-                           max_acc_drop=max_acc_drop)  # fmt: skip
+                           max_acc_drop=max_acc_drop, guard_confidence=confidence)  # fmt: skip
             if data.strip().lower().startswith("synthetic"):  # issue 21: made from the model, not read
                 from onnxclp.defences.synth import parse_spec
 

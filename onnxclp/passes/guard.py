@@ -20,6 +20,7 @@ import onnx
 
 from onnxclp.errors import OnnxclpError
 from onnxclp.guard import (
+    DEFAULT_CONFIDENCE,
     DEFAULT_MAX_ACC_DROP,
     DEFAULT_VAL_FRACTION,
     MIN_FIT,
@@ -29,6 +30,7 @@ from onnxclp.guard import (
     paired_drop,
     split_indices,
     split_parts,
+    z_of,
 )
 from onnxclp.pipeline import PassResult, State
 
@@ -260,12 +262,15 @@ def split(state: State) -> PassResult:
     budget = float(ctx["max_acc_drop"]) if ctx.get("max_acc_drop") is not None else DEFAULT_MAX_ACC_DROP
     if budget < 0:
         raise OnnxclpError(f"--max-acc-drop must be >= 0, got {budget:g}")
+    confidence = float(ctx["guard_confidence"]) if ctx.get("guard_confidence") is not None else DEFAULT_CONFIDENCE
+    z_of(confidence)  # a clear error before any work
     result = GuardResult(
         n_fit=len(clean.fit),
         n_val=len(clean.val),
         val_fraction=float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION),
         budget=budget,
         acc_before=float("nan"),
+        confidence=confidence,
         metric=clean.metric,
         data=clean.what,
     )

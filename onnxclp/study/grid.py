@@ -75,8 +75,8 @@ __all__ = [
 
 
 #: What a written cell records of the accuracy guard's report entry (``report.guard``).
-GUARD_KEYS = ("n_fit", "n_val", "acc_before", "acc_after", "drop", "ci95", "p_within", "accepted", "forced",
-              "selected_on_validation")  # fmt: skip
+GUARD_KEYS = ("n_fit", "n_val", "acc_before", "acc_after", "drop", "bound", "confidence", "changed", "ci95",
+              "p_within", "accepted", "forced", "selected_on_validation")  # fmt: skip
 #: Prepared (model, attack) groups a worker keeps (CIFAR-10, 10,000 images: ~250 MB each, float32).
 KEEP_PREPARED = 2
 
@@ -436,7 +436,8 @@ def _guard_entry(guard: Mapping[str, Any] | None, force: bool) -> dict[str, Any]
 
         fields = {k: v for k, v in guard.items() if k in GuardResult.__dataclass_fields__}
         result = GuardResult(**{**fields, "notes": [], "forced": False})
-        drop = Drop(guard["acc_before"], guard["acc_after"], guard["drop"], guard["se"] or 0.0, guard["n_val"], 0)
+        drop = Drop(guard["acc_before"], guard["acc_after"], guard["drop"], guard["se"] or 0.0, guard["n_val"],
+                    guard.get("changed") or 0)  # fmt: skip
         decide(result, drop, guard.get("changed_predictions") or 0.0, False)  # raises Refused
     out = {k: guard.get(k) for k in GUARD_KEYS}
     if out["ci95"] is not None:
