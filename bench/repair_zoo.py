@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results-repair.json")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results-repair.md")
     ap.add_argument("--force", action="store_true", help="re-measure entries already in the JSON")
+    ap.add_argument("--val-fraction", type=float, default=None, help="the guard's --val-fraction (default 0.2)")
+    ap.add_argument("--select-fraction", type=float, default=None, help="the guard's --select-fraction")
     args = ap.parse_args()
     import torch
 
@@ -108,7 +110,8 @@ def main() -> None:
                     src = folder / ("model.bn.onnx" if method == "bnp" else "model.onnx")
                     out = Path(tmp) / f"{folder.name}-{method}.onnx"
                     ctx = {"clean_data": clean, "clean_n": n, "mean": norm.get("mean"), "std": norm.get("std"),
-                           "quiet": True}  # fmt: skip
+                           "quiet": True, "val_fraction": args.val_fraction,
+                           "select_fraction": args.select_fraction}  # fmt: skip
                     if n == 0:  # data-free: nothing but the ONNX file (and the normalisation)
                         ctx = {k: v for k, v in ctx.items() if k not in ("clean_data", "clean_n")}
                     elif isinstance(n, str):

@@ -8,7 +8,7 @@ EXIT_OUTLIERS = 1  # `scan --fail-on-outliers` found flagged channels
 EXIT_BAD_INPUT = 2  # usage error, missing/corrupt/hostile file
 EXIT_NOTHING = 3  # no scored layer: nothing can be sanitized
 EXIT_INTERNAL = 4  # a bug in onnxclp (traceback with --debug)
-EXIT_REFUSED = 5  # sanitize: the result lost more clean accuracy than --max-acc-drop (nothing written)
+EXIT_REFUSED = 5  # sanitize: the guard cannot show the result within --max-acc-drop (at --confidence; nothing written)
 EXIT_UNVERIFIED = 6  # `scan --fail-on suspicious`: a model no detector could examine (unless --allow-unverified)
 
 

@@ -85,7 +85,7 @@ SPLIT_SEED = 0
 
 
 class Refused(OnnxclpError):
-    """The result lost more clean accuracy than the budget allows on the validation part: not written."""
+    """The guard cannot show the result within the accuracy budget on the validation part: not written."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, EXIT_REFUSED)

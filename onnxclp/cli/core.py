@@ -142,7 +142,11 @@ def sanitize(
     ] = None,
     max_acc_drop: Annotated[
         float,
-        typer.Option("--max-acc-drop", help="Budget in points of clean accuracy: a result losing more is not written."),
+        typer.Option(
+            "--max-acc-drop",
+            help="Budget in points of clean accuracy: a result the guard cannot show within it (at "
+            "--confidence) is not written.",
+        ),
     ] = 3.0,
     confidence: Annotated[
         float,
