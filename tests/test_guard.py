@@ -214,5 +214,9 @@ def test_guard_in_the_report_and_on_the_terminal(tmp_path):
     g = json.loads(report.read_text())["guard"]
     assert g["n_val"] == 100 and g["n_select"] == 100 and g["n_fit"] == 100 and g["acc_before"] == pytest.approx(1.0)
     assert g["accepted"] is True and g["ci95"][0] <= g["drop"] <= g["ci95"][1]
-    assert "guard: clean accuracy 100.0%" in r.stderr
+    assert g["confidence"] == 0.9 and g["bound"] >= g["drop"] and g["changed"] >= 0
+    assert "guard: clean accuracy 100.0%" in r.stderr and "90% bound" in r.stderr
     assert f"report: {report}" in r.stderr
+    r = _cli("sanitize", str(model), str(tmp_path / "o2.onnx"), "--clean-data", str(data), "--clean-n", "300",
+             "--confidence", "1")  # fmt: skip
+    assert r.returncode != 0 and "--confidence must be in [0.5, 1)" in r.stderr
