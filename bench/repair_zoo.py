@@ -41,6 +41,22 @@ METHODS = [
 ]
 
 
+def own_draw(cifar: Path, folder: Path, n_clean: int, model: str, seed: int = 0) -> Path:
+    """``--draw per-model``: the model's own ``n_clean`` images from the 5,000 the test images are not drawn from
+    (seeded by the model's name), as separate users would each have their own."""
+    import zlib
+
+    import numpy as np
+
+    with np.load(cifar, allow_pickle=False) as d:
+        x, y = d["x_test"], d["y_test"]
+    pool = np.random.default_rng(seed).permutation(len(y))[:5000]
+    clean = np.random.default_rng(zlib.crc32(model.encode())).choice(pool, n_clean, replace=False)
+    path = folder / f"clean{n_clean}-{model}.npz"
+    np.savez(path, x_test=x[clean], y_test=y[clean])
+    return path
+
+
 def subsets(cifar: Path, folder: Path, n_clean: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
     import numpy as np
 
@@ -68,6 +84,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results-repair.json")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results-repair.md")
     ap.add_argument("--force", action="store_true", help="re-measure entries already in the JSON")
+    ap.add_argument("--draw", choices=("shared", "per-model"), default="shared",
+                    help="clean images: one draw for every model (default) or each model its own")  # fmt: skip
     ap.add_argument("--val-fraction", type=float, default=None, help="the guard's --val-fraction (default 0.2)")
     ap.add_argument("--select-fraction", type=float, default=None, help="the guard's --select-fraction")
     args = ap.parse_args()
@@ -94,6 +112,8 @@ def main() -> None:
                 return 100 * r.metrics.acc, 100 * r.metrics.asr
 
             for folder in models:
+                if args.draw == "per-model" and isinstance(n, int) and n > 0:
+                    clean = own_draw(args.cifar, Path(tmp), n, folder.name)
                 cfg = folder / "attack.json"
                 norm = json.loads(cfg.read_text()).get("normalize") or {}
                 base = next((r for r in results["runs"] if r["model"] == folder.name and r["method"] == "none"), None)
@@ -117,6 +137,8 @@ def main() -> None:
                     elif isinstance(n, str):
                         ctx["clean_data"], ctx["clean_n"] = n, 500
                     row = {"model": folder.name, "method": method, "clean_n": n}
+                    if args.draw == "per-model":
+                        row["draw"] = "per-model"
                     t0 = time.perf_counter()
                     try:  # forced, so that a result the guard refuses is measured too (the row says refused)
                         rep = sanitize_file(src, out, method, context=ctx, force=True)  # defaults: not risky
