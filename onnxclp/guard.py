@@ -3,8 +3,8 @@
 The clean labelled images the user gives (``--clean-data``) are split once, seeded, into the part a method may
 use (to fit masks, fine-tune, invert triggers) and a **validation part it never sees** (``--val-fraction``,
 default 20 %, at least :data:`MIN_VAL` images). The input model's and the result's clean accuracy are measured
-on the validation part with onnxruntime; a result that loses more than ``--max-acc-drop`` points is not written
-(exit :data:`~onnxclp.errors.EXIT_REFUSED`) unless ``--force``.
+on the validation part with onnxruntime; a result the guard cannot show within ``--max-acc-drop`` points (the
+rule below) is not written (exit :data:`~onnxclp.errors.EXIT_REFUSED`) unless ``--force``.
 
 How sure the guard is. Both models classify the *same* validation images, so the drop is a paired difference:
 with ``d_i = [input right on i] - [result right on i]``, the drop is ``mean(d)`` and its standard error
@@ -283,21 +283,27 @@ def decide(result: GuardResult, drop: Drop, changed: float, force: bool) -> Guar
     result.changed = drop.changed
     conf = f"{100 * result.confidence:.0f}%"
     measured_over = drop.drop > result.budget + 1e-9
-    over = measured_over or result.bound > result.budget + 1e-9
-    result.accepted = not over
+    result.accepted = not measured_over and result.bound <= result.budget + 1e-9
+    if result.accepted:
+        if drop.high > result.budget:
+            result.notes.append(
+                f"guard: the drop's 95% interval reaches {drop.high:.1f} pt, past the {result.budget:g} pt budget "
+                f"(its {conf} bound {result.bound:.1f} is within); more clean images (--clean-n) would tighten it"
+            )
+        return result
+    lost = (
+        f"the result lost {drop.drop:.1f} points of {result.metric} on {result.n_val} validation images "
+        f"({100 * drop.acc_before:.1f}% -> {100 * drop.acc_after:.1f}%"
+    )
     if measured_over:
+        why = f"{lost}; budget --max-acc-drop {result.budget:g})"
+        tries = "a gentler setting, another --method"
+    else:  # within on the measured drop, not on its bound: what would certify it is more images
         why = (
-            f"the result lost {drop.drop:.1f} points of {result.metric} on {result.n_val} validation images "
-            f"({100 * drop.acc_before:.1f}% -> {100 * drop.acc_after:.1f}%; budget --max-acc-drop {result.budget:g})"
+            f"{lost}), but {drop.changed} of them changed correctness, so the drop's {conf} upper bound is "
+            f"{result.bound:.1f} points, past the budget (--max-acc-drop {result.budget:g}): these images cannot "
+            "show it is within"
         )
-    else:
-        why = (
-            f"the result lost {drop.drop:.1f} points of {result.metric} on {result.n_val} validation images "
-            f"({100 * drop.acc_before:.1f}% -> {100 * drop.acc_after:.1f}%), but {drop.changed} of them changed "
-            f"correctness, so the drop's {conf} upper bound is {result.bound:.1f} points, past the budget "
-            f"(--max-acc-drop {result.budget:g}): these images cannot show it is within"
-        )
-    if over and not measured_over:  # what would certify it: the same drop and spread on more images
         need = images_needed(drop, result.budget, result.confidence)
         if need is not None:
             why += (
@@ -305,19 +311,12 @@ def decide(result: GuardResult, drop: Drop, changed: float, force: bool) -> Guar
                 f"(--clean-n about {math.ceil(need / result.val_fraction / 50) * 50} at --val-fraction "
                 f"{result.val_fraction:g})"
             )
-    if over and force:
+        tries = (
+            "more clean images (--clean-n) for a tighter check, a gentler setting, another --method, --confidence "
+            "0.5 to decide on the measured drop alone"
+        )
+    if force:
         result.forced = True
         result.notes.append(f"WARNING: --force wrote a model the guard refuses: {why}")
-    elif over:
-        more = "more clean images (--clean-n) for a tighter check, " if not measured_over else ""
-        raise Refused(
-            f"refused: {why}; nothing written. Try {more}a gentler setting, another --method"
-            + (", --confidence 0.5 to decide on the measured drop alone" if not measured_over else "")
-            + ", or --force to write it anyway"
-        )
-    elif drop.high > result.budget:
-        result.notes.append(
-            f"guard: the drop's 95% interval reaches {drop.high:.1f} pt, past the {result.budget:g} pt budget "
-            f"(its {conf} bound {result.bound:.1f} is within); more clean images (--clean-n) would tighten it"
-        )
-    return result
+        return result
+    raise Refused(f"refused: {why}; nothing written. Try {tries}, or --force to write it anyway")
