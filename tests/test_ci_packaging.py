@@ -75,7 +75,7 @@ def test_action_yml_structure() -> None:
     assert action["runs"]["using"] == "composite"
     inputs = action["inputs"]
     assert set(inputs) >= {"models", "method", "detector", "fail-on", "allow-unverified", "fpr", "sarif",
-                           "python-version", "cache", "extra-args", "summary"}  # fmt: skip
+                           "python-version", "cache", "extra-args", "summary", "torch"}  # fmt: skip
     assert inputs["models"]["required"] is True
     defaults = {k: v.get("default") for k, v in inputs.items()}
     assert defaults["method"] == "clp" and defaults["fail-on"] == "suspicious"
@@ -98,7 +98,12 @@ def test_action_yml_structure() -> None:
     assert locate["id"] == "env" and "pyproject.toml" in locate["run"]
     assert install["env"]["ACTION_PATH"] == "${{ github.action_path }}" and "pip install" in install["run"]
     assert install["env"]["PIP_CACHE_DIR"] == "${{ steps.env.outputs.pip-cache }}"
-    assert "torch" not in install["run"] and "onnxruntime" not in install["run"]
+    assert "onnxruntime" not in install["run"]
+    # torch (for mmbd) only with the input torch, the CPU build on Linux, and before onnxclp
+    assert defaults["torch"] == "true" and install["env"]["INPUT_TORCH"] == "${{ inputs.torch }}"
+    run = install["run"]
+    assert "download.pytorch.org/whl/cpu" in run and run.index("torch") < run.index('"$ACTION_PATH"')
+    assert 'case "$INPUT_TORCH" in' in run and "exit 2" in run
     # one scan, which records the exit code and the outputs; the last step fails the action with that code
     assert scan["id"] == "scan" and "ci/action-scan.sh" in scan["run"] and scan["run"].endswith("|| true")
     assert gate["env"]["RC"] == "${{ steps.scan.outputs.exit-code }}" and gate["run"] == 'exit "${RC:-4}"'
@@ -108,6 +113,45 @@ def test_action_yml_structure() -> None:
     names = ["models", "method", "detector", "fail-on", "allow-unverified", "fpr", "sarif", "extra-args", "summary"]
     for name in names:
         assert mapped[f"INPUT_{name.upper().replace('-', '_')}"] == f"${{{{ inputs.{name} }}}}"
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# stands in for python: '-m venv DIR' makes DIR/bin/python (this stub); anything else is logged
+if [[ "$1 $2" == "-m venv" ]]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0; fi
+echo "$*" >>"$STUB_LOG"
+"""
+
+
+@pytest.mark.parametrize(("torch", "runner_os"), [("true", "Linux"), ("true", "macOS"), ("false", "Linux")])
+def test_action_install_step_installs_torch_as_asked(tmp_path: Path, torch: str, runner_os: str) -> None:
+    """The install step's script, run with a stub python: torch's CPU build (Linux) and scipy before onnxclp
+    with torch true, onnxclp alone with false."""
+    action = yaml.safe_load((ROOT / "action.yml").read_text(encoding="utf-8"))
+    install = next(s for s in action["runs"]["steps"] if s.get("name") == "Install onnxclp")
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    log = tmp_path / "log"
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(stub), "RUNNER_TEMP": str(tmp_path), "RUNNER_OS": runner_os,
+           "INPUT_TORCH": torch, "ACTION_PATH": "/the/action", "STUB_LOG": str(log)}  # fmt: skip
+    proc = subprocess.run(["bash", "-c", install["run"]], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in log.read_text().splitlines() if " install " in line]  # not the import check
+    assert lines[-1].endswith("install --disable-pip-version-check --quiet /the/action")
+    if torch == "false":
+        assert len(lines) == 1
+    else:
+        assert lines[0].endswith(" torch") and lines[1].endswith(" scipy")
+        assert ("download.pytorch.org/whl/cpu" in lines[0]) == (runner_os == "Linux")
+
+
+def test_action_install_step_refuses_a_bad_torch_input(tmp_path: Path) -> None:
+    action = yaml.safe_load((ROOT / "action.yml").read_text(encoding="utf-8"))
+    install = next(s for s in action["runs"]["steps"] if s.get("name") == "Install onnxclp")
+    env = {"PATH": os.environ["PATH"], "PYTHON": "false", "RUNNER_TEMP": str(tmp_path), "INPUT_TORCH": "yes"}
+    proc = subprocess.run(["bash", "-c", install["run"]], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "input 'torch' must be true or false" in proc.stdout
+    assert not (tmp_path / "onnxclp-venv").exists()
 
 
 def test_examples_parse() -> None:
