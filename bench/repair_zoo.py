@@ -88,7 +88,20 @@ def main() -> None:
                     help="clean images: one draw for every model (default) or each model its own")  # fmt: skip
     ap.add_argument("--val-fraction", type=float, default=None, help="the guard's --val-fraction (default 0.2)")
     ap.add_argument("--select-fraction", type=float, default=None, help="the guard's --select-fraction")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a method parameter for every method run (e.g. distill_mix=1); the rows record it",
+    )
     args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item}: expected NAME=VALUE")
+        overrides[key.replace("-", "_")] = float(value) if value.replace(".", "", 1).isdigit() else value
     import torch
 
     from onnxclp.api import sanitize_file
@@ -139,9 +152,13 @@ def main() -> None:
                     row = {"model": folder.name, "method": method, "clean_n": n}
                     if args.draw == "per-model":
                         row["draw"] = "per-model"
+                    if overrides:
+                        row["set"] = overrides
                     t0 = time.perf_counter()
                     try:  # forced, so that a result the guard refuses is measured too (the row says refused)
-                        rep = sanitize_file(src, out, method, context=ctx, force=True)  # defaults: not risky
+                        rep = sanitize_file(
+                            src, out, method, context=ctx, force=True, **overrides
+                        )  # defaults: not risky
                     except OnnxclpError as exc:
                         row.update(refused=exc.message, exit=exc.exit_code, seconds=time.perf_counter() - t0)
                     else:

@@ -158,3 +158,31 @@ def test_a_refused_repair_writes_nothing(exported, tmp_path):
         onnxclp.sanitize_file(src, out, method="fst", context=ctx, epochs=1, lr=0.5, distill=0.0)
     assert exc.value.exit_code == 5 and "nothing written" in exc.value.message
     assert not out.exists()
+
+
+def test_blend_mixes_each_image_with_another_of_its_batch_deterministically():
+    import torch
+
+    from onnxclp.defences.repair import blend
+
+    x = torch.stack([torch.full((3, 4, 4), float(k)) for k in range(8)])
+    a = blend(x, torch.Generator().manual_seed(3))
+    b = blend(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)  # seeded
+    assert a.shape == x.shape
+    for img in a:  # a constant image: lam * i + (1 - lam) * j lies between two images' values
+        assert torch.allclose(img, img.flatten()[0].expand_as(img))
+        assert 0.0 <= float(img[0, 0, 0]) <= 7.0
+    assert not torch.equal(a, x)
+
+
+def test_function_matching_alone_builds_a_teacher_and_is_recorded(exported, tmp_path):
+    import onnxclp
+
+    src, _, data = exported
+    out = tmp_path / "ft-mix.onnx"
+    ctx = {"clean_data": data, "clean_n": 260, "max_acc_drop": 100.0, "quiet": True}
+    rep = onnxclp.sanitize_file(src, out, method="ft", context=ctx, epochs=1, distill=0.0, distill_mix=2.0)
+    settings = rep.training["settings"]
+    assert (settings["distill"], settings["distill_mix"]) == (0.0, 2.0)
+    assert rep.rewritten

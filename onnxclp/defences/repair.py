@@ -15,6 +15,11 @@ module before training (FST re-initialises the classifier, NPD adds a layer). Ar
   augmented clean batch; the student adds ``distill * T^2 * KL(teacher_T || student_T)`` (Hinton et al., 2015).
   The teacher carries the backdoor, but on clean images its outputs are clean: they hold the student near the
   input's clean behaviour while the method's own term removes the backdoor.
+- **Function matching** (``distill_mix`` > 0; Beyer et al., "Knowledge distillation: A good teacher is patient
+  and consistent", CVPR 2022, section 3): the same distillation term, weighted ``distill_mix``, on mixup blends
+  of the batch (each image with another of the batch, weight drawn uniformly in [0, 1] per image). A few hundred
+  images pin the student to the teacher only at those images; the blends ask it to agree between them too, where
+  unseen clean images lie. Blends of clean images carry no trigger, so the teacher's answers there are clean.
 - **Checkpoints chosen by the guard**: after every epoch the BatchNorm statistics are re-estimated on the fit
   images and the accuracy measured on the guard's selection part; the latest epoch whose drop's one-sided 90 %
   upper bound is within ``--max-acc-drop`` of the input is kept (the strongest setting within budget: training
@@ -258,6 +263,15 @@ def augment(x: torch.Tensor, gen: torch.Generator, nhwc: bool = False) -> torch.
     return out.permute(0, 2, 3, 1) if nhwc else out
 
 
+def blend(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mixup blends of a batch: each image with a random other image of it, the weight uniform in [0, 1] per image
+    (the function-matching inputs of the module docstring)."""
+    n = x.shape[0]
+    other = torch.randperm(n, generator=gen).to(x.device)
+    lam = torch.rand(n, generator=gen).to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return lam * x + (1 - lam) * x[other]
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean."""
     t = temperature
@@ -275,6 +289,7 @@ class Settings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     distill: float = 1.0
+    distill_mix: float = 0.0
     temperature: float = 2.0
     augment: bool = True
     reinsert_bn: bool = True
@@ -354,7 +369,7 @@ def train(state: State, objective: Objective, settings: Settings,
     x_val, y_val = clean.x_sel.to(dev), clean.y_sel.to(dev)  # the epochs are chosen on the selection part
     nhwc = x_fit.ndim == 4 and x_fit.shape[1] not in (1, 3) and x_fit.shape[-1] in (1, 3)
     teacher = None
-    if settings.distill > 0:
+    if settings.distill > 0 or settings.distill_mix > 0:
         teacher = copy.deepcopy(module).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -379,18 +394,24 @@ def train(state: State, objective: Objective, settings: Settings,
             xb, yb = x_fit[idx], y_fit[idx]
             if settings.augment:
                 xb = augment(xb, gen, nhwc)
-            t_scores = None
+            t_scores = xm = t_mix = None
             if teacher is not None:
                 with torch.no_grad():
-                    t_scores = logits_of(teacher(xb))
+                    if settings.distill > 0:
+                        t_scores = logits_of(teacher(xb))
+                    if settings.distill_mix > 0:
+                        xm = blend(xb, gen)
+                        t_mix = logits_of(teacher(xm))
 
-            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb, t_scores: Any = t_scores,
-                        epoch: int = epoch) -> torch.Tensor:  # fmt: skip
+            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb, t_scores: Any = t_scores, xm: Any = xm,
+                        t_mix: Any = t_mix, epoch: int = epoch) -> torch.Tensor:  # fmt: skip
                 opt.zero_grad(set_to_none=True)
                 scores = logits_of(module(xb))
                 loss = objective.loss(module, xb, yb, scores)
                 if t_scores is not None:
                     loss = loss + settings.distill * kd_loss(scores, t_scores, settings.temperature)
+                if t_mix is not None:
+                    loss = loss + settings.distill_mix * kd_loss(logits_of(module(xm)), t_mix, settings.temperature)
                 if not torch.isfinite(loss):
                     raise OnnxclpError(
                         f"--method {state.params.method}: the training loss became {loss.item()} at epoch {epoch}; "

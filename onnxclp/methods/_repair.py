@@ -21,6 +21,13 @@ LR = ParamSpec("lr", float, 0.01, "SGD learning rate (repairs; cosine schedule).
 DISTILL = ParamSpec(
     "distill", float, 1.0, "Weight of distillation from the input model's outputs (repairs; 0 = off).", minimum=0.0
 )
+DISTILL_MIX = ParamSpec(
+    "distill_mix",
+    float,
+    0.0,
+    "Weight of distillation on mixup blends of the clean images (function matching; repairs; 0 = off).",
+    minimum=0.0,
+)
 BATCH = ParamSpec("batch", int, 32, "Clean images per training step (repairs).", minimum=1, maximum=4096)
 
 
@@ -33,7 +40,7 @@ class RepairMethod(Method):
     include_fc = False
     per_layer = False
     rewrites: ClassVar[str] = "weights"  # what it changes: "weights" (initializer values) or "nodes" (adds some)
-    params: ClassVar[tuple[ParamSpec, ...]] = (EPOCHS, LR, DISTILL, BATCH)
+    params: ClassVar[tuple[ParamSpec, ...]] = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH)
 
     def objective(self, state: State) -> Objective:
         raise NotImplementedError
@@ -42,7 +49,8 @@ class RepairMethod(Method):
         from onnxclp.defences.repair import Settings
 
         v = state.params.values
-        return Settings(epochs=int(v["epochs"]), lr=float(v["lr"]), distill=float(v["distill"]), batch=int(v["batch"]))
+        return Settings(epochs=int(v["epochs"]), lr=float(v["lr"]), distill=float(v["distill"]),
+                        distill_mix=float(v.get("distill_mix", 0.0)), batch=int(v["batch"]))  # fmt: skip
 
     def decide(self, state: State) -> None:
         from onnxclp.defences.repair import finish, train

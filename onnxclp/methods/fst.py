@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from onnxclp.errors import OnnxclpError
 from onnxclp.methods import register
-from onnxclp.methods._repair import BATCH, DISTILL, EPOCHS, LR, RepairMethod
+from onnxclp.methods._repair import BATCH, DISTILL, DISTILL_MIX, EPOCHS, LR, RepairMethod
 from onnxclp.methods.base import ParamSpec
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class FST(RepairMethod):
     order = 31
     description = "Feature shift tuning (NeurIPS 2023): re-initialised classifier pushed from the old one; weights."
     paper = "Min, Qin, Shen & Cheng, Towards Stable Backdoor Purification through Feature Shift Tuning, NeurIPS 2023"
-    params = (EPOCHS, LR, DISTILL, BATCH, ALPHA, SCOPE)
+    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, ALPHA, SCOPE)
 
     def objective(self, state: State) -> Objective:
         p = state.params

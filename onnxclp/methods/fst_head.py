@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from onnxclp.methods import register
-from onnxclp.methods._repair import BATCH, DISTILL, EPOCHS, LR
+from onnxclp.methods._repair import BATCH, DISTILL, DISTILL_MIX, EPOCHS, LR
 from onnxclp.methods.base import ParamSpec
 from onnxclp.methods.fst import FST, FSTObjective
 
@@ -40,7 +40,7 @@ class FSTHead(FST):
     name = "fst-head"
     order = 32
     description = "FST with the features frozen: only the classifier re-learnt, its push chosen by the guard."
-    params = (EPOCHS, LR, DISTILL, BATCH, ALPHA)
+    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, ALPHA)
 
     def objective_for(self, alpha: float) -> FSTObjective:
         return FSTObjective(alpha, scope="head")

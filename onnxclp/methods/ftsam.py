@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from onnxclp.methods import register
-from onnxclp.methods._repair import BATCH, DISTILL, EPOCHS, LR, RepairMethod
+from onnxclp.methods._repair import BATCH, DISTILL, DISTILL_MIX, EPOCHS, LR, RepairMethod
 from onnxclp.methods.base import ParamSpec
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class FTSAM(RepairMethod):
         "Zhu, Wei, Shen, Fan & Wu, Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware "
         "Minimization, ICCV 2023"
     )
-    params = (EPOCHS, LR, DISTILL, BATCH, RHO)
+    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, RHO)
 
     def objective(self, state: State) -> Objective:
         return SAMObjective(float(state.params["rho"]))  # type: ignore[return-value]

@@ -42,7 +42,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from onnxclp.methods import register
-from onnxclp.methods._repair import BATCH, DISTILL, LR, RepairMethod
+from onnxclp.methods._repair import BATCH, DISTILL, DISTILL_MIX, LR, RepairMethod
 from onnxclp.methods.base import ParamSpec
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ class IBAU(RepairMethod):
     paper = (
         "Zeng, Chen, Park, Mao, Jin & Jia, Adversarial Unlearning of Backdoors via Implicit Hypergradient, ICLR 2022"
     )
-    params = (EPOCHS, LR, DISTILL, BATCH, EPS, STEPS, K)
+    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, EPS, STEPS, K)
 
     def objective(self, state: State) -> Objective:
         v = state.params.values

@@ -50,7 +50,7 @@ import numpy as np
 
 from onnxclp.errors import OnnxclpError
 from onnxclp.methods import register
-from onnxclp.methods._repair import BATCH, DISTILL, EPOCHS, LR, RepairMethod
+from onnxclp.methods._repair import BATCH, DISTILL, DISTILL_MIX, EPOCHS, LR, RepairMethod
 from onnxclp.methods.base import ParamSpec
 
 if TYPE_CHECKING:
@@ -372,7 +372,7 @@ class NPD(RepairMethod):
         "Features, NeurIPS 2023"
     )
     rewrites = "nodes"
-    params = (EPOCHS, LR, DISTILL, BATCH, LAYER, EPS, STEPS)
+    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, LAYER, EPS, STEPS)
 
     def objective(self, state: State) -> Objective:
         v = state.params.values
