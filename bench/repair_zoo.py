@@ -33,6 +33,7 @@ METHODS = [
     "npd",
     "clp-npd",
     "clp-npd-fst",
+    "ac",
     "anp",
     "bnp",
     "clp",

@@ -426,3 +426,97 @@ def test_clp_npd_fst_adds_the_polarizer_and_rewrites_only_the_classifier(backdoo
     assert set(head.input[1:]) & changed and changed <= set(head.input[1:]) | pruned | biases
     assert rep.training["alpha_ladder"] and rep.training["npd"]["settings"]["npd_layer"]
     assert any("classifier re-learnt at alpha" in n for n in rep.notes)
+
+
+def test_ac_adds_one_min_per_relu_and_lowers_the_trigger_margin(backdoored, tmp_path):
+    """ac: one Min node per Relu output (bounds [1, C, 1, 1], float32), readers rewired, every weight kept, the
+    metadata names the nodes; the output runs at any batch; an identity bound (the clean maximum) changes no clean
+    image of the fit part; training lowers the margin search's mean margin."""
+    import onnx
+    from onnx import numpy_helper
+
+    import onnxclp
+
+    src = _with_metadata(backdoored[0], tmp_path / "in.onnx")
+    out = tmp_path / "ac.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="ac", context=_ctx(backdoored[1]), epochs=2)
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    onnx.checker.check_model(after, full_check=True)
+    relus = [n.output[0] for n in before.graph.node if n.op_type == "Relu"]
+    added = [n for n in after.graph.node if n.name not in {m.name for m in before.graph.node}]
+    assert len(added) == len(relus) == rep.training["settings"]["ac_tensors"] == 4
+    assert all(n.op_type == "Min" for n in added) and sorted(rep.added_nodes) == sorted(n.name for n in added)
+    assert sorted(n.input[0] for n in added) == sorted(relus)
+    for n in added:  # only the Min reads the Relu's output; the former readers read the Min's
+        assert [m.name for m in after.graph.node if n.input[0] in m.input] == [n.name]
+        assert {m.name for m in after.graph.node if n.output[0] in m.input} == {
+            m.name for m in before.graph.node if n.input[0] in m.input
+        }
+    new = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    assert all(np.array_equal(v, new[k]) for k, v in old.items()) and not rep.rewritten
+    for n in added:
+        z = new[n.input[1]]
+        assert z.dtype == np.float32 and z.shape[0] == 1 and z.ndim == 4 and (z > 0).all()
+    meta = {p.key: p.value for p in after.metadata_props}
+    assert sorted(json.loads(meta["onnxclp.added_nodes"])) == sorted(rep.added_nodes) and meta["owner"] == "someone"
+    settings = rep.training["settings"]
+    assert settings["ac_first_mean_margin"] > 0 and len(settings["ac_last_margins"]) == CLASSES
+    ladder = rep.training["weight_ladder"]  # walked while each run stayed within the (100-point) budget
+    assert [r["weight"] for r in ladder] == [1.0, 4.0, 16.0, 64.0] and settings["ac_weight"] == 64.0
+    assert all(r["whole_run_within"] for r in ladder)
+    assert len(settings["ac_bound_ratio_median"]) == 4 and all(
+        v > 0 for v in settings["ac_bound_ratio_median"].values()
+    )
+    xs = _images(5, 3)[0]
+    assert _run(out, xs[:1]).shape == (1, CLASSES) and _run(out, xs).shape == (5, CLASSES)
+
+
+def test_ac_weight_given_is_not_walked(backdoored, tmp_path):
+    import onnxclp
+
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "ac.onnx", method="ac", context=_ctx(backdoored[1]),
+                                epochs=1, ac_weight=2.5)  # fmt: skip
+    assert [r["weight"] for r in rep.training["weight_ladder"]] == [2.5]
+    assert rep.training["settings"]["ac_weight"] == 2.5
+
+
+def test_ac_bounds_at_the_clean_maximum_change_no_fit_image(backdoored):
+    """Before training, every bound is its channel's largest value over the fit images: those images' logits
+    are exactly the input's."""
+    import torch
+
+    from onnxclp.bridge import to_torch
+    from onnxclp.io import load_model
+    from onnxclp.methods.ac import _bounded, _cap, _channel_max
+
+    model, store = load_model(backdoored[0])
+    module = to_torch(model, store=store).eval()
+    x = torch.tensor(_images(64, 7)[0])
+    with torch.no_grad():
+        ref = module(x)
+    chosen, left = _bounded(module, x[:2])
+    assert len(chosen) == 4 and left == 0 and all(rank == 4 for *_, rank in chosen)
+    tops = _channel_max(module, [t for t, *_ in chosen], x)
+    for t, *_ in chosen:
+        module.set_tap(t, _cap(tops[t]))
+    with torch.no_grad():
+        assert torch.equal(module(x), ref)
+        lowered = {t: _cap(tops[t] * 0.5) for t, *_ in chosen}
+        for t, cap in lowered.items():
+            module.set_tap(t, cap)
+        assert not torch.equal(module(x), ref)
+
+
+def test_ac_refuses_an_old_opset_it_cannot_broadcast_at():
+    from onnx import helper
+
+    from onnxclp.errors import OnnxclpError
+    from onnxclp.methods.ac import insert_caps
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", 1, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", 1, [1, 2, 3, 3])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    with pytest.raises(OnnxclpError, match="opset 8"):
+        insert_caps(model, {"y": np.ones((1, 2, 1, 1), np.float32)})
