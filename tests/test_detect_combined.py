@@ -145,3 +145,28 @@ def test_unverified_without_torch_fails_closed(no_torch: None, tmp_path: Path) -
     assert entry["verdict"] == "unverified"
     assert entry["detectors_skipped"]["mmbd"].startswith("skipped:")
     assert invoke("scan", path, "--fail-on", "suspicious", "-q").exit_code == EXIT_UNVERIFIED
+
+
+def test_mmbd_does_not_examine_a_model_with_few_classes(tmp_path: Path) -> None:
+    """Five classes: MM-BD's Gamma null over four margins is not trusted (onnxclp.detect.mmbd.MIN_CLASSES); the
+    detector says why and the verdict rests on the classifier detector (the Šidák split over one detector)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("scipy")
+    from builders import init, model
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, 16))
+    w[4] += 3.0  # a poisoned-label shortcut to class 4
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "Wf", "Bf"], ["y"], name="fc", transB=1),
+    ]
+    inits = [init("W1", rng.normal(size=(16, 3, 3, 3))), init("Wf", w), init("Bf", np.zeros(5))]
+    entry = scan(save(model(nodes, [("x", ["N", 3, 8, 8])], [("y", ["N", 5])], inits), tmp_path / "m.onnx"))
+    assert entry["detectors_skipped"]["mmbd"].startswith("skipped: 5 classes; MM-BD's Gamma null needs at least 10")
+    assert set(entry["detectors"]) == {"classifier"}
+    assert entry["detectors"]["classifier"]["threshold"] == pytest.approx(0.01)

@@ -32,7 +32,7 @@ __all__ = ["NULL", "calibrate", "combine", "fit", "p_to_z", "threshold", "z_to_p
 NULL: dict[str, tuple[float, float, int]] = {
     "channels": (0.8050, 3.4014, 13),
     "classifier": (0.0000, 1.0000, 13),
-    "mmbd": (1.9859, 1.8582, 13),
+    "mmbd": (1.1341, 1.0214, 10),
     "nc": (0.0000, 1.0000, 10),
 }
 # fmt: on
