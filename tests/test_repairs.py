@@ -428,10 +428,9 @@ def test_clp_npd_fst_adds_the_polarizer_and_rewrites_only_the_classifier(backdoo
     assert any("classifier re-learnt at alpha" in n for n in rep.notes)
 
 
-def test_ac_adds_one_min_per_relu_and_lowers_the_trigger_margin(backdoored, tmp_path):
-    """ac: one Min node per Relu output (bounds [1, C, 1, 1], float32), readers rewired, every weight kept, the
-    metadata names the nodes; the output runs at any batch; an identity bound (the clean maximum) changes no clean
-    image of the fit part; training lowers the margin search's mean margin."""
+def test_ac_adds_one_min_per_relu_and_pool_and_records_the_walk(backdoored, tmp_path):
+    """ac: one Min node per Relu and GlobalAveragePool output (bounds [1, C, 1, 1], float32), readers rewired, every weight kept, the
+    metadata names the nodes; the output runs at any batch; the weight walk is recorded."""
     import onnx
     from onnx import numpy_helper
 
@@ -442,11 +441,11 @@ def test_ac_adds_one_min_per_relu_and_lowers_the_trigger_margin(backdoored, tmp_
     rep = onnxclp.sanitize_file(src, out, method="ac", context=_ctx(backdoored[1]), epochs=2)
     before, after = onnx.load(str(src)), onnx.load(str(out))
     onnx.checker.check_model(after, full_check=True)
-    relus = [n.output[0] for n in before.graph.node if n.op_type == "Relu"]
+    points = [n.output[0] for n in before.graph.node if n.op_type in ("Relu", "GlobalAveragePool")]
     added = [n for n in after.graph.node if n.name not in {m.name for m in before.graph.node}]
-    assert len(added) == len(relus) == rep.training["settings"]["ac_tensors"] == 4
+    assert len(added) == len(points) == rep.training["settings"]["ac_tensors"] == 5  # 4 ReLUs, 1 pool
     assert all(n.op_type == "Min" for n in added) and sorted(rep.added_nodes) == sorted(n.name for n in added)
-    assert sorted(n.input[0] for n in added) == sorted(relus)
+    assert sorted(n.input[0] for n in added) == sorted(points)
     for n in added:  # only the Min reads the Relu's output; the former readers read the Min's
         assert [m.name for m in after.graph.node if n.input[0] in m.input] == [n.name]
         assert {m.name for m in after.graph.node if n.output[0] in m.input} == {
@@ -465,7 +464,7 @@ def test_ac_adds_one_min_per_relu_and_lowers_the_trigger_margin(backdoored, tmp_
     ladder = rep.training["weight_ladder"]  # walked while each run stayed within the (100-point) budget
     assert [r["weight"] for r in ladder] == [1.0, 4.0, 16.0, 64.0] and settings["ac_weight"] == 64.0
     assert all(r["whole_run_within"] for r in ladder)
-    assert len(settings["ac_bound_ratio_median"]) == 4 and all(
+    assert len(settings["ac_bound_ratio_median"]) == 5 and all(
         v > 0 for v in settings["ac_bound_ratio_median"].values()
     )
     xs = _images(5, 3)[0]
@@ -496,7 +495,7 @@ def test_ac_bounds_at_the_clean_maximum_change_no_fit_image(backdoored):
     with torch.no_grad():
         ref = module(x)
     chosen, left = _bounded(module, x[:2])
-    assert len(chosen) == 4 and left == 0 and all(rank == 4 for *_, rank in chosen)
+    assert len(chosen) == 5 and left == 0 and all(rank == 4 for *_, rank in chosen)
     tops = _channel_max(module, [t for t, *_ in chosen], x)
     for t, *_ in chosen:
         module.set_tap(t, _cap(tops[t]))

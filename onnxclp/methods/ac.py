@@ -11,8 +11,11 @@ one of its activations exceeds a bound, which is why it was added after the fine
 correctness of 3-26 % of the guard's checking images (docs/results-repair-notes.md, session 9).
 
 **Where.** The output of every ``Relu`` node whose feature map has its channels on axis 1: a 4-D map read from a
-Conv, BatchNormalization, Add or Sum (ONNX convolutions are channels-first), or a 2-D (batch, features) vector.
-Other activations are left alone and the report counts them.
+Conv, BatchNormalization, Add or Sum (ONNX convolutions are channels-first), or a 2-D (batch, features) vector;
+and the output of every ``GlobalAveragePool`` (N x C x 1 x 1), the pooled features a classifier reads. A ReLU
+bound caps a channel's largest value at any position; a trigger spread over the whole image (a blend, a warp, a
+signal) can raise a channel's *average* without any position leaving the clean range, and the pooled bound caps
+that average. Other activations are left alone and the report counts them.
 
 **The bounds.** Each clipped channel ``c`` of tensor ``t`` gets ``t_c <- min(t_c, z_c)`` with ``z_c = z0_c *
 exp(s_c)``: ``z0_c`` is the channel's largest value over the fit images (so the fit images pass unchanged at the
@@ -77,6 +80,7 @@ WEIGHTS = (1.0, 4.0, 16.0, 64.0)  # the walk, weakest first (module docstring, "
 INNER = 3  # signed gradient steps of the margin inputs per training step
 INNER_STEP = 0.02  # of the pixel range per signed step
 CHANNEL_FIRST_PRODUCERS = ("Conv", "BatchNormalization", "Add", "Sum", "ConvTranspose")
+POOLS = ("GlobalAveragePool",)  # the pooled features the classifier reads (module docstring, "Where")
 METADATA_KEY = "onnxclp.added_nodes"
 
 
@@ -88,8 +92,12 @@ def _bounded(module: OnnxModule, x: torch.Tensor) -> tuple[list[tuple[str, int, 
     plan = module._plan
     produced = {o: i for i, (_, _, outs, _) in enumerate(plan) for o in outs if o}
     relus = [(ins[0], outs[0]) for op, ins, outs, _ in plan if op == "Relu" and ins and outs and outs[0]]
-    seen = _probe(module, x, [out for _, out in relus])
+    pools = [outs[0] for op, _, outs, _ in plan if op in POOLS and outs and outs[0]]
+    seen = _probe(module, x, [out for _, out in relus] + pools)
     chosen, skipped = [], 0
+    for out in pools:  # N x C x 1 x 1 by the operator's definition: channels on axis 1
+        if out in seen and len(seen[out][0]) == 4 and seen[out][0][1] > 1:
+            chosen.append((out, int(seen[out][0][1]), seen[out][1], 4))
     for src, out in relus:
         shape_dtype = seen.get(out)
         if shape_dtype is None:
@@ -392,6 +400,6 @@ class AC(RepairMethod):
         state.training["weight_ladder"] = ladder
         state.decisions = []
         state.notes.append(
-            f"ac: {len(bounds)} Min nodes added (per-channel bounds on Relu outputs, margin weight {ac.weight:g}); "
+            f"ac: {len(bounds)} Min nodes added (per-channel bounds on Relu and pooled outputs, margin weight {ac.weight:g}); "
             f"{ac.left_alone} Relu outputs left alone; every weight is the input's"
         )
