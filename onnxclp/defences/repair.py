@@ -169,11 +169,10 @@ def foldable_convs(module: OnnxModule) -> list[tuple[str, str, str]]:
 
 
 @torch.no_grad()
-def batchnorm_after(module: OnnxModule, tensors: list[str], x: torch.Tensor,
-                    batch: int = 128) -> dict[str, InsertedBatchNorm]:  # fmt: skip
-    """Put an :class:`InsertedBatchNorm` (the identity in eval mode) after each of ``tensors`` of the bridged
-    ``module``, its statistics measured on ``x``; returns them by tensor name."""
-    taps = {t: _Moments() for t in tensors}
+def run_with_taps(module: OnnxModule, taps: dict[str, nn.Module], x: torch.Tensor, batch: int = 128) -> None:
+    """Run ``x`` through ``module`` in eval mode without gradients, ``batch`` images at a time, with each tap of
+    ``taps`` on its tensor (an observer: it returns what it is given); the taps are removed and the module's mode
+    restored afterwards."""
     for t, tap in taps.items():
         module.set_tap(t, tap)
     was = module.training
@@ -185,6 +184,15 @@ def batchnorm_after(module: OnnxModule, tensors: list[str], x: torch.Tensor,
         for t in taps:
             module.remove_tap(t)
         module.train(was)
+
+
+@torch.no_grad()
+def batchnorm_after(module: OnnxModule, tensors: list[str], x: torch.Tensor,
+                    batch: int = 128) -> dict[str, InsertedBatchNorm]:  # fmt: skip
+    """Put an :class:`InsertedBatchNorm` (the identity in eval mode) after each of ``tensors`` of the bridged
+    ``module``, its statistics measured on ``x``; returns them by tensor name."""
+    taps = {t: _Moments() for t in tensors}
+    run_with_taps(module, taps, x, batch)  # type: ignore[arg-type]
     out = {}
     for t, tap in taps.items():
         mean, var = tap.moments()

@@ -53,7 +53,6 @@ rule are onnxclp's.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,7 +80,6 @@ INNER = 3  # signed gradient steps of the margin inputs per training step
 INNER_STEP = 0.02  # of the pixel range per signed step
 CHANNEL_FIRST_PRODUCERS = ("Conv", "BatchNormalization", "Add", "Sum", "ConvTranspose")
 POOLS = ("GlobalAveragePool",)  # the pooled features the classifier reads (module docstring, "Where")
-METADATA_KEY = "onnxclp.added_nodes"
 
 
 def _bounded(module: OnnxModule, x: torch.Tensor) -> tuple[list[tuple[str, int, Any, int]], int]:
@@ -140,6 +138,8 @@ def _channel_max(module: OnnxModule, tensors: list[str], x: torch.Tensor, batch:
     import torch
     from torch import nn
 
+    from onnxclp.defences.repair import run_with_taps
+
     class Max(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -152,18 +152,7 @@ def _channel_max(module: OnnxModule, tensors: list[str], x: torch.Tensor, batch:
             return t
 
     taps = {t: Max() for t in tensors}
-    for t, tap in taps.items():
-        module.set_tap(t, tap)
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), batch):
-                module(x[i : i + batch])
-    finally:
-        for t in taps:
-            module.remove_tap(t)
-        module.train(was)
+    run_with_taps(module, taps, x, batch)  # type: ignore[arg-type]
     return {t: tap.m for t, tap in taps.items()}
 
 
@@ -303,37 +292,23 @@ def insert_caps(model: onnx.ModelProto, bounds: dict[str, np.ndarray]) -> list[s
     """Add one ``Min`` node per tensor of ``bounds`` (module docstring, "Written"); returns the nodes' names."""
     from onnx import helper, numpy_helper
 
-    from onnxclp.methods.npd import _names, _rewire, _unique
+    from onnxclp.methods._insert import insert_after, names_in, record_added, unique
 
     opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), None)
     if opset is None or opset < 8:
         raise OnnxclpError(f"--method ac: Min broadcasts from opset 8; the model imports ai.onnx {opset}")
     graph = model.graph
-    taken = _names(graph)
+    taken = names_in(graph)
     added = []
     for tensor, z in bounds.items():
-        node_name = _unique("onnxclp_ac_clip", taken)
-        out = _unique(f"{tensor}_clipped", taken)
-        z_name = _unique(f"{node_name}.bound", taken)
-        _rewire(graph, tensor, out)
-        for o in graph.output:
-            if o.name == tensor:
-                o.name = out
-        node = helper.make_node("Min", [tensor, z_name], [out], name=node_name,
+        node_name = unique("onnxclp_ac_clip", taken)
+        z_name = unique(f"{node_name}.bound", taken)
+        node = helper.make_node("Min", [tensor, z_name], [unique(f"{tensor}_clipped", taken)], name=node_name,
                                 doc_string="onnxclp ac: per-channel upper bounds of the activation")  # fmt: skip
-        producer = next((i for i, n in enumerate(graph.node) if tensor in n.output), -1)
-        nodes = list(graph.node)
-        nodes.insert(producer + 1, node)
-        del graph.node[:]
-        graph.node.extend(nodes)
+        insert_after(graph, tensor, node)
         graph.initializer.append(numpy_helper.from_array(z, z_name))
         added.append(node_name)
-    entries = {p.key: p for p in model.metadata_props}
-    if METADATA_KEY in entries:
-        listed = json.loads(entries[METADATA_KEY].value or "[]")
-        entries[METADATA_KEY].value = json.dumps([*listed, *added])
-    else:
-        model.metadata_props.add(key=METADATA_KEY, value=json.dumps(added))
+    record_added(model, added)
     return added
 
 

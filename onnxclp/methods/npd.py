@@ -43,7 +43,6 @@ polarizer's is frozen, so there is nothing for it to stabilise).
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,7 +68,6 @@ EPS = ParamSpec("npd_eps", float, 0.054, "NPD: per-pixel RMS bound of the advers
                 "pixel units.", minimum=0.0, maximum=1.0)  # fmt: skip
 STEPS = ParamSpec("npd_steps", int, 2, "NPD: targeted PGD steps per training step.", minimum=1, maximum=100)
 WEIGHTS = (1.0, 0.4, 0.4, 0.4)  # clean CE, adversarial CE to the true label, away from predicted, away from target
-METADATA_KEY = "onnxclp.added_nodes"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,8 +76,9 @@ METADATA_KEY = "onnxclp.added_nodes"
 
 def _probe(module: OnnxModule, x: torch.Tensor, names: list[str]) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Shape and dtype of each tensor in ``names`` on one forward pass (eval mode, no gradients)."""
-    import torch
     from torch import nn
+
+    from onnxclp.defences.repair import run_with_taps
 
     class Record(nn.Module):
         def __init__(self) -> None:
@@ -91,17 +90,7 @@ def _probe(module: OnnxModule, x: torch.Tensor, names: list[str]) -> dict[str, t
             return y
 
     taps = {n: Record() for n in names if n not in module.taps_by_name()}
-    for n, tap in taps.items():
-        module.set_tap(n, tap)
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            module(x)
-    finally:
-        for n in taps:
-            module.remove_tap(n)
-        module.train(was)
+    run_with_taps(module, taps, x, max(1, len(x)))  # type: ignore[arg-type]
     return {n: tap.seen for n, tap in taps.items() if tap.seen is not None}
 
 
@@ -290,71 +279,26 @@ class NPDObjective:
 # the graph edit
 
 
-def _names(graph: onnx.GraphProto) -> set[str]:
-    out: set[str] = set()
-    for n in graph.node:
-        out.add(n.name)
-        out.update(n.input)
-        out.update(n.output)
-        for a in n.attribute:
-            for g in (a.g,) if a.HasField("g") else tuple(a.graphs):
-                out |= _names(g)
-    out.update(t.name for t in graph.initializer)
-    out.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
-    return out
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return name
-
-
-def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Every node input named ``old`` (nested graphs included, which may read the outer scope) reads ``new``."""
-    for n in graph.node:
-        for i, name in enumerate(n.input):
-            if name == old:
-                n.input[i] = new
-        for a in n.attribute:
-            for g in (a.g,) if a.HasField("g") else tuple(a.graphs):
-                _rewire(g, old, new)
-
-
 def insert_polarizer(model: onnx.ModelProto, tensor: str, weight: np.ndarray, bias: np.ndarray) -> str:
     """Add the trained polarizer to ``model`` as a Conv node on ``tensor`` (see the module docstring); returns
     the node's name."""
     from onnx import helper, numpy_helper
 
+    from onnxclp.methods._insert import insert_after, names_in, record_added, unique
+
     if not any(op.domain in ("", "ai.onnx") for op in model.opset_import):
         raise OnnxclpError("--method npd: the model imports no ai.onnx opset, so a Conv node cannot be added")
     graph = model.graph
-    taken = _names(graph)
-    node_name = _unique("onnxclp_npd_polarizer", taken)
-    out = _unique(f"{tensor}_polarized", taken)
-    w_name = _unique(f"{node_name}.weight", taken)
-    b_name = _unique(f"{node_name}.bias", taken)
-    _rewire(graph, tensor, out)
-    for o in graph.output:
-        if o.name == tensor:
-            o.name = out
+    taken = names_in(graph)
+    node_name = unique("onnxclp_npd_polarizer", taken)
+    out = unique(f"{tensor}_polarized", taken)
+    w_name = unique(f"{node_name}.weight", taken)
+    b_name = unique(f"{node_name}.bias", taken)
     node = helper.make_node("Conv", [tensor, w_name, b_name], [out], name=node_name, kernel_shape=[1, 1],
                             doc_string="onnxclp npd: the neural polarizer (a trained 1x1 convolution)")  # fmt: skip
-    producer = next((i for i, n in enumerate(graph.node) if tensor in n.output), -1)
-    nodes = list(graph.node)
-    nodes.insert(producer + 1, node)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    insert_after(graph, tensor, node)
     graph.initializer.extend([numpy_helper.from_array(weight, w_name), numpy_helper.from_array(bias, b_name)])
-    entries = {p.key: p for p in model.metadata_props}
-    if METADATA_KEY in entries:
-        listed = json.loads(entries[METADATA_KEY].value or "[]")
-        entries[METADATA_KEY].value = json.dumps([*listed, node_name])
-    else:
-        model.metadata_props.add(key=METADATA_KEY, value=json.dumps([node_name]))
+    record_added(model, [node_name])
     return node_name
 
 
