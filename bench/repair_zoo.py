@@ -5,7 +5,7 @@ Data (CIFAR-10 test split, seeded permutation ``perm`` of its 10,000 images): th
 ``perm[:n]`` (n = 500 or 2,500 by ``--clean-n``); ACC / ASR are measured on ``perm[5000:5000 + --eval-n]``,
 images no method sees. Each method runs at its defaults through ``onnxclp.api.sanitize_file`` with the model's
 normalisation from attack.json and the accuracy guard's defaults (20 % of the clean images held out, budget 3
-points); a refusal (the guard's exit 5, BNP on a BN-folded graph...) is a row with its reason. BNP reads the
+points); a refusal (the guard's exit 5, BNP on a BN-folded graph...) is a row with its reason. BNP and bnp-ac read the
 BN-kept export (model.bn.onnx), every other method the TorchScript export with BatchNorm folded (model.onnx).
 
 Results accumulate in the JSON (``--json``; a (model, method, n) already there is skipped unless ``--force``), so
@@ -34,6 +34,7 @@ METHODS = [
     "clp-npd",
     "clp-npd-fst",
     "ac",
+    "bnp-ac",
     "anp",
     "bnp",
     "clp",
@@ -141,7 +142,7 @@ def main() -> None:
                 for method in args.methods:
                     if (folder.name, method, n) in done and not args.force:
                         continue
-                    src = folder / ("model.bn.onnx" if method == "bnp" else "model.onnx")
+                    src = folder / ("model.bn.onnx" if method in ("bnp", "bnp-ac") else "model.onnx")
                     out = Path(tmp) / f"{folder.name}-{method}.onnx"
                     ctx = {"clean_data": clean, "clean_n": n, "mean": norm.get("mean"), "std": norm.get("std"),
                            "quiet": True, "val_fraction": args.val_fraction,
@@ -269,7 +270,7 @@ epochs, counts and strengths on a further 20 %, the selection part, and trained 
 chose them on the validation images): a refused result is not written, which is what a user
 gets, and the averages count it as the input kept. Rows from session 8 on ran forced and apply the guard's
 verdict afterwards (a result is refused unless the drop's one-sided 90 % upper bound on the validation images is
-within budget; earlier rows used the measured drop): `refused [ACC / ASR]` is what the refused result measured. BNP reads the BN-kept export, the others the BN-folded one.
+within budget; earlier rows used the measured drop): `refused [ACC / ASR]` is what the refused result measured. BNP and bnp-ac read the BN-kept export, the others the BN-folded one.
 Data-free rows: nothing but the ONNX file and the normalisation (no guard), or images synthesized from the model
 (`--clean-data synthetic:N`: the guard then checks agreement with the input model, not accuracy).
 

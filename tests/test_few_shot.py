@@ -355,3 +355,21 @@ def test_missing_clean_data_is_a_usage_error(tmp_path: Path) -> None:
         assert "needs clean labelled images: give --clean-data" in " ".join(r.stderr.split())  # wrapped lines
     with pytest.raises(OnnxclpError, match="--clean-data"):
         api.sanitize(backdoored_net(), method="anp")
+
+
+def test_bnp_ac_prunes_the_shifted_channel_then_adds_the_bounds(tmp_path: Path) -> None:
+    """bnp-ac: BNP's pruning (the shifted channel, BN shift zeroed), then one Min per ReLU and pool output; the
+    result runs in onnxruntime; a BN-folded graph is refused as BNP refuses it."""
+    m, _, _ = bn_net(shifted=5)
+    clean = _save_npz(tmp_path / "clean.npz", *_images(260, seed=0))
+    ctx = {"clean_data": clean, "clean_n": 260, "max_acc_drop": 100.0, "quiet": True}
+    out, rep = api.sanitize(m, method="bnp-ac", context=ctx, u=3.0, epochs=1, ac_weight=1.0)
+    bn = next(layer for layer in rep.layers if layer.node == "conv")
+    assert bn.pruned == [5]
+    beta = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "b"))
+    assert beta[5] == 0.0
+    mins = [n for n in out.graph.node if n.op_type == "Min"]
+    assert sorted(n.input[0] for n in mins) == ["p", "r"] and sorted(rep.added_nodes) == sorted(n.name for n in mins)
+    assert _predict(out, _images(4, seed=9)[0]).shape == (4,)  # onnxruntime runs it (predicted classes)
+    with pytest.raises(OnnxclpError, match="folded them into the convolutions"):
+        api.sanitize(backdoored_net(), method="bnp-ac", context=ctx)
