@@ -106,12 +106,15 @@ def test_repairs_run_on_synthetic_data(models, method, tmp_path):
     """Issue 21.2: every repair runs on synthesized data, the guard reporting agreement with the input model."""
     from onnxclp.api import sanitize_file
 
-    folded, _ = models
+    folded, kept = models
+    src = kept if method == "bnp-ac" else folded  # BNP's stage reads BatchNorm statistics: the BN-kept export
     out = tmp_path / "out.onnx"
     context = {"clean_data": "synthetic:150", "mean": MEAN, "std": STD, "max_acc_drop": 100.0, "quiet": True,
                "device": "cpu", **FAST}  # fmt: skip
     extra = {"fst_alpha": 0.2} if method in ("fst-head", "clp-npd-fst") else {}  # one run, not the alpha walk
-    rep = sanitize_file(folded, out, method, context=context, epochs=1, **extra)
+    if method in ("ac", "bnp-ac"):
+        extra = {"ac_weight": 1.0}  # one run, not the weight walk
+    rep = sanitize_file(src, out, method, context=context, epochs=1, **extra)
     g = rep.guard
     assert g["metric"] == "agreement with the input model"
     assert g["acc_before"] == 1.0  # the labels are the input model's own (onnxruntime)
@@ -120,7 +123,7 @@ def test_repairs_run_on_synthetic_data(models, method, tmp_path):
     assert g["acc_after"] == pytest.approx(1.0 - g["changed_predictions"])
     assert "synthesized from the input model" in g["data"]
     assert any("changed its predicted class" in n for n in rep.notes)
-    before, after = onnx.load(folded), onnx.load(out)
+    before, after = onnx.load(src), onnx.load(out)
     assert len(after.graph.node) == len(before.graph.node) + len(rep.added_nodes)  # NPD's: exactly one Conv
     ops = [n.op_type for n in after.graph.node if n.name not in rep.added_nodes]
     assert [n.op_type for n in before.graph.node] == ops  # otherwise weights only
