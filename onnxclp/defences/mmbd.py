@@ -169,6 +169,19 @@ def _search(
     return best, run
 
 
+def classes_of(module: torch.nn.Module, inputs: SyntheticInput | tuple[int, ...]) -> int:
+    """The width of ``module``'s logits (``N x K`` or ``N x K x 1 x 1``) on one mid-range image of ``inputs``
+    (eval mode is the caller's; no gradients)."""
+    inputs = SyntheticInput.of(inputs)
+    dev = torch.device(inputs.device)
+    with torch.no_grad():
+        x = torch.full((1, *inputs.shape), (inputs.lo + inputs.hi) / 2, device=dev)
+        probe = module(to_model(x, inputs.normaliser(dev)))
+    if probe.dim() > 2 and all(d == 1 for d in probe.shape[2:]):
+        probe = probe.flatten(1)
+    return int(probe.shape[-1])
+
+
 def mmbd(
     module: torch.nn.Module,
     inputs: SyntheticInput | Sequence[int],
@@ -213,11 +226,7 @@ def mmbd(
         norm = inputs.normaliser(dev)
         gen = torch.Generator().manual_seed(seed)
         if num_classes is None:
-            with torch.no_grad():
-                probe = module(to_model(torch.full((1, *input_shape), (lo + hi) / 2, device=dev), norm))
-            if probe.dim() > 2 and all(d == 1 for d in probe.shape[2:]):
-                probe = probe.flatten(1)
-            num_classes = int(probe.shape[-1])
+            num_classes = classes_of(module, inputs)
         labels = torch.arange(num_classes).repeat_interleave(restarts)
         starts = lo + (hi - lo) * torch.rand((labels.numel(), *input_shape), generator=gen)
         best = torch.empty(labels.numel())

@@ -50,16 +50,10 @@ class MMBD(Detector):
     order = 110  # after the weight-only detectors
 
     def run(self, state: State) -> DetectorResult | str:
-        out = measure(state)
+        out = measure(state, MIN_CLASSES)
         if isinstance(out, str):
             return out
         result, norm = out
-        classes = len(result.margins)
-        if classes < MIN_CLASSES:
-            return (
-                f"skipped: {classes} classes; MM-BD's Gamma null needs at least {MIN_CLASSES} (fitted to fewer "
-                "margins it gives clean models p-values of 1e-6 to 1e-8: docs/detect.md, 'MM-BD and few classes')"
-            )
         margins = ", ".join(f"{m:.1f}" for m in result.margins)
         return DetectorResult(
             float(result.statistic),
@@ -70,21 +64,28 @@ class MMBD(Detector):
         )
 
 
-def measure(state: State) -> tuple[Any, str] | str:
+def measure(state: State, min_classes: int = 0) -> tuple[Any, str] | str:
     """MM-BD's search on the state's model at this detector's budget: ``(result, normalisation)``, or why it
-    cannot run."""
+    cannot run (torch missing; fewer than ``min_classes`` classes, told before any search)."""
     missing = missing_modules()
     if missing:
         return (
             f"skipped: {' and '.join(missing)} not installed (MM-BD runs the model through torch; "
             "pip install 'onnxclp[eval]' after torch, README 'Quick start')"
         )
-    from onnxclp.defences.mmbd import mmbd
+    from onnxclp.defences.mmbd import classes_of, mmbd
     from onnxclp.defences.run import model_run
 
     r = model_run(state)
     mean, std, norm = r.normalization(state.model)
-    return mmbd(r.module, r.inputs(mean, std), steps=STEPS, restarts=RESTARTS, lr=LR), norm
+    inputs = r.inputs(mean, std)
+    classes = classes_of(r.module, inputs)
+    if classes < min_classes:
+        return (
+            f"skipped: {classes} classes; MM-BD's Gamma null needs at least {min_classes} (fitted to fewer "
+            "margins it gives clean models p-values of 1e-6 to 1e-8: docs/detect.md, 'MM-BD and few classes')"
+        )
+    return mmbd(r.module, inputs, num_classes=classes, steps=STEPS, restarts=RESTARTS, lr=LR), norm
 
 
 def target_class(state: State) -> int:
