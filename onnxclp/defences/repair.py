@@ -37,6 +37,7 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -469,6 +470,28 @@ def train(state: State, objective: Objective, settings: Settings,
         kept_text = f"{len(outcome.curve)} (none within budget; last val {100 * last['val_acc']:.1f}%)"
     progress.done(f"{settings.epochs} epochs on {len(x_fit)} images in {outcome.seconds:.0f} s; kept epoch {kept_text}")
     return module, outcome
+
+
+def walk(strengths: Sequence[float], run: Callable[[float], tuple[Any, Outcome, Any]],
+         passes: Callable[[Outcome], bool],
+         entry: Callable[[float, Outcome, bool], dict[str, Any]]) -> tuple[Any, Outcome, Any, list[dict[str, Any]], bool]:  # fmt: skip
+    """A strength walk (fst-head's alpha, AC's weight): ``run(s)`` trains at each strength, weakest first, while
+    ``passes(outcome)``. Returns the module, outcome and objective of the strongest run that passed (the first
+    run's when none did), the ladder (``entry(s, outcome, passed)`` per run) and whether one passed."""
+    first = kept = None
+    ladder: list[dict[str, Any]] = []
+    for strength in strengths:
+        trained = run(strength)
+        ok = passes(trained[1])
+        ladder.append(entry(strength, trained[1], ok))
+        first = first or trained
+        if not ok:
+            break
+        kept = trained
+    if kept is None:
+        assert first is not None
+        return (*first, ladder, False)
+    return (*kept, ladder, True)
 
 
 def finish(state: State, module: OnnxModule, outcome: Outcome, settings: Settings, objective: Objective,

@@ -198,7 +198,7 @@ class ACObjective:
         if not self.clipped:
             raise OnnxclpError(
                 "--method ac: no Relu output with its channels on axis 1 (after a Conv, BatchNormalization or Add, "
-                "or a 2-D feature vector): nothing to clip"
+                "or a 2-D feature vector) and no GlobalAveragePool output: nothing to clip"
             )
         for p in module.parameters():
             p.requires_grad_(False)
@@ -337,29 +337,26 @@ class AC(RepairMethod):
         "Strength"). Returns the module, outcome and objective of the strongest weight whose whole run stayed within
         budget (else the first run's, its latest epoch within budget kept by the loop), the ladder, and whether one
         did."""
-        from onnxclp.defences.repair import train
+        from onnxclp.defences.repair import train, walk
 
         given = "ac_weight" in state.params.given
         weights = (float(state.params.values["ac_weight"]),) if given else WEIGHTS
         settings = self.settings(state)
-        kept: tuple[Any, Any, ACObjective] | None = None
-        first: tuple[Any, Any, ACObjective] | None = None
-        ladder: list[dict[str, Any]] = []
-        for weight in weights:
+
+        def run(weight: float) -> tuple[Any, Any, ACObjective]:
             objective = ACObjective(weight)
             module, outcome = train(state, objective, settings)  # type: ignore[arg-type]
+            return module, outcome, objective
+
+        def whole(outcome: Any) -> bool:  # the run's last epoch within budget: the whole run was kept
+            return bool(outcome.curve[-1]["within"])
+
+        def entry(weight: float, outcome: Any, ok: bool) -> dict[str, Any]:
             last = outcome.curve[-1]
-            whole = bool(last["within"])  # the run's last epoch within budget: the whole run was kept
-            ladder.append({"weight": weight, "whole_run_within": whole, "chosen_epoch": outcome.chosen_epoch,
-                           "val_acc": last["val_acc"], "drop": last["drop"]})  # fmt: skip
-            first = first or (module, outcome, objective)
-            if not whole:
-                break
-            kept = (module, outcome, objective)
-        if kept is None:
-            assert first is not None
-            return (*first, ladder, False)
-        return (*kept, ladder, True)
+            return {"weight": weight, "whole_run_within": ok, "chosen_epoch": outcome.chosen_epoch,
+                    "val_acc": last["val_acc"], "drop": last["drop"]}  # fmt: skip
+
+        return walk(weights, run, whole, entry)
 
     def decide(self, state: State) -> None:
         from onnxclp.defences.repair import finish

@@ -58,29 +58,23 @@ class FSTHead(FST):
         the strongest alpha within budget (the first run's when none is), the ladder, and whether one was."""
         import copy
 
-        from onnxclp.defences.repair import train
+        from onnxclp.defences.repair import train, walk
 
         given = "fst_alpha" in state.params.given
         alphas = (float(state.params["fst_alpha"]),) if given else ALPHAS
         settings = self.settings(state)
-        kept: tuple[Any, Any, FSTObjective] | None = None
-        first: tuple[Any, Any, FSTObjective] | None = None
-        ladder: list[dict[str, Any]] = []
-        for alpha in alphas:
+
+        def run(alpha: float) -> tuple[Any, Any, FSTObjective]:
             objective = self.objective_for(alpha)
             start = None if module is None else copy.deepcopy(module)
             trained, outcome = train(state, objective, settings, module=start)  # type: ignore[arg-type]
-            within = outcome.chosen_epoch is not None
+            return trained, outcome, objective
+
+        def entry(alpha: float, outcome: Any, within: bool) -> dict[str, Any]:
             last = outcome.curve[-1]
-            ladder.append({"alpha": alpha, "within": within, "val_acc": last["val_acc"], "drop": last["drop"]})
-            first = first or (trained, outcome, objective)
-            if not within:
-                break
-            kept = (trained, outcome, objective)
-        if kept is None:
-            assert first is not None
-            return (*first, ladder, False)
-        return (*kept, ladder, True)
+            return {"alpha": alpha, "within": within, "val_acc": last["val_acc"], "drop": last["drop"]}
+
+        return walk(alphas, run, lambda outcome: outcome.chosen_epoch is not None, entry)
 
     def decide(self, state: State) -> None:
         from onnxclp.defences.repair import finish
