@@ -149,11 +149,14 @@ def main() -> None:
                            "select_fraction": args.select_fraction}  # fmt: skip
                     if n == 0:  # data-free: nothing but the ONNX file (and the normalisation)
                         ctx = {k: v for k, v in ctx.items() if k not in ("clean_data", "clean_n")}
-                    elif isinstance(n, str):
-                        ctx["clean_data"], ctx["clean_n"] = n, 500
+                    elif isinstance(n, str):  # each model's set made once, read back by every repair
+                        ctx["clean_data"], synth_seconds = synthesized(src, n, Path(tmp), norm, args.val_fraction)
+                        ctx["clean_n"] = 500  # not read: a saved set is read whole
                     row = {"model": folder.name, "method": method, "clean_n": n}
                     if args.draw == "per-model":
                         row["draw"] = "per-model"
+                    if isinstance(n, str):
+                        row["synth_seconds"] = synth_seconds
                     if overrides:
                         row["set"] = overrides
                     t0 = time.perf_counter()
@@ -192,6 +195,32 @@ def main() -> None:
     write_markdown(results, args.out, args.json)
 
 
+_SYNTHESIZED: dict[tuple[Path, str], tuple[Path, float]] = {}
+
+
+def synthesized(src: Path, spec: str, tmp: Path, norm: dict, val_fraction: float | None) -> tuple[Path, float]:
+    """``--clean-data synthetic:N`` made once per model file (the BN-kept export matches BatchNorm statistics,
+    so it gets its own set) and saved (onnxclp.defences.synth.save); every repair reads the saved set back with
+    its own split (onnxclp.passes.guard.load_saved_synthetic), the set the CLI would have made for it. Returns
+    the .npz and the seconds the synthesis took."""
+    key = (src, spec)
+    if key not in _SYNTHESIZED:
+        from onnxclp.bridge import load
+        from onnxclp.defences.synth import SynthSettings, parse_spec, save, synthesize_split
+        from onnxclp.guard import DEFAULT_VAL_FRACTION, split_indices
+
+        n, overrides = parse_spec(spec)
+        fit, val = split_indices(n, val_fraction or DEFAULT_VAL_FRACTION)
+        settings = SynthSettings(n=len(fit), **overrides)
+        syn = synthesize_split(load(src), (3, 32, 32), settings, len(val), mean=norm.get("mean"),
+                               std=norm.get("std"))  # fmt: skip
+        folder = tmp / f"synthetic-{src.parent.name}-{src.stem}"
+        save(syn, folder)
+        _SYNTHESIZED[key] = (folder / "synthetic.npz", float(syn.info["seconds"]))
+        print(src.parent.name, src.name, f"synthesized {n} images in {syn.info['seconds']:.0f} s", flush=True)
+    return _SYNTHESIZED[key]
+
+
 def _secs(s: float) -> str:
     return f"{s:.0f}" if s >= 10 else f"{s:.1f}"
 
@@ -223,6 +252,8 @@ def write_markdown(results: dict, out: Path, source: Path | None = None) -> None
                     cells.append(f"refused (exit {r['exit']}, {_secs(r['seconds'])} s)")
                 else:
                     cells.append(f"{r['acc']:.1f} / {r['asr']:.1f} ({_secs(r['seconds'])} s)")
+                if r is not None and r.get("synth_seconds") is not None:  # the synthesis, once per model file
+                    cells[-1] = cells[-1][:-1] + f" + {_secs(r['synth_seconds'])} s synthesis)"
             lines.append("| " + " | ".join(cells) + " |")
         # a refused result leaves the user with the input model: it counts with the input's ACC / ASR
         avg = ["| average ACC drop / ASR (refused = the input kept) | |"]

@@ -163,3 +163,30 @@ def test_cli_save_synthetic_and_agreement_in_report(models, tmp_path):
          str(pics)], capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "--save-synthetic needs --clean-data synthetic" in bad.stderr
+
+
+def test_a_saved_synthetic_set_reads_back_with_its_own_split(models, tmp_path):
+    """The set --save-synthetic wrote, given back with --clean-data: its procedural images stay the guard's
+    validation part (not a random split that would validate on inverted images), it is read whole (no --clean-n
+    subset), and the model being repaired labels it again (here the BN-kept export, which did not make it)."""
+    from onnxclp.api import sanitize_file
+    from onnxclp.passes.guard import saved_synthetic_mask
+
+    folded, kept = models
+    pics = tmp_path / "pics"
+    context = {"clean_data": "synthetic:130", "mean": MEAN, "std": STD, "max_acc_drop": 100.0, "quiet": True,
+               "device": "cpu", "save_synthetic": pics, **FAST}  # fmt: skip
+    first = sanitize_file(folded, tmp_path / "a.onnx", "ft", context=context, epochs=1).guard
+    npz = pics / "synthetic.npz"
+    assert saved_synthetic_mask(npz) is not None and saved_synthetic_mask(tmp_path / "other.npz") is None
+    again = {"clean_data": npz, "clean_n": 50, "mean": MEAN, "std": STD, "max_acc_drop": 100.0, "quiet": True,
+             "device": "cpu"}  # fmt: skip
+    g = sanitize_file(kept, tmp_path / "b.onnx", "ft", context=again, epochs=1).guard
+    assert (g["n_fit"], g["n_val"]) == (first["n_fit"], first["n_val"]) == (30, 100)
+    assert g["metric"] == "agreement with the input model" and g["acc_before"] == 1.0
+    assert "read back from" in g["data"]
+    z = dict(np.load(npz))
+    z["validation"] = z["validation"].astype(np.int64)  # not a boolean column: a clear error, not a guess
+    np.savez(tmp_path / "bad.npz", **z)
+    with pytest.raises(OnnxclpError, match="1-D boolean"):
+        sanitize_file(kept, tmp_path / "c.onnx", "ft", context={**again, "clean_data": tmp_path / "bad.npz"})

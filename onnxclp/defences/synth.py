@@ -56,6 +56,7 @@ __all__ = [
     "save",
     "synthesize",
     "synthesize_for_state",
+    "synthesize_split",
 ]
 
 DEFAULT_N = 1000
@@ -436,13 +437,31 @@ def synthesize_for_state(state: State, n_fit: int, n_val: int = 0,
         setattr(settings, key, value)
     module = to_torch(state.model, store=state.store).to(device_for(state))
     progress = Progress("synthetic", bool(ctx.get("quiet")), ctx.get("progress_stream"))
-    kw: dict[str, Any] = {"layout": layout, "mean": ctx.get("mean"), "std": ctx.get("std")}
-    fit = synthesize(module, (channels, *hw), settings, progress=progress, **kw)
+    return synthesize_split(module, (channels, *hw), settings, n_val, layout=layout, mean=ctx.get("mean"),
+                            std=ctx.get("std"), progress=progress)  # fmt: skip
+
+
+def synthesize_split(
+    module: OnnxModule,
+    shape: Sequence[int],
+    settings: SynthSettings,
+    n_val: int,
+    *,
+    layout: str = "nchw",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    progress: Progress | None = None,
+) -> Synthesized:
+    """``settings.n`` images optimised from ``module`` (:func:`synthesize`), then ``n_val`` procedural ones that
+    are not (``mode=noise``, the next seed) for the guard's validation part (``holdout``): the set
+    ``--clean-data synthetic`` makes (:func:`synthesize_for_state`), also for a caller without a pipeline state
+    (bench/repair_zoo.py makes each model's set once and :func:`save` it for every repair)."""
+    kw: dict[str, Any] = {"layout": layout, "mean": mean, "std": std}
+    fit = synthesize(module, shape, settings, progress=progress, **kw)
     if n_val < 1:
         return fit
-    val_settings = SynthSettings(n=n_val, mode="noise", seed=settings.seed + 1)
-    val = synthesize(module, (channels, *hw), val_settings, **kw)
-    info = dict(fit.info, n_fit=n_fit, n_val=n_val, seconds=fit.info["seconds"] + val.info["seconds"])
+    val = synthesize(module, shape, SynthSettings(n=n_val, mode="noise", seed=settings.seed + 1), **kw)
+    info = dict(fit.info, n_fit=settings.n, n_val=n_val, seconds=fit.info["seconds"] + val.info["seconds"])
     return Synthesized(np.concatenate([fit.x, val.x]), np.concatenate([fit.y, val.y]),
                        np.concatenate([fit.targets, val.targets]), info, holdout=n_val)  # fmt: skip
 

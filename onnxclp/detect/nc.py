@@ -41,6 +41,10 @@ class NeuralCleanse(Detector):
             return "skipped: needs clean labelled images (scan --clean-data CLEAN.npz)"
         if str(data).strip().lower().startswith("synthetic"):
             return "skipped: needs real clean images (--clean-data synthetic is not read by the detectors)"
+        from onnxclp.passes.guard import saved_synthetic_mask
+
+        if saved_synthetic_mask(data) is not None:
+            return f"skipped: needs real clean images ({data} is a synthesized set --save-synthetic wrote)"
         if importlib.util.find_spec("torch") is None:
             return "skipped: torch not installed (pip install 'onnxclp[eval]' after torch, README 'Quick start')"
         import torch

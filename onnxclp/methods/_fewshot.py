@@ -36,7 +36,7 @@ def input_layout(state: State) -> tuple[str, int, tuple[int, int]]:
     )
 
 
-def clean_images(state: State) -> tuple[torch.Tensor, torch.Tensor, str]:
+def clean_images(state: State, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The clean labelled images of ``state.options.context`` as the model takes them (normalised with
     ``mean``/``std``, in the model's layout and dtype), their labels, and a description for the report.
 
@@ -45,7 +45,7 @@ def clean_images(state: State) -> tuple[torch.Tensor, torch.Tensor, str]:
     ``mean``, ``std`` (per channel, or None: images in [0, 1] as they are). ``clean_arrays`` (``(x, y,
     description)``: images already loaded, (N, H, W, C) or (N, C, H, W), uint8 or float in [0, 1], as
     ``load_dataset`` checks them; e.g. ``onnxclp grid``'s clean set, shared once per worker) is used instead of
-    ``clean_data`` when given.
+    ``clean_data`` when given. ``n`` replaces ``clean_n`` (a saved synthetic set is read whole).
     """
     import torch
 
@@ -58,7 +58,7 @@ def clean_images(state: State) -> tuple[torch.Tensor, torch.Tensor, str]:
     path = ctx.get("clean_data") if arrays is None else arrays[2]
     if path is None:
         raise OnnxclpError(f"--method {name} needs clean labelled images: give --clean-data")
-    n = int(ctx.get("clean_n") or 500)
+    n = int(n if n is not None else ctx.get("clean_n") or 500)
     if n < 1:
         raise OnnxclpError(f"--clean-n must be >= 1, got {n}")
     layout, channels, hw = input_layout(state)

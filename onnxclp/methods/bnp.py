@@ -32,10 +32,12 @@ if TYPE_CHECKING:
     from onnxclp.select import Selection
 
 FOLDED = (
-    "BNP reads the running statistics of BatchNormalization layers, and this graph has none after any hidden "
-    "layer: the exporter folded them into the convolutions. Export with BatchNorm kept (torch: "
-    "torch.onnx.export(..., training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)), or use "
-    "--method anp, which needs no BatchNorm statistics"
+    "--method {method}: BNP reads the running statistics of BatchNormalization layers, and this graph has none "
+    "after any hidden layer: the exporter folded them into the convolutions (or the network has none). Export with "
+    "BatchNorm kept (torch: "
+    "torch.onnx.export(..., training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)), or use a "
+    "repair that needs no BatchNorm statistics: --method ac changed the fewest clean predictions of those measured "
+    "on BN-folded exports (docs/results-repair.md)"
 )
 BATCH = 128  # clean images per forward pass (memory only: the moments do not depend on it)
 
@@ -60,7 +62,7 @@ class BNP(Method):
     def precheck(self, state: State) -> None:
         hidden = [layer for layer in state.layers if not layer.is_output]
         if not any(layer.affine is not None and layer.affine.kind == "BatchNormalization" for layer in hidden):
-            raise OnnxclpError(FOLDED)
+            raise OnnxclpError(FOLDED.format(method=state.params.method))
 
     def decide(self, state: State) -> None:
         import numpy as np
@@ -76,7 +78,7 @@ class BNP(Method):
         hidden = [layer for layer in state.layers if not layer.is_output]
         with_bn = [l for l in hidden if l.affine is not None and l.affine.kind == "BatchNormalization"]  # noqa: E741
         if not with_bn:
-            raise OnnxclpError(FOLDED)
+            raise OnnxclpError(FOLDED.format(method=state.params.method))
         for layer in hidden:
             if layer not in with_bn:
                 reason = "no BatchNormalization after it: BNP has no running statistics to compare with"

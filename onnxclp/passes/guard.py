@@ -143,6 +143,8 @@ def load_clean(state: State) -> CleanSplit:
     ctx = _context(state)
     if ctx.get("clean_arrays") is None and _is_synthetic(ctx.get("clean_data")):
         return load_synthetic(state)
+    if ctx.get("clean_arrays") is None and saved_synthetic_mask(ctx.get("clean_data")) is not None:
+        return load_saved_synthetic(state)
     x, y, what = clean_images(state)
     select = ctx.get("select_fraction")
     fit, sel, val = split_parts(
@@ -204,6 +206,64 @@ def load_synthetic(state: State) -> CleanSplit:
     clean = CleanSplit(x, torch.as_tensor(syn.y), np.arange(len(fit)), np.arange(len(fit), n), what, SYNTHETIC_METRIC)
     clean.synthetic = {k: v for k, v in info.items() if k != "label_counts"}
     clean.synthetic["label_counts"] = np.bincount(syn.y[: len(fit)], minlength=int(info["classes"])).tolist()
+    return clean
+
+
+def saved_synthetic_mask(path: Any) -> np.ndarray | None:
+    """The ``validation`` column of a set ``--save-synthetic`` wrote (:func:`onnxclp.defences.synth.save`), or None
+    when ``path`` is not such a file (any other .npz, a folder, a CIFAR batch: read as clean images)."""
+    from pathlib import Path
+
+    if path is None or isinstance(path, (list, tuple)) or Path(str(path)).suffix.lower() != ".npz":
+        return None
+    if not Path(str(path)).is_file():
+        return None  # the clean-image reader says what is missing
+    try:
+        with np.load(str(path), allow_pickle=False) as data:
+            if "validation" not in data.files or "x_test" not in data.files:
+                return None
+            mask = np.asarray(data["validation"])
+    except (OSError, ValueError) as exc:
+        raise OnnxclpError(f"{path}: not a readable .npz ({exc})") from exc
+    if mask.dtype != np.bool_ or mask.ndim != 1:
+        raise OnnxclpError(f"{path}: 'validation' must be a 1-D boolean array (a --save-synthetic set), got "
+                           f"{mask.dtype} {mask.shape}")  # fmt: skip
+    return mask
+
+
+def load_saved_synthetic(state: State) -> CleanSplit:
+    """``clean_data`` = a ``synthetic.npz`` that ``--save-synthetic`` wrote: read back as the synthesized set it
+    is, not as clean images. The file's own split is kept (its ``validation`` images, procedural and unoptimised,
+    are the guard's validation part; a random split would validate on inverted images, where a broken repair
+    still agrees with the input: :func:`onnxclp.defences.synth.synthesize_for_state`), the whole set is used
+    (``--clean-n`` does not subsample it), and the images are labelled again by the model being repaired, so
+    the guard's metric is agreement with that model, whichever model made the set."""
+    import torch
+
+    from onnxclp.methods._fewshot import clean_images
+
+    ctx = _context(state)
+    path = ctx["clean_data"]
+    mask = saved_synthetic_mask(path)
+    assert mask is not None
+    with np.load(str(path), allow_pickle=False) as data:
+        n = len(data["x_test"])
+        targets = np.asarray(data["targets"]).astype(np.int64) if "targets" in data.files else None
+    if len(mask) != n:
+        raise OnnxclpError(f"{path}: 'validation' has {len(mask)} entries for {n} images")
+    fit, val = np.flatnonzero(~mask), np.flatnonzero(mask)
+    if len(val) < MIN_VAL or len(fit) < MIN_FIT:
+        raise OnnxclpError(f"{path}: {len(fit)} method images and {len(val)} validation images; the guard needs at "
+                           f"least {MIN_FIT} and {MIN_VAL}")  # fmt: skip
+    x, _, _ = clean_images(state, n=n)  # the saved split is the file's: read it whole, in its order
+    y = predict(state.model, state.store, x, str(ctx.get("device") or "auto")).astype(np.int64)
+    what = (f"{len(fit)} synthesized images and {len(val)} procedural validation images read back from {path}, "
+            "labelled by the input model")  # fmt: skip
+    clean = CleanSplit(x, torch.as_tensor(y), fit, val, what, SYNTHETIC_METRIC)
+    classes = int(y.max()) + 1 if len(y) else 1
+    reached = float(np.mean(y[fit] == targets[fit])) if targets is not None and len(targets) == n else float("nan")
+    clean.synthetic = {"saved": str(path), "classes": classes, "reached_target": reached,
+                       "label_counts": np.bincount(y[fit], minlength=classes).tolist()}  # fmt: skip
     return clean
 
 
