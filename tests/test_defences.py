@@ -243,3 +243,25 @@ def test_otbr_is_marked_experimental_and_reports_what_it_changed(tmp_path):
     assert row["experimental"] and row["description"].startswith("EXPERIMENTAL")
     _, rep = onnxclp.sanitize(str(path), "clp")  # weight-only: no probe, no runtime
     assert not any("procedural images" in n for n in rep.notes)
+
+
+class ConvHead(nn.Module):
+    """Tiny's features read by a 1x1-convolution classifier after the pool: logits N x 10 x 1 x 1 (SqueezeNet's
+    form, as the ONNX Model Zoo's classics ship it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 10, 1)
+
+    def forward(self, x):
+        return self.head(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1))
+
+
+def test_otbr_reads_a_1x1_conv_classifiers_four_d_logits(tmp_path):
+    """The unlearning's cross-entropy takes the N x K x 1 x 1 output as N x K (it counted 1 class and failed
+    with torch's 'spatial targets' error before)."""
+    module = _bridge(ConvHead(), tmp_path)
+    conv = next(n for n in module.float_initializer_names if module.param_for(n).shape == (8, 3, 3, 3))
+    res = otbr_channel_scores(module, [conv], (3, 8, 8), steps=3, batch_size=8)
+    assert res.scores[conv].shape == (8,) and np.isfinite(res.scores[conv]).all()

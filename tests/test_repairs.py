@@ -519,3 +519,31 @@ def test_ac_refuses_an_old_opset_it_cannot_broadcast_at():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
     with pytest.raises(OnnxclpError, match="opset 8"):
         insert_caps(model, {"y": np.ones((1, 2, 1, 1), np.float32)})
+
+
+def test_ac_margins_of_given_classes_and_a_class_subset_per_step():
+    """margins() of rows with their own classes; with more classes than SEARCH_VALUES lets one step search, each
+    step searches a seeded subset (the others keep their inputs) and the report says how many."""
+    import torch
+
+    from onnxclp.methods.ac import SEARCH_VALUES, ACObjective, margins
+
+    s = torch.tensor([[1.0, 3.0, 2.0], [0.0, -1.0, 4.0]])
+    assert margins(s, torch.tensor([1, 2])).tolist() == [1.0, 4.0]
+    assert margins(s[:2, :2]).tolist() == [-2.0, -1.0]  # row k, class k
+
+    class Space:
+        lo, hi = 0.0, 1.0
+
+    obj = ACObjective(1.0)
+    obj.space = Space()  # type: ignore[assignment]
+    obj.inputs = torch.rand(40, 3, 4, 4)
+    obj.per_step, obj.gen = 7, torch.Generator().manual_seed(0)
+    before = obj.inputs.clone()
+    lin = torch.nn.Linear(48, 40)
+    module = lambda x: lin(x.flatten(1))  # noqa: E731
+    idx, x = obj._search(module)  # type: ignore[arg-type]
+    assert len(idx) == 7 and x.shape == (7, 3, 4, 4)
+    moved = (obj.inputs != before).flatten(1).any(1)
+    assert set(torch.nonzero(moved).flatten().tolist()) <= set(idx.tolist())
+    assert SEARCH_VALUES // (3 * 224 * 224) < 1000 <= SEARCH_VALUES // (3 * 32 * 32) * 3  # ImageNet: a subset

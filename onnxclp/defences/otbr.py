@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from onnxclp.defences._inputs import SyntheticInput, to_model
+from onnxclp.defences.repair import logits_of
 
 # Defaults (rule in otbr_channel_scores's docstring, written down before any measurement).
 STEPS = 20
@@ -165,14 +166,14 @@ def otbr_channel_scores(
     gen = torch.Generator().manual_seed(seed)
     if num_classes is None:
         with torch.no_grad():
-            probe = work(to_model(torch.full((1, *input_shape), (lo + hi) / 2, device=dev), norm))
+            probe = logits_of(work(to_model(torch.full((1, *input_shape), (lo + hi) / 2, device=dev), norm)))
         num_classes = int(probe.shape[-1])
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     losses = []
     for _ in range(steps):
         x = lo + (hi - lo) * torch.rand((batch_size, *input_shape), generator=gen)
         y = torch.randint(0, num_classes, (batch_size,), generator=gen)
-        logits = work(to_model(x.to(dev), norm))
+        logits = logits_of(work(to_model(x.to(dev), norm)))  # a 1x1-conv classifier's N x K x 1 x 1 flattened
         loss = torch.nn.functional.cross_entropy(logits, y.to(dev))
         opt.zero_grad(set_to_none=True)
         (-loss).backward()  # gradient ascent: unlearn

@@ -24,7 +24,8 @@ start) and ``s_c`` (starting at 0) is trained. Per training step, on a batch of 
 1. **Margin inputs**: one image per class, kept across steps (a warm start), is pushed by :data:`INNER` signed
    gradient steps of :data:`INNER_STEP` of the pixel range, inside the [0, 1] image range, to maximise its
    class's margin ``logit_k - max_{j != k} logit_j`` under the current bounds (MM-BD's search, one start per
-   class).
+   class). A task with many large images (1,000 classes at 224 x 224) searches a seeded random subset of the
+   classes per step, as many as :data:`SEARCH_VALUES` input values allow (memory); the others keep their inputs.
 2. **Loss**: ``CE(f(x), y) + --ac-weight * mean_k max(0, margin_k) / m0`` plus the loop's distillation from the
    input model on ``x`` (``--distill``), where ``m0`` is the mean margin of the first step (so the weight means
    the same on every model); only the ``s_c`` train (Adam, ``--lr`` per step on the log-bound, the loop's cosine
@@ -78,6 +79,7 @@ WEIGHT = ParamSpec("ac_weight", float, 1.0, "AC: weight of the margin term again
 WEIGHTS = (1.0, 4.0, 16.0, 64.0)  # the walk, weakest first (module docstring, "Strength")
 INNER = 3  # signed gradient steps of the margin inputs per training step
 INNER_STEP = 0.02  # of the pixel range per signed step
+SEARCH_VALUES = 1 << 20  # input values searched per step at most: all classes of a CIFAR-sized task (341 at 3x32x32)
 CHANNEL_FIRST_PRODUCERS = ("Conv", "BatchNormalization", "Add", "Sum", "ConvTranspose")
 POOLS = ("GlobalAveragePool",)  # the pooled features the classifier reads (module docstring, "Where")
 
@@ -156,15 +158,16 @@ def _channel_max(module: OnnxModule, tensors: list[str], x: torch.Tensor, batch:
     return {t: tap.m for t, tap in taps.items()}
 
 
-def margins(scores: torch.Tensor) -> torch.Tensor:
-    """Row ``k``'s margin of class ``k``: ``scores[k, k] - max_{j != k} scores[k, j]`` (one image per class)."""
+def margins(scores: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Row ``i``'s margin of its class ``c_i``: ``scores[i, c_i] - max_{j != c_i} scores[i, j]``; the classes are
+    ``classes`` (one per row) or, by default, the row numbers (one image per class)."""
     import torch
 
-    k = scores.shape[0]
-    rows = torch.arange(k, device=scores.device)
-    own = scores[rows, rows]
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    cols = rows if classes is None else classes.to(scores.device)
+    own = scores[rows, cols]
     others = scores.clone()
-    others[rows, rows] = -torch.inf
+    others[rows, cols] = -torch.inf
     return own - others.max(1).values
 
 
@@ -184,6 +187,8 @@ class ACObjective:
         self.m0: float | None = None
         self.adam: Any = None
         self.last_margins: list[float] = []
+        self.per_step = 0  # classes whose margin inputs one step searches (all, unless SEARCH_VALUES caps it)
+        self.gen: torch.Generator | None = None
 
     def prepare(self, module: OnnxModule, state: State) -> list[nn.Parameter]:
         import torch
@@ -213,25 +218,36 @@ class ACObjective:
         gen = torch.Generator().manual_seed(self.seed)
         u = torch.rand((classes, *x_fit.shape[1:]), generator=gen).to(device, x_fit.dtype)
         self.inputs = self.space.lo + u * (self.space.hi - self.space.lo)
+        # a 1000-class task at 224x224 cannot search every class's input in one batch: each step then takes a
+        # seeded random subset of the classes (an unbiased estimate of the mean margin); the others keep theirs
+        self.per_step = max(1, min(classes, SEARCH_VALUES // max(1, int(np.prod(x_fit.shape[1:])))))
+        self.gen = gen
         params = [cap.s for cap in self.caps.values()]  # type: ignore[attr-defined]
         self.adam = torch.optim.Adam(params, lr=1.0)  # the loop's schedule sets the rate each step
         return params
 
-    def _search(self, module: OnnxModule) -> torch.Tensor:
-        """INNER signed steps of the margin inputs (module docstring, step 1); returns them detached."""
+    def _search(self, module: OnnxModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """INNER signed steps of this step's margin inputs (module docstring, step 1): every class's, or a seeded
+        random subset of :attr:`per_step` classes when the task has too many (the margin of input ``k`` is class
+        ``k``'s); returns the classes and their inputs, detached."""
         import torch
 
         from onnxclp.defences.repair import logits_of
 
         assert self.inputs is not None and self.space is not None
-        x = self.inputs
+        classes = len(self.inputs)
+        if self.per_step >= classes:
+            idx = torch.arange(classes)
+        else:
+            idx = torch.randperm(classes, generator=self.gen)[: self.per_step].sort().values
+        x = self.inputs[idx.to(self.inputs.device)]
         step = INNER_STEP * (self.space.hi - self.space.lo)
         for _ in range(INNER):
             x = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(margins(logits_of(module(x))).sum(), x)
+            (g,) = torch.autograd.grad(margins(logits_of(module(x)), idx).sum(), x)
             x = torch.maximum(torch.minimum(x.detach() + step * g.sign(), self.space.hi), self.space.lo)
-        self.inputs = x.detach()
-        return self.inputs
+        self.inputs[idx.to(self.inputs.device)] = x.detach()
+        return idx, x.detach()
 
     def loss(self, module: OnnxModule, x: Any, y: Any, scores: Any) -> Any:
         import torch.nn.functional as F
@@ -241,7 +257,8 @@ class ACObjective:
         clean = F.cross_entropy(scores, y)
         if self.weight == 0.0:
             return clean
-        m = margins(logits_of(module(self._search(module))))
+        idx, x_m = self._search(module)
+        m = margins(logits_of(module(x_m)), idx)
         if self.m0 is None:
             self.m0 = max(float(m.detach().clamp_min(0).mean()), 1e-6)
         self.last_margins = [float(v) for v in m.detach().cpu()]
@@ -284,7 +301,7 @@ class ACObjective:
     def describe(self) -> dict[str, Any]:
         ratios = self.bound_ratios() if self.caps else {}
         return {"ac_weight": self.weight, "ac_bound_ratio_median": ratios, "ac_tensors": len(self.clipped), "ac_relus_left_alone": self.left_alone,
-                "ac_inner_steps": INNER, "ac_inner_step": INNER_STEP, "ac_first_mean_margin": self.m0,
+                "ac_inner_steps": INNER, "ac_search_classes_per_step": self.per_step, "ac_inner_step": INNER_STEP, "ac_first_mean_margin": self.m0,
                 "ac_last_margins": self.last_margins}  # fmt: skip
 
 
