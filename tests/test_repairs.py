@@ -533,7 +533,7 @@ def test_ac_margins_of_given_classes_and_a_class_subset_per_step():
     assert margins(s[:2, :2]).tolist() == [-2.0, -1.0]  # row k, class k
 
     class Space:
-        lo, hi = 0.0, 1.0
+        lo, hi = torch.tensor(0.0), torch.tensor(1.0)
 
     obj = ACObjective(1.0)
     obj.space = Space()  # type: ignore[assignment]
