@@ -36,6 +36,7 @@ METHODS = [
     "ac",
     "bnp-ac",
     "anp",
+    "rnp",
     "bnp",
     "clp",
     "lpp",

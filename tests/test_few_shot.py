@@ -373,3 +373,52 @@ def test_bnp_ac_prunes_the_shifted_channel_then_adds_the_bounds(tmp_path: Path) 
     assert _predict(out, _images(4, seed=9)[0]).shape == (4,)  # onnxruntime runs it (predicted classes)
     with pytest.raises(OnnxclpError, match="folded them into the convolutions"):
         api.sanitize(backdoored_net(), method="bnp-ac", context=ctx)
+
+
+def test_rnp_unlearning_forgets_the_clean_task_on_a_copy() -> None:
+    """RNP's stage 1 (Li et al., ICML 2023, section 3.2): gradient ascent until an epoch's accuracy is at or
+    below the threshold, on a copy (the module given keeps its weights and a re-inserted BatchNorm its running
+    statistics), the same on a rerun."""
+    from torch import nn
+
+    from onnxclp.defences.rnp import unlearn
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long()
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+    assert (net(x).argmax(1) == y).float().mean() > 0.9
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = unlearn(net, x, y, lr=0.05, batch_size=64, train_modules=[net[1]])
+    again = unlearn(net, x, y, lr=0.05, batch_size=64, train_modules=[net[1]])
+    assert res.accuracy[-1] <= 0.2 and res.stopped.startswith("accuracy") and res.epochs == len(res.accuracy)
+    assert res.accuracy == again.accuracy
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the input untouched
+    bn = res.module[1]
+    assert torch.equal(bn.running_mean, before["1.running_mean"])  # batch statistics, running ones kept
+    with pytest.raises(ValueError, match="non-empty"):
+        unlearn(net, x[:0], y[:0])
+
+
+def test_rnp_keeps_the_input_when_its_masks_point_at_the_clean_evidence(tmp_path: Path) -> None:
+    """The planted detector is silent on clean images (a bias of -20 before its ReLU): unlearning cannot move it,
+    so the recovered masks single out the class evidence instead; the guard's count walk then prunes nothing
+    (one neuron costs 26 points) and the input comes back unchanged, with the unlearning curve in the report."""
+    m = backdoored_net()
+    clean = _save_npz(tmp_path / "clean.npz", *_images(300, seed=0))
+    out, rep = api.sanitize(m, method="rnp", context={"clean_data": clean})
+    conv = next(layer for layer in rep.layers if layer.node == "conv")
+    assert conv.pruned == [] and conv.score == "rnp (1 - mask)"
+    tr = rep.training
+    assert tr["unlearning"]["accuracy"][-1] <= 0.2 < tr["unlearning"]["accuracy"][0]
+    assert tr["recovering_iterations"] == 20 * 1  # 20 epochs of the 100 fit images, batches of 128
+    assert [t["count"] for t in tr["trials"]][:2] == [0, 1] and tr["pruned"] == 0
+    assert any(n.startswith("RNP: ") for n in rep.notes)
+    x, y = _images(200, seed=1)
+    assert np.array_equal(_predict(out, x), _predict(m, x)) and _acc_asr(out, x, y)[1] == 1.0

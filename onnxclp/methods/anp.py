@@ -161,6 +161,7 @@ class ANP(Method):
     score = None
     include_fc = False
     params = PARAMS
+    prefix = "anp"  # of the --X-bn and --X-threshold parameters decide() reads
 
     def check(self, values: Mapping[str, Any]) -> None:
         super().check(values)
@@ -171,7 +172,7 @@ class ANP(Method):
         import torch
 
         from onnxclp.bridge import to_torch
-        from onnxclp.defences.anp import anp_masks, choose_count, prune_by_threshold, pruned_right, ranked, split_prune
+        from onnxclp.defences.anp import choose_count, prune_by_threshold, pruned_right, ranked, split_prune
         from onnxclp.defences.repair import device_for, progress_for, val_right
         from onnxclp.guard import DEFAULT_MAX_ACC_DROP
         from onnxclp.methods._fewshot import check_labels, clean_images
@@ -196,23 +197,12 @@ class ANP(Method):
         check_labels(labels.cpu(), classes, state.options.context["clean_data"])
 
         groups, by_key, outputs = self._groups(state, module)
-        bn_mode = str(p["anp_bn"])
+        bn_mode = str(p[f"{self.prefix}_bn"])
         taps = 0
         if bn_mode != "none":
             groups, taps = _reinsert(module, groups, by_key, images, bn_mode == "batch")
         progress = progress_for(state)
-        budget_iter = int(p["anp_iterations"])
-
-        def tick(it: int, loss: float, seconds: float) -> None:
-            if it == 1 or it % 10 == 0:
-                progress.step(f"iteration {it}/{budget_iter} loss {loss:.3f} {seconds:.0f} s "
-                              f"(at most ~{seconds / it * (budget_iter - it):.0f} s left)")  # fmt: skip
-
-        res = anp_masks(
-            module, groups, images, labels, eps=p["anp_eps"], alpha=p["anp_alpha"], lr=p["anp_lr"],
-            iterations=budget_iter, batch_size=p["anp_batch"], window=p["anp_window"], tol=p["anp_tol"],
-            bn_train=bn_mode == "batch", progress=tick,
-        )  # fmt: skip
+        res, extra = self.learn_masks(module, groups, images, labels, p, bn_mode == "batch", progress)
         progress.done(
             f"{res.iterations} iterations on {what} in {res.seconds:.0f} s ({res.stopped}; loss "
             f"{res.loss_first:.3f} -> {res.loss_last:.3f})"
@@ -221,7 +211,7 @@ class ANP(Method):
             if g.tap is not None:
                 module.remove_tap(g.tap)
 
-        threshold = float(p["anp_threshold"])
+        threshold = float(p[f"{self.prefix}_threshold"])
         below = sum(int(np.count_nonzero(res.masks[g.key] < threshold)) for g in groups)
         trials: list[dict[str, Any]] = []
         if clean is not None:
@@ -252,12 +242,14 @@ class ANP(Method):
             s = 1.0 - res.masks[g.key]
             std = float(s.std(ddof=1)) if s.size > 1 else 0.0
             sel = Selection(prune=prune.get(g.key, []), thresholds=Thresholds(float(s.mean()), std, upper=cut))
-            decisions.append(Decision(ScoredLayer(by_key[g.key], s, "anp (1 - mask)"), sel))
+            decisions.append(Decision(ScoredLayer(by_key[g.key], s, f"{self.name} (1 - mask)"), sel))
         for layer in outputs:
-            decisions.append(Decision(ScoredLayer(layer, np.zeros(layer.channels), "anp (1 - mask)"), note=OUTPUT_NOTE))
+            decisions.append(
+                Decision(ScoredLayer(layer, np.zeros(layer.channels), f"{self.name} (1 - mask)"), note=OUTPUT_NOTE)
+            )
         state.decisions = decisions
-        state.training = {
-            "settings": {spec.name: p[spec.name] for spec in PARAMS} | {"device": str(dev)},
+        state.training = extra | {
+            "settings": {spec.name: p[spec.name] for spec in self.params} | {"device": str(dev)},
             "curve": res.curve,
             "iterations": res.iterations,
             "stopped": res.stopped,
@@ -271,9 +263,29 @@ class ANP(Method):
             "trials": trials,
         }
         state.notes.append(
-            f"ANP: {res.iterations} iterations on {what} in {res.seconds:.1f} s, {res.stopped} "
+            f"{self.name.upper()}: {res.iterations} iterations on {what} in {res.seconds:.1f} s, {res.stopped} "
             f"(loss {res.loss_first:.3f} -> {res.loss_last:.3f}); {rule}"
         )
+
+    def learn_masks(self, module: Any, groups: list[NeuronGroup], images: Any, labels: Any, p: Mapping[str, Any],
+                    bn_train: bool, progress: Any) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+        """The neuron masks (an :class:`onnxclp.defences.anp.ANPResult`; lower = pruned first) and what the
+        report's ``training`` adds: ANP's adversarial mask optimisation (paper section 4, Algorithm 1)."""
+        from onnxclp.defences.anp import anp_masks
+
+        budget_iter = int(p["anp_iterations"])
+
+        def tick(it: int, loss: float, seconds: float) -> None:
+            if it == 1 or it % 10 == 0:
+                progress.step(f"iteration {it}/{budget_iter} loss {loss:.3f} {seconds:.0f} s "
+                              f"(at most ~{seconds / it * (budget_iter - it):.0f} s left)")  # fmt: skip
+
+        res = anp_masks(
+            module, groups, images, labels, eps=p["anp_eps"], alpha=p["anp_alpha"], lr=p["anp_lr"],
+            iterations=budget_iter, batch_size=p["anp_batch"], window=p["anp_window"], tol=p["anp_tol"],
+            bn_train=bn_train, progress=tick,
+        )  # fmt: skip
+        return res, {}
 
     def _groups(self, state: State, module: Any) -> tuple[list[NeuronGroup], dict[str, Layer], list[Layer]]:
         """The neuron group of every hidden layer ANP can mask (the others skipped with the reason), the layers by
