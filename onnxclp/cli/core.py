@@ -111,7 +111,8 @@ def sanitize(
             "or float 0-1) and y_test (N, int), a CIFAR batch or a folder of class folders. Needed by repairs; "
             "with any method the accuracy guard measures the result on a held-out part. 'synthetic[:N]' (default "
             "N 1000; ',steps=10' and other settings: docs/algorithms.md): images synthesized from the model "
-            "alone and labelled by it; the guard then measures agreement with the input model, not accuracy.",
+            "alone and labelled by it; the guard then measures agreement with the input model, not accuracy "
+            "(a synthetic.npz --save-synthetic wrote reads back the same way, with its own split).",
         ),
     ] = None,
     save_synthetic: Annotated[
