@@ -213,7 +213,7 @@ def synthesized(src: Path, spec: str, tmp: Path, norm: dict, val_fraction: float
         n, overrides = parse_spec(spec)
         fit, val = split_indices(n, val_fraction or DEFAULT_VAL_FRACTION)
         settings = SynthSettings(n=len(fit), **overrides)
-        syn = synthesize_split(load(src), (3, 32, 32), settings, len(val), mean=norm.get("mean"),
+        syn = synthesize_split(load(src, logits=True), (3, 32, 32), settings, len(val), mean=norm.get("mean"),
                                std=norm.get("std"))  # fmt: skip
         folder = tmp / f"synthetic-{src.parent.name}-{src.stem}"
         save(syn, folder)

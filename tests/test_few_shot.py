@@ -422,3 +422,35 @@ def test_rnp_keeps_the_input_when_its_masks_point_at_the_clean_evidence(tmp_path
     assert any(n.startswith("RNP: ") for n in rep.notes)
     x, y = _images(200, seed=1)
     assert np.array_equal(_predict(out, x), _predict(m, x)) and _acc_asr(out, x, y)[1] == 1.0
+
+
+def _with_softmax(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The same classifier ending in a Softmax (a Keras model's last activation, the Model Zoo's classics)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    g = out.graph
+    g.node[-1].output[0] = "logits"
+    g.node.append(helper.make_node("Softmax", ["logits"], ["y"], name="softmax", axis=1))
+    onnx.checker.check_model(out)
+    return out
+
+
+def test_a_softmax_output_is_trained_and_searched_on_its_logits(tmp_path: Path) -> None:
+    """The bridge with ``logits=True`` returns a trailing Softmax's input (without: the probabilities, as
+    onnxruntime does), so ANP's masks on the net ending in a Softmax are the masks on the net without it
+    (a cross-entropy of probabilities would have trained almost nothing)."""
+    from onnxclp.bridge import to_torch
+
+    m = backdoored_net()
+    soft = _with_softmax(m)
+    x = torch.from_numpy(_images(8, seed=3)[0])
+    plain, probs, logits = to_torch(m)(x), to_torch(soft)(x), to_torch(soft, logits=True)(x)
+    assert torch.allclose(logits, plain) and torch.allclose(probs, torch.softmax(plain, 1))
+    assert np.allclose(probs.detach().numpy(), ort.InferenceSession(soft.SerializeToString()).run(None, {"x": x.numpy()})[0],
+                       atol=1e-5)  # fmt: skip
+    assert to_torch(m, logits=True).logit_name is None  # no Softmax: nothing changes
+    clean = _save_npz(tmp_path / "clean.npz", *_images(200, seed=0))
+    kw = {"context": {"clean_data": clean, "quiet": True}, "anp_bn": "none", "anp_window": 20}
+    a = next(layer for layer in api.sanitize(m, method="anp", **kw)[1].layers if layer.node == "conv")
+    b = next(layer for layer in api.sanitize(soft, method="anp", **kw)[1].layers if layer.node == "conv")
+    assert a.pruned == b.pruned == [3] and np.allclose(a.scores, b.scores)

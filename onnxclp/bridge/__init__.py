@@ -236,7 +236,7 @@ class OnnxModule(nn.Module):
     initializers) in declaration order and returns the single output, or a tuple of outputs.
     """
 
-    def __init__(self, model: onnx.ModelProto, store: TensorStore) -> None:
+    def __init__(self, model: onnx.ModelProto, store: TensorStore, logits: bool = False) -> None:
         super().__init__()
         graph = model.graph
         self.opset = _default_opset(model)
@@ -312,12 +312,16 @@ class OnnxModule(nn.Module):
                     self._batch_rule[i] = (-1, dependent)
                 elif pos is not None and pos < len(ins) and ins[pos] in self._const_key:
                     self._batch_rule[i] = (pos, bool(ins[0]) and ins[0] in from_input)
+        # logits=True: a first output that is Softmax probabilities is returned as the Softmax's input instead
+        self.logit_name: str | None = (
+            _softmax_input(self._plan, self.output_names[0]) if logits and self.output_names else None
+        )
         # Intermediate values are dropped after their last reader (inference memory stays bounded).
         last: dict[str, int] = {}
         for i, (_, ins, _, _) in enumerate(self._plan):
             for x in ins:
                 last[x] = i
-        keep = set(self.output_names)
+        keep = set(self.output_names) | ({self.logit_name} if self.logit_name else set())
         self._free: list[list[str]] = [[] for _ in self._plan]
         produced = {o for _, _, outs, _ in self._plan for o in outs}
         for x, i in last.items():
@@ -504,16 +508,48 @@ class OnnxModule(nn.Module):
             for name in free:
                 env.pop(name, None)
         values = [self._value(env, o) for o in self.output_names]
+        if self.logit_name is not None:
+            values[0] = self._value(env, self.logit_name)
         return values[0] if len(values) == 1 else tuple(v for v in values if v is not None)
 
     def extra_repr(self) -> str:
         return f"opset={self.opset}, nodes={len(self._plan)}, inputs={self.input_names}, outputs={self.output_names}"
 
 
+_PASS_THROUGH = frozenset({"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Dropout"})
+
+
+def _softmax_input(plan: list[tuple[str, list[str], list[str], dict[str, Any]]], output: str) -> str | None:
+    """The input of the Softmax whose probabilities ``output`` is (through Identity, Flatten, Reshape, Squeeze,
+    Unsqueeze or Dropout), when that Softmax normalises over the class axis (1 or -1); else None."""
+    producer = {o: step for step in plan for o in step[2] if o}
+    name = output
+    for _ in range(len(plan)):
+        step = producer.get(name)
+        if step is None or not step[1]:
+            return None
+        op_type, ins, _, attrs = step
+        if op_type == "Softmax":
+            return ins[0] if attrs.get("axis", 1) in (1, -1) else None
+        if op_type not in _PASS_THROUGH:
+            return None
+        name = ins[0]
+    return None
+
+
 def to_torch(
-    model: onnx.ModelProto, base_dir: str | Path | None = None, *, store: TensorStore | None = None
+    model: onnx.ModelProto,
+    base_dir: str | Path | None = None,
+    *,
+    store: TensorStore | None = None,
+    logits: bool = False,
 ) -> OnnxModule:
     """An :class:`OnnxModule` running ``model`` (on the CPU; move it with ``.to(device)``).
+
+    ``logits``: when the first output is a Softmax's probabilities (a Keras classifier's last activation, the
+    ONNX Model Zoo's classics), return the Softmax's input, the logits, in its place: what a loss, a margin or a
+    distillation must read (a cross-entropy of probabilities trains almost nothing). The other outputs and
+    every model without such a Softmax are unchanged; predictions (arg-max) are the same either way.
 
     Tensor values are read through ``store`` (the one :func:`onnxclp.io.load_model` returned), or through a
     new checked :class:`~onnxclp.io.TensorStore` on ``base_dir`` (the model's folder, for external data;
@@ -527,13 +563,14 @@ def to_torch(
         from onnx import inliner
 
         model = inliner.inline_local_functions(model)
-    return OnnxModule(model, store)
+    return OnnxModule(model, store, logits=logits)
 
 
-def load(path: str | Path) -> OnnxModule:
-    """Load an ONNX file with onnxclp's safe loader (:func:`onnxclp.io.load_model`) and bridge it."""
+def load(path: str | Path, *, logits: bool = False) -> OnnxModule:
+    """Load an ONNX file with onnxclp's safe loader (:func:`onnxclp.io.load_model`) and bridge it (``logits``: as
+    :func:`to_torch`)."""
     model, store = load_model(path)
-    return to_torch(model, store=store)
+    return to_torch(model, store=store, logits=logits)
 
 
 def input_spec(model: onnx.ModelProto) -> tuple[tuple[int | None, ...], np.dtype]:

@@ -372,7 +372,7 @@ def train(state: State, objective: Objective, settings: Settings,
     gen = torch.Generator().manual_seed(settings.seed)
     dev = device_for(state)
     if module is None:
-        module = to_torch(state.model, store=state.store)
+        module = to_torch(state.model, store=state.store, logits=True)
     module.to(dev)
     x_fit, y_fit = clean.x_fit.to(dev), clean.y_fit.to(dev)
     x_val, y_val = clean.x_sel.to(dev), clean.y_sel.to(dev)  # the epochs are chosen on the selection part

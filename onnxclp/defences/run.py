@@ -61,5 +61,5 @@ def model_run(state: State) -> ModelRun:
     device = str(ctx.get("device") or "cpu").lower()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = to_torch(state.model, store=state.store).to(device).eval()
+    module = to_torch(state.model, store=state.store, logits=True).to(device).eval()
     return ModelRun(module, dims, channel_axis, ctx.get("mean"), ctx.get("std"), device)  # type: ignore[arg-type]

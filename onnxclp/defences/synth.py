@@ -435,7 +435,7 @@ def synthesize_for_state(state: State, n_fit: int, n_val: int = 0,
             setattr(settings, key, _setting(key, ctx[f"synth_{key}"], f"synth_{key}"))
     for key, value in (overrides or {}).items():
         setattr(settings, key, value)
-    module = to_torch(state.model, store=state.store).to(device_for(state))
+    module = to_torch(state.model, store=state.store, logits=True).to(device_for(state))
     progress = Progress("synthetic", bool(ctx.get("quiet")), ctx.get("progress_stream"))
     return synthesize_split(module, (channels, *hw), settings, n_val, layout=layout, mean=ctx.get("mean"),
                             std=ctx.get("std"), progress=progress)  # fmt: skip

@@ -188,7 +188,7 @@ class ANP(Method):
         else:
             images, labels, what = clean_images(state)
         dev = device_for(state)
-        module = to_torch(state.model, store=state.store).to(dev)
+        module = to_torch(state.model, store=state.store, logits=True).to(dev)
         images, labels = images.to(dev), labels.to(dev)
         with torch.no_grad():
             out = module(images[:2])
