@@ -547,3 +547,25 @@ def test_ac_margins_of_given_classes_and_a_class_subset_per_step():
     moved = (obj.inputs != before).flatten(1).any(1)
     assert set(torch.nonzero(moved).flatten().tolist()) <= set(idx.tolist())
     assert SEARCH_VALUES // (3 * 224 * 224) < 1000 <= SEARCH_VALUES // (3 * 32 * 32) * 3  # ImageNet: a subset
+
+
+def test_dynamic_height_and_width_take_the_input_shape(backdoored, tmp_path):
+    """An export with dynamic spatial axes leaves H and W open: the repairs say to give --input-shape, and run
+    with it."""
+    import onnx
+
+    import onnxclp
+    from onnxclp.errors import OnnxclpError
+
+    m = onnx.load(str(backdoored[0]))
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "h", "w"
+    src = tmp_path / "dynhw.onnx"
+    onnx.save(m, src)
+    with pytest.raises(OnnxclpError, match="--input-shape C,H,W"):
+        onnxclp.sanitize_file(src, tmp_path / "a.onnx", method="ac", context=_ctx(backdoored[1]), epochs=1)
+    ctx = {**_ctx(backdoored[1]), "input_shape": (3, SIZE, SIZE)}
+    onnxclp.sanitize_file(src, tmp_path / "b.onnx", method="ac", context=ctx, epochs=1, ac_weight=1.0)
+    assert _run(tmp_path / "b.onnx", _images(2, 3)[0]).shape == (2, CLASSES)
+    with pytest.raises(OnnxclpError, match="does not fit"):
+        onnxclp.sanitize_file(src, tmp_path / "c.onnx", method="ac", context={**ctx, "input_shape": (5, 8, 8)})

@@ -20,19 +20,30 @@ SEED = 0  # which clean images are read when the set holds more than --clean-n
 
 
 def input_layout(state: State) -> tuple[str, int, tuple[int, int]]:
-    """('nchw' or 'nhwc', channels, (H, W)) of the model's image input; a usage error when it is not one."""
+    """('nchw' or 'nhwc', channels, (H, W)) of the model's image input; a usage error when it is not one. Where
+    the graph leaves H and W open (a fully convolutional export with dynamic spatial axes), ``--input-shape
+    C,H,W`` (the context's ``input_shape``) gives them."""
     from onnxclp.bridge import input_spec
 
     shape, _ = input_spec(state.model)
+    name = state.params.method
     if len(shape) != 4:
-        raise OnnxclpError(f"--method {state.params.method} reads images: the model's input has rank {len(shape)}")
+        raise OnnxclpError(f"--method {name} reads images: the model's input has rank {len(shape)}")
+    given = state.options.context.get("input_shape")
+    if given is not None:
+        c, h, w = (int(d) for d in given)
+        if shape[1] in (c, None) and shape[2] in (h, None) and shape[3] in (w, None):
+            return "nchw", c, (h, w)  # all four open: channels first, ONNX's convolution layout
+        if shape[3] in (c, None) and shape[1] in (h, None) and shape[2] in (w, None):
+            return "nhwc", c, (h, w)
+        raise OnnxclpError(f"--input-shape {c},{h},{w} does not fit the model's input shaped {list(shape)}")
     if shape[1] in (1, 3) and shape[2] and shape[3]:
         return "nchw", int(shape[1]), (int(shape[2]), int(shape[3]))
     if shape[3] in (1, 3) and shape[1] and shape[2]:
         return "nhwc", int(shape[3]), (int(shape[1]), int(shape[2]))
     raise OnnxclpError(
-        f"--method {state.params.method}: cannot tell the image layout of an input shaped {list(shape)} "
-        "(expected N,C,H,W or N,H,W,C with 1 or 3 channels and fixed H, W)"
+        f"--method {name}: cannot tell the image layout of an input shaped {list(shape)} (expected N,C,H,W or "
+        "N,H,W,C with 1 or 3 channels and fixed H, W); give the image size with --input-shape C,H,W"
     )
 
 
