@@ -270,6 +270,51 @@ class GuardResult:
         )
 
 
+def collapse_drop(right_before: np.ndarray, labels: np.ndarray) -> tuple[int, float, Drop]:
+    """What a model that answers one class for everything would lose on these validation images: the most
+    frequent label ``k``, its share, and the paired drop from ``right_before`` to answering ``k``. With real,
+    balanced labels that drop is most of the accuracy; with labels a model gave (``--clean-data synthetic``) it
+    can be near 0, when the input model maps most of the images to one class (a backdoor's target does that to
+    procedural images): then no repair's agreement there says anything."""
+    y = np.asarray(labels).astype(np.int64).ravel()
+    if y.size == 0:
+        raise ValueError("collapse_drop needs labels")
+    counts = np.bincount(y - y.min()) if y.min() < 0 else np.bincount(y)
+    k = int(np.argmax(counts)) + (int(y.min()) if y.min() < 0 else 0)
+    return k, float(np.mean(y == k)), paired_drop(right_before, y == k)
+
+
+def blind(result: GuardResult, right_before: np.ndarray, labels: np.ndarray, force: bool) -> str | None:
+    """The guard's check is blind when a model answering one class for everything would pass it: its drop's
+    lower bound at ``result.confidence`` (the mirror of the acceptance rule) is within the budget. Then no result
+    can be certified on these images: :class:`Refused`, unless ``force`` (a note then, returned). None when the
+    check can see such a collapse. Applies to agreement with the input model (``--clean-data synthetic``: the
+    labels are the input's own) under a budget below 100 points."""
+    if result.metric == "clean accuracy" or result.budget >= 100.0:
+        return None  # real labels: a near-constant input is a different problem; a budget of 100: nothing to check
+    k, share, d = collapse_drop(right_before, labels)
+    low = d.drop - z_of(result.confidence) * d.se
+    if low > result.budget + 1e-9:
+        return None
+    why = (
+        f"the validation images cannot show a model is not broken: {100 * share:.0f}% of them are labelled class "
+        f"{k}, so a model that answers {k} for everything would lose only {d.drop:.1f} points of {result.metric} "
+        f"there (budget --max-acc-drop {result.budget:g})"
+    )
+    why += (
+        "; the input model puts most synthesized images in one class, as a backdoor's target class can: stand-in "
+        "images cannot check a repair of this model"
+    )
+    if force:
+        result.forced = True
+        result.accepted = False
+        note = f"WARNING: --force wrote a model the guard cannot check: {why}"
+        result.notes.append(note)
+        return note
+    raise Refused(f"refused: {why}; nothing written. Give real clean images (--clean-data CLEAN.npz), or --force "
+                  "to write it anyway")  # fmt: skip
+
+
 def decide(result: GuardResult, drop: Drop, changed: float, force: bool) -> GuardResult:
     """Fill ``result`` from the measured ``drop`` and apply the rule of the module docstring (raises
     :class:`Refused` when the drop's bound at ``result.confidence`` is past the budget, unless ``force``)."""

@@ -15,7 +15,9 @@ from onnxclp.errors import EXIT_REFUSED, OnnxclpError
 from onnxclp.guard import (
     GuardResult,
     Refused,
+    blind,
     choose_strongest,
+    collapse_drop,
     decide,
     images_needed,
     paired_drop,
@@ -220,3 +222,26 @@ def test_guard_in_the_report_and_on_the_terminal(tmp_path):
     r = _cli("sanitize", str(model), str(tmp_path / "o2.onnx"), "--clean-data", str(data), "--clean-n", "300",
              "--confidence", "1")  # fmt: skip
     assert r.returncode != 0 and "--confidence must be in [0.5, 1)" in r.stderr
+
+
+def test_a_validation_part_labelled_one_class_cannot_check_agreement():
+    """Synthesized images the input model puts all in one class (resnet-bpp's: every one of 1,000 in its target
+    class, session 10): a model answering that class for everything agrees on all of them, so the check is blind
+    and refuses (or notes it under --force); balanced labels, real labels or a budget of 100 leave it alone."""
+    agree = "agreement with the input model"
+    right = np.ones(200, bool)  # the labels are the input's own: it agrees with all of them
+    k, share, d = collapse_drop(right, np.zeros(200, int))
+    assert (k, share, d.drop) == (0, 1.0, 0.0)
+    g = GuardResult(800, 200, 0.2, 3.0, 1.0, metric=agree)
+    with pytest.raises(Refused, match=r"answers 0 for everything would lose only 0\.0 points") as exc:
+        blind(g, right, np.zeros(200, int), force=False)
+    assert exc.value.exit_code == EXIT_REFUSED and "stand-in images cannot check" in exc.value.message
+    g = GuardResult(800, 200, 0.2, 3.0, 1.0, metric=agree)
+    assert "WARNING" in blind(g, right, np.zeros(200, int), force=True) and g.forced and not g.accepted
+    labels = np.repeat(np.arange(10), 20)  # balanced: answering one class loses 90 points
+    assert blind(GuardResult(800, 200, 0.2, 3.0, 1.0, metric=agree), right, labels, force=False) is None
+    mostly = np.r_[np.zeros(190, int), np.arange(10)]  # 95 % one class: 5 points, within the bound's reach
+    with pytest.raises(Refused):
+        blind(GuardResult(800, 200, 0.2, 3.0, 1.0, metric=agree), right, mostly, force=False)
+    assert blind(GuardResult(800, 200, 0.2, 100.0, 1.0, metric=agree), right, mostly, force=False) is None
+    assert blind(GuardResult(800, 200, 0.2, 3.0, 1.0), right, np.zeros(200, int), force=False) is None

@@ -190,3 +190,30 @@ def test_a_saved_synthetic_set_reads_back_with_its_own_split(models, tmp_path):
     np.savez(tmp_path / "bad.npz", **z)
     with pytest.raises(OnnxclpError, match="1-D boolean"):
         sanitize_file(kept, tmp_path / "c.onnx", "ft", context={**again, "clean_data": tmp_path / "bad.npz"})
+
+
+def test_a_model_that_puts_every_synthesized_image_in_one_class_is_refused(tmp_path):
+    """resnet-bpp's case (session 10): the input model labels every synthesized image its backdoor's target, so a
+    repair collapsed to that class agrees with all of them; the guard says it cannot check, exit 5, nothing
+    written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxclp.api import sanitize_file
+    from onnxclp.errors import EXIT_REFUSED
+
+    rng = np.random.default_rng(0)
+    b = np.zeros(10, np.float32)
+    b[0] = 20.0  # class 0 whatever the image
+    g = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("Gemm", ["f", "w", "b"], ["y"], transB=1)],
+        "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+        [numpy_helper.from_array(rng.normal(0, 0.1, (10, 3)).astype(np.float32), "w"), numpy_helper.from_array(b, "b")],
+    )  # fmt: skip
+    src, out = tmp_path / "one.onnx", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
+    context = {"clean_data": "synthetic:120", "quiet": True, "device": "cpu", **FAST}
+    with pytest.raises(OnnxclpError, match="cannot show a model is not broken") as exc:
+        sanitize_file(src, out, "ft", context=context, epochs=1)
+    assert exc.value.exit_code == EXIT_REFUSED and not out.exists()

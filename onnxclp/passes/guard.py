@@ -26,6 +26,7 @@ from onnxclp.guard import (
     MIN_FIT,
     MIN_VAL,
     GuardResult,
+    blind,
     decide,
     paired_drop,
     split_indices,
@@ -374,5 +375,6 @@ def check(state: State) -> PassResult:
             "synthesized validation images (agreement with the input model, not clean accuracy)"
         )
     decide(state.guard, paired_drop(clean.right_before, right), changed, state.options.force)
+    blind(state.guard, clean.right_before, clean.y_val.numpy(), state.options.force)  # after: the report's figures
     state.notes.extend(state.guard.notes)
     return PassResult(1)
