@@ -279,8 +279,8 @@ def collapse_drop(right_before: np.ndarray, labels: np.ndarray) -> tuple[int, fl
     y = np.asarray(labels).astype(np.int64).ravel()
     if y.size == 0:
         raise ValueError("collapse_drop needs labels")
-    counts = np.bincount(y - y.min()) if y.min() < 0 else np.bincount(y)
-    k = int(np.argmax(counts)) + (int(y.min()) if y.min() < 0 else 0)
+    values, counts = np.unique(y, return_counts=True)
+    k = int(values[np.argmax(counts)])
     return k, float(np.mean(y == k)), paired_drop(right_before, y == k)
 
 
@@ -299,11 +299,8 @@ def blind(result: GuardResult, right_before: np.ndarray, labels: np.ndarray, for
     why = (
         f"the validation images cannot show a model is not broken: {100 * share:.0f}% of them are labelled class "
         f"{k}, so a model that answers {k} for everything would lose only {d.drop:.1f} points of {result.metric} "
-        f"there (budget --max-acc-drop {result.budget:g})"
-    )
-    why += (
-        "; the input model puts most synthesized images in one class, as a backdoor's target class can: stand-in "
-        "images cannot check a repair of this model"
+        f"there (budget --max-acc-drop {result.budget:g}); the input model puts most synthesized images in one "
+        "class, as a backdoor's target class can: stand-in images cannot check a repair of this model"
     )
     if force:
         result.forced = True

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from onnxclp.defences._inputs import SyntheticInput, to_model
+from onnxclp.defences.mmbd import classes_of
 from onnxclp.defences.repair import logits_of
 
 # Defaults (rule in otbr_channel_scores's docstring, written down before any measurement).
@@ -165,9 +166,7 @@ def otbr_channel_scores(
     norm = inputs.normaliser(dev)
     gen = torch.Generator().manual_seed(seed)
     if num_classes is None:
-        with torch.no_grad():
-            probe = logits_of(work(to_model(torch.full((1, *input_shape), (lo + hi) / 2, device=dev), norm)))
-        num_classes = int(probe.shape[-1])
+        num_classes = classes_of(work, inputs)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     losses = []
     for _ in range(steps):

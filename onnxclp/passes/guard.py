@@ -144,8 +144,9 @@ def load_clean(state: State) -> CleanSplit:
     ctx = _context(state)
     if ctx.get("clean_arrays") is None and _is_synthetic(ctx.get("clean_data")):
         return load_synthetic(state)
-    if ctx.get("clean_arrays") is None and saved_synthetic_mask(ctx.get("clean_data")) is not None:
-        return load_saved_synthetic(state)
+    mask = saved_synthetic_mask(ctx.get("clean_data")) if ctx.get("clean_arrays") is None else None
+    if mask is not None:
+        return load_saved_synthetic(state, mask)
     x, y, what = clean_images(state)
     select = ctx.get("select_fraction")
     fit, sel, val = split_parts(
@@ -232,21 +233,20 @@ def saved_synthetic_mask(path: Any) -> np.ndarray | None:
     return mask
 
 
-def load_saved_synthetic(state: State) -> CleanSplit:
+def load_saved_synthetic(state: State, mask: np.ndarray) -> CleanSplit:
     """``clean_data`` = a ``synthetic.npz`` that ``--save-synthetic`` wrote: read back as the synthesized set it
     is, not as clean images. The file's own split is kept (its ``validation`` images, procedural and unoptimised,
     are the guard's validation part; a random split would validate on inverted images, where a broken repair
     still agrees with the input: :func:`onnxclp.defences.synth.synthesize_for_state`), the whole set is used
     (``--clean-n`` does not subsample it), and the images are labelled again by the model being repaired, so
-    the guard's metric is agreement with that model, whichever model made the set."""
+    the guard's metric is agreement with that model, whichever model made the set. ``mask``: the file's
+    ``validation`` column (:func:`saved_synthetic_mask`)."""
     import torch
 
     from onnxclp.methods._fewshot import clean_images
 
     ctx = _context(state)
     path = ctx["clean_data"]
-    mask = saved_synthetic_mask(path)
-    assert mask is not None
     with np.load(str(path), allow_pickle=False) as data:
         n = len(data["x_test"])
         targets = np.asarray(data["targets"]).astype(np.int64) if "targets" in data.files else None
