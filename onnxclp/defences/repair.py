@@ -385,7 +385,9 @@ def train(state: State, objective: Objective, settings: Settings,
     inserted = insert_batchnorm(module, x_fit) if settings.reinsert_bn else []
     params = objective.prepare(module, state)
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    steps = max(1, math.ceil(len(x_fit) / settings.batch)) * settings.epochs
+    steps_per_epoch = max(1, math.ceil(len(x_fit) / settings.batch))
+    steps = steps_per_epoch * settings.epochs
+    travelled = 0.0  # the learning rate summed over the steps, in epochs: how far along the schedule
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     right_before = clean.right_before_selection
     if right_before is None:  # the pipeline measures the input with onnxruntime; the bridge when run alone
@@ -436,6 +438,7 @@ def train(state: State, objective: Objective, settings: Settings,
                 opt.step()
             else:
                 loss = custom_step(module, params, closure, opt)
+            travelled += opt.param_groups[0]["lr"] / steps_per_epoch
             sched.step()
             objective.after_step(module)
             total += float(loss.detach()) * len(idx)
@@ -454,7 +457,7 @@ def train(state: State, objective: Objective, settings: Settings,
         left = elapsed / epoch * (settings.epochs - epoch)
         outcome.curve.append({"epoch": epoch, "loss": total / max(count, 1), "val_acc": d.acc_after,
                               "drop": d.drop, "bound": d.bound(), "within": within,
-                              "seconds": elapsed})  # fmt: skip
+                              "lr_epochs": travelled, "seconds": elapsed})  # fmt: skip
         progress.step(f"epoch {epoch}/{settings.epochs} loss {total / max(count, 1):.3f} val "
                       f"{100 * d.acc_after:.1f}% (input {100 * d.acc_before:.1f}%) {elapsed:.0f} s, ~{left:.0f} s left")  # fmt: skip
     assert kept is not None

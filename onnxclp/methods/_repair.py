@@ -17,7 +17,20 @@ if TYPE_CHECKING:
     from onnxclp.pipeline import State
 
 EPOCHS = ParamSpec("epochs", int, 20, "Training epochs over the clean images (repairs).", minimum=1, maximum=1000)
-LR = ParamSpec("lr", float, 0.01, "SGD learning rate (repairs; cosine schedule).", minimum=1e-6, maximum=1.0)
+LR = ParamSpec(
+    "lr",
+    float,
+    0.01,
+    "SGD learning rate (repairs; cosine schedule). Not given: ft, fst, ft-sam and i-bau train at 0.001, 0.003, "
+    "0.01 while one has an epoch within the budget on the selection images, and keep the one furthest along "
+    "its schedule.",
+    minimum=1e-6,
+    maximum=1.0,
+)
+# The learning rates a repair walks when --lr is not given, weakest first (the default, 0.01, is the last: the
+# fine-tuning defences' papers train at it, with thousands of images; on a few hundred it moves a converged
+# model's clean predictions far outside the budget, docs/algorithms.md "The learning-rate walk").
+LR_LADDER = (0.001, 0.003, 0.01)
 DISTILL = ParamSpec(
     "distill", float, 1.0, "Weight of distillation from the input model's outputs (repairs; 0 = off).", minimum=0.0
 )
@@ -53,12 +66,39 @@ class RepairMethod(Method):
                         distill_mix=float(v.get("distill_mix", 0.0)), batch=int(v["batch"]))  # fmt: skip
 
     def decide(self, state: State) -> None:
+        """Train at the given ``--lr``, or walk :data:`LR_LADDER` weakest first while a run has an epoch within the
+        budget on the selection images, and keep, of the runs that had one, the checkpoint furthest along its
+        schedule (the learning rate summed over its steps: 20 epochs at 0.001 go further than one at 0.003); the
+        report's ``training.lr_ladder`` lists the runs (docs/algorithms.md, "The learning-rate walk")."""
+        from dataclasses import replace
+
         from onnxclp.defences.repair import finish, train
 
-        objective = self.objective(state)
         settings = self.settings(state)
-        module, outcome = train(state, objective, settings)
-        finish(state, module, outcome, settings, objective)
+        given = "lr" in state.params.given
+        runs: list[tuple[Any, Any, Objective, Settings, float | None]] = []
+        ladder: list[dict[str, Any]] = []
+        for lr in (settings.lr,) if given else LR_LADDER:
+            objective, at = self.objective(state), replace(settings, lr=lr)
+            module, outcome = train(state, objective, at)
+            chosen = outcome.chosen_epoch
+            travelled = None if chosen is None else float(outcome.curve[chosen - 1]["lr_epochs"])
+            runs.append((module, outcome, objective, at, travelled))
+            ladder.append({"lr": lr, "chosen_epoch": chosen, "lr_epochs": travelled,
+                           "val_acc": outcome.curve[-1]["val_acc"], "drop": outcome.curve[-1]["drop"]})  # fmt: skip
+            if chosen is None:
+                break
+        within = [r for r in runs if r[4] is not None]
+        module, outcome, objective, used, _ = max(within, key=lambda r: r[4]) if within else runs[0]
+        finish(state, module, outcome, used, objective)
+        assert state.training is not None
+        if not given:
+            state.training["lr_ladder"] = ladder
+            state.notes.append(
+                f"{state.params.method}: lr "
+                + (f"{used.lr:g} (epoch {outcome.chosen_epoch})" if within else "none within budget")
+                + f" chosen on the selection images from {', '.join(f'{r:g}' for r in LR_LADDER)}"
+            )
         state.decisions = []
 
 
