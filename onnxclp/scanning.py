@@ -213,6 +213,10 @@ def next_step(
         ran = set(detectors) or set(_detector_defaults())
         other = _other_detector(ran)
         text = "an unverified model: " + (f"scan it with --detector {other}" if other else "check it by other means")
+        skipped = [str(why) for r in unverified for why in (r.get("detectors_skipped") or {}).values()]
+        if any("--input-shape" in why for why in skipped):  # a detector that runs it could, given the image size
+            text = "an unverified model: its graph leaves the image size open, give it with --input-shape C,H,W"
+            text += f" (or scan it with --detector {other})" if other else ""
         parts.append(text + ("" if allow_unverified else ", or accept it with --allow-unverified"))
     return _printable("next: " + "; ".join(parts)) if parts else None
 

@@ -299,6 +299,11 @@ def test_next_step_comes_from_the_registry() -> None:
     assert scanning.next_step([{**entry, "verdict": "clean"}]) is None
     unverified = scanning.next_step([{**entry, "verdict": "unverified"}], "clp", allow_unverified=True)
     assert unverified is not None and "--allow-unverified" not in unverified
+    open_size = {**entry, "verdict": "unverified",
+                 "detectors_skipped": {"mmbd": "the model's input shape [1, 3, 'h', 'w'] does not give one image's "
+                                               "C,H,W: pass --input-shape C,H,W"}}  # fmt: skip
+    hint = scanning.next_step([open_size], "clp")
+    assert hint is not None and "give it with --input-shape C,H,W" in hint and "--allow-unverified" in hint
 
 
 def test_json_and_sarif_say_unverified(zoo: dict[str, str], tmp_path: Path) -> None:
