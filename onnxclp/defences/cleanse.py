@@ -62,6 +62,15 @@ def reverse_trigger(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
                     steps: int = STEPS, batch: int = BATCH, seed: int = 0) -> tuple[np.ndarray, float]:  # fmt: skip
     """The smallest-mask trigger for ``target`` on ``x`` (images of the other classes, pixels in [0, 1]); returns
     the mask (H x W) and the share of ``x`` the final trigger sends to ``target``."""
+    mask, _, hit = reverse_trigger_pattern(forward, x, target, steps, batch, seed)
+    return mask, hit
+
+
+def reverse_trigger_pattern(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, target: int,
+                            steps: int = STEPS, batch: int = BATCH,
+                            seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:  # fmt: skip
+    """:func:`reverse_trigger` with the pattern too: the mask (H x W), the pattern (C x H x W, pixels) and the
+    share of ``x`` the trigger ``(1 - mask) x + mask pattern`` sends to ``target``."""
     gen = torch.Generator().manual_seed(seed)
     _, c, h, w = x.shape
     dev = x.device  # the generator stays on the CPU: the same draws on every device
@@ -89,7 +98,7 @@ def reverse_trigger(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
         m, p = torch.sigmoid(m_raw), (torch.tanh(p_raw) + 1) / 2
         hits = sum(int((forward((1 - m) * x[i : i + 256] + m * p).argmax(1) == target).sum())
                    for i in range(0, len(x), 256))  # fmt: skip
-    return m[0, 0].detach().cpu().numpy(), hits / max(len(x), 1)
+    return m[0, 0].detach().cpu().numpy(), p[0].detach().cpu().numpy(), hits / max(len(x), 1)
 
 
 def anomaly_index(l1: np.ndarray) -> float:

@@ -8,6 +8,7 @@ imported inside ``decide`` (the ``eval`` extra).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from onnxclp.methods.base import Method, ParamSpec
@@ -65,11 +66,12 @@ class RepairMethod(Method):
         return Settings(epochs=int(v["epochs"]), lr=float(v["lr"]), distill=float(v["distill"]),
                         distill_mix=float(v.get("distill_mix", 0.0)), batch=int(v["batch"]))  # fmt: skip
 
-    def decide(self, state: State) -> None:
+    def decide(self, state: State, make: Callable[[], Objective] | None = None) -> None:
         """Train at the given ``--lr``, or walk :data:`LR_LADDER` weakest first while a run has an epoch within the
         budget on the selection images, and keep, of the runs that had one, the checkpoint furthest along its
         schedule (the learning rate summed over its steps: 20 epochs at 0.001 go further than one at 0.003); the
-        report's ``training.lr_ladder`` lists the runs (docs/algorithms.md, "The learning-rate walk")."""
+        report's ``training.lr_ladder`` lists the runs (docs/algorithms.md, "The learning-rate walk"). ``make`` builds
+        each run's objective (default: :meth:`objective`), for a method whose objectives share work done once."""
         from dataclasses import replace
 
         from onnxclp.defences.repair import finish, train
@@ -79,7 +81,7 @@ class RepairMethod(Method):
         runs: list[tuple[Any, Any, Objective, Settings, float | None]] = []
         ladder: list[dict[str, Any]] = []
         for lr in (settings.lr,) if given else LR_LADDER:
-            objective, at = self.objective(state), replace(settings, lr=lr)
+            objective, at = (make() if make is not None else self.objective(state)), replace(settings, lr=lr)
             module, outcome = train(state, objective, at)
             chosen = outcome.chosen_epoch
             travelled = None if chosen is None else float(outcome.curve[chosen - 1]["lr_epochs"])
