@@ -30,6 +30,7 @@ METHODS = [
     "fst-head",
     "ft-sam",
     "i-bau",
+    "nc-unlearn",
     "npd",
     "clp-npd",
     "clp-npd-fst",

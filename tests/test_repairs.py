@@ -127,7 +127,10 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"x": x.astype(np.float32)})[0]
 
 
-@pytest.mark.parametrize(("method", "params"), [("ft-sam", {"rho": 2.0}), ("i-bau", {"ibau_k": 3, "ibau_steps": 2})])
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("ft-sam", {"rho": 2.0}), ("i-bau", {"ibau_k": 3, "ibau_steps": 2}), ("nc-unlearn", {"nc_steps": 40})],
+)
 def test_fine_tuning_repairs_change_initializer_values_only(backdoored, tmp_path, method, params):
     import onnx
     from onnx import numpy_helper
@@ -157,6 +160,55 @@ def test_fine_tuning_repairs_change_initializer_values_only(backdoored, tmp_path
     if method == "i-bau":  # the universal perturbation stayed in its ball
         assert 0.0 < settings["final_delta_l2"] <= settings["l2_radius"] * (1 + 1e-5)
         assert settings["l2_radius"] == pytest.approx(0.18 * np.sqrt(3 * SIZE * SIZE))
+    if method == "nc-unlearn":  # the planted patch's class needs the smallest reversed mask
+        assert settings["target"] == TARGET and len(settings["mask_l1"]) == CLASSES
+        assert settings["mask_l1"][TARGET] == min(settings["mask_l1"])
+
+
+def test_nc_stamp_is_the_papers_blend_in_pixel_space():
+    """``(1 - m) x + m p`` on pixels, with the model's normalisation undone and redone: a full mask gives the
+    pattern, an empty one the image, half of each their mean."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from onnxclp.methods.nc_unlearn import NCObjective, Stamp, Trigger
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    pixels = torch.rand(2, 3, SIZE, SIZE)
+    x = (pixels - m) / sd
+    pattern = np.random.default_rng(0).random((3, SIZE, SIZE)).astype(np.float32)
+    for value, want in ((1.0, torch.tensor(pattern)[None].expand(2, -1, -1, -1)), (0.0, pixels),
+                        (0.5, (pixels + torch.tensor(pattern)[None]) / 2)):  # fmt: skip
+        objective = NCObjective(0.2, Trigger(np.full((SIZE, SIZE), value, np.float32), pattern, {}))
+        objective.stamp_io = Stamp.__new__(Stamp)
+        objective.stamp_io.nhwc = False
+        objective.stamp_io.space = SimpleNamespace(std=sd, lo=-m / sd)
+        objective.mask = torch.full((1, 1, SIZE, SIZE), value)
+        objective.pattern = torch.tensor(pattern)[None]
+        assert torch.allclose(objective.stamp(x) * sd + m, want, atol=1e-5)
+
+
+def test_the_learning_rate_is_walked_unless_given(backdoored, tmp_path):
+    """Without --lr a repair trains at 0.001, 0.003, 0.01 while a run has an epoch within the budget and keeps
+    the run furthest along its schedule; --lr given trains at that rate alone."""
+    import onnxclp
+    from onnxclp.methods._repair import LR_LADDER
+
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "walk.onnx", method="ft", context=_ctx(backdoored[1]),
+                                epochs=1)  # fmt: skip
+    ladder = rep.training["lr_ladder"]
+    assert [r["lr"] for r in ladder] == list(LR_LADDER)[: len(ladder)]
+    within = [r for r in ladder if r["chosen_epoch"] is not None]
+    assert within and all(r["chosen_epoch"] is not None for r in ladder[:-1])
+    best = max(within, key=lambda r: r["lr_epochs"])
+    assert rep.training["settings"]["lr"] == best["lr"] and rep.training["chosen_epoch"] == best["chosen_epoch"]
+    curve = rep.training["curve"]
+    assert curve[-1]["lr_epochs"] > 0
+    given = onnxclp.sanitize_file(backdoored[0], tmp_path / "given.onnx", method="ft", context=_ctx(backdoored[1]),
+                                  epochs=1, lr=0.002)  # fmt: skip
+    assert "lr_ladder" not in given.training and given.training["settings"]["lr"] == 0.002
 
 
 def test_sam_step_evaluates_the_gradient_at_the_adaptive_worst_point():
@@ -343,7 +395,7 @@ def test_the_guard_refuses_what_a_huge_learning_rate_broke(backdoored, tmp_path)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method", ["ft-sam", "i-bau", "npd"])
+@pytest.mark.parametrize("method", ["ft-sam", "i-bau", "nc-unlearn", "npd"])
 def test_a_fixed_batch_export_is_repaired(backdoored, tmp_path, method):
     import onnxclp
 

@@ -106,7 +106,7 @@ def reverse_engineer(state: State, steps: int) -> Trigger:
         f"nc-unlearn: presumed target class {target} (smallest reversed mask, L1 {l1[target]:.1f}; median "
         f"{float(np.median(l1)):.1f}); its trigger sent {100 * success[target]:.0f}% of the other fit images there"
     )
-    found = {"target": target, "mask_l1": l1, "trigger_success": success, "anomaly_index": index,
+    found = {"nc_steps": steps, "target": target, "mask_l1": l1, "trigger_success": success, "anomaly_index": index,
              "reverse_seconds": time.perf_counter() - start}  # fmt: skip
     return Trigger(triggers[target][0], triggers[target][1], found)
 
