@@ -183,6 +183,9 @@ def main() -> None:
                         if g.get("drop") is not None:  # the guard's final check (onnxclp.guard.decide)
                             row["guard"] = {k: g.get(k) for k in ("drop", "se", "bound", "confidence", "n_val",
                                                                   "changed_predictions", "accepted")}  # fmt: skip
+                        tr = rep.training or {}
+                        if tr.get("lr_ladder"):  # the learning rate the walk kept (docs/algorithms.md)
+                            row.update(lr=tr["settings"]["lr"], chosen_epoch=tr.get("chosen_epoch"))
                         if g.get("tuned"):  # the strength the guard chose on the fit images (passes/tune.py)
                             row["tuned"] = g["tuned"]["parameters"]
                         if g and g.get("accepted") is False:  # what a user gets: nothing written (exit 5)
@@ -194,13 +197,29 @@ def main() -> None:
                         else:
                             row["acc"], row["asr"] = acc, asr
                     print(json.dumps(row), flush=True)
-                    results["runs"] = [r for r in results["runs"]
-                                       if (r["model"], r["method"], r["clean_n"]) != (folder.name, method, n)]  # fmt: skip
-                    results["runs"].append(row)
-                    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
-                    args.json.write_text(json.dumps(results, indent=2) + "\n")
+                    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+                    results = store_row(args.json, row, machine)
                     write_markdown(results, args.out, args.json)
     write_markdown(results, args.out, args.json)
+
+
+def store_row(path: Path, row: dict, machine: str) -> dict:
+    """Replace ``row``'s (model, method, clean_n) entry of the results JSON at ``path`` and return the results:
+    read, changed and written under an exclusive lock, so that two benches writing the same file keep each
+    other's rows (the file is re-read, not the copy this process loaded at its start)."""
+    import fcntl
+
+    with open(path.with_name("." + path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+        key = (row["model"], row["method"], row["clean_n"])
+        results["runs"] = [r for r in results["runs"] if (r["model"], r["method"], r["clean_n"]) != key]
+        results["runs"].append(row)
+        results["machine"] = machine
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(path)
+    return results
 
 
 _SYNTHESIZED: dict[tuple[Path, str], tuple[Path, float]] = {}
