@@ -36,6 +36,7 @@ METHODS = [
     "clp-npd-fst",
     "ac",
     "bnp-ac",
+    "clp-ac",
     "anp",
     "rnp",
     "bnp",

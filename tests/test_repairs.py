@@ -433,6 +433,41 @@ def test_clp_npd_prunes_tuned_channels_then_adds_one_polarizer(backdoored, tmp_p
     assert rep.guard["accepted"] is True
 
 
+def test_clp_ac_prunes_tuned_channels_then_adds_the_bounds(backdoored, tmp_path):
+    """clp-ac on a BN-folded export (which bnp-ac refuses): u tuned within a third of the budget, the pruned
+    channels zero in the written model, one Min per ReLU and pool output, every other weight the input's; a given
+    u is kept; the result runs in onnxruntime at any batch."""
+    import onnx
+    from onnx import numpy_helper
+
+    import onnxclp
+
+    src, out = backdoored[0], tmp_path / "clp-ac.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="clp-ac", context=_ctx(backdoored[1], 6.0), epochs=1)
+    tuned = rep.guard["tuned"]
+    assert tuned["budget"] == pytest.approx(2.0) and rep.params["u"] == tuned["parameters"]["u"]
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    points = [n.output[0] for n in before.graph.node if n.op_type in ("Relu", "GlobalAveragePool")]
+    added = [n for n in after.graph.node if n.name not in {m.name for m in before.graph.node}]
+    assert all(n.op_type == "Min" for n in added) and sorted(n.input[0] for n in added) == sorted(points)
+    new = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    pruned = {layer.weight: layer.pruned for layer in rep.layers if layer.pruned}
+    biases = {n.input[2]: pruned[n.input[1]] for n in before.graph.node if len(n.input) > 2 and n.input[1] in pruned}
+    for name, value in old.items():
+        gone = pruned.get(name, biases.get(name))
+        if gone is None:
+            assert np.array_equal(new[name], value), name
+        else:
+            keep = [k for k in range(value.shape[0]) if k not in gone]
+            assert np.all(new[name][gone] == 0) and np.array_equal(new[name][keep], value[keep])
+    xs = _images(5, 3)[0]
+    assert _run(out, xs[:1]).shape == (1, CLASSES) and _run(out, xs).shape == (5, CLASSES)
+    rep = onnxclp.sanitize_file(src, tmp_path / "u.onnx", method="clp-ac", context=_ctx(backdoored[1]), epochs=1,
+                                u=2.5, ac_weight=1.0)  # fmt: skip
+    assert rep.params["u"] == 2.5 and not rep.guard.get("tuned")
+
+
 def test_fst_head_rewrites_only_the_classifier_and_walks_alpha(backdoored, tmp_path):
     """fst-head: only the classifier's weight and bias change; alpha walks 0.02, 0.05, ... while the validation
     images stay within the budget (a generous budget: every step within, so all four are tried)."""
