@@ -43,6 +43,9 @@ class CLPAC(AC):
     include_fc = False
     per_layer = True
     tune_share = 1.0 / 3.0  # the pruning stage's share of --max-acc-drop; AC measures the rest against the input
+    # scan's next step names it (onnxclp.scanning.suggested_methods): of the methods that read BN-folded exports,
+    # the lowest average ASR under the guard at 500 clean images on the zoo (59.9 %; docs/results-repair.md)
+    suggested = True
     params = (U, *AC.params)
 
     def select(self, scores: np.ndarray, params: Params) -> Selection:

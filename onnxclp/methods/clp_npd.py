@@ -39,9 +39,9 @@ class CLPNPD(NPD):
     order = 35
     description = "CLP pruning tuned on the clean images, then the neural polarizer (NPD) on the pruned model."
     paper = f"{CLP.paper}; then {NPD.paper}"
-    # scan's next step names it (onnxclp.scanning.suggested_methods): on the zoo's four models (500 clean images)
-    # it left 9.3 % ASR on average at 2.6 points, NPD alone 13.9 % at 2.0 (docs/results-repair.md)
-    suggested = True
+    # scan's next step named it until session 11 (its first four models, 500 clean images: 9.3 % ASR at 2.6
+    # points); on the seven-model zoo under the guard it leaves 68.7 %, and clp-ac is named instead
+    suggested = False
     score = "spectral"
     include_fc = False
     per_layer = True
