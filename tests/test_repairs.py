@@ -404,52 +404,11 @@ def test_a_fixed_batch_export_is_repaired(backdoored, tmp_path, method):
     assert _run(out, _images(1, 3)[0]).shape == (1, CLASSES)
 
 
-def test_clp_npd_prunes_tuned_channels_then_adds_one_polarizer(backdoored, tmp_path):
-    """clp-npd: u tuned on the fit images within a third of the budget (the report says so), the pruned channels
-    are zero in the written model, NPD's one Conv is added, and every other weight is the input's."""
-    import onnx
+def _only_pruned_channels_changed(before, after, rep) -> None:
+    """Every initializer of ``before`` is ``after``'s, but the pruned layers' weights and biases: their pruned
+    output channels are zero, the others the input's."""
     from onnx import numpy_helper
 
-    import onnxclp
-
-    src, out = backdoored[0], tmp_path / "clp-npd.onnx"
-    rep = onnxclp.sanitize_file(src, out, method="clp-npd", context={**_ctx(backdoored[1], 6.0)}, epochs=1)
-    tuned = rep.guard["tuned"]
-    assert tuned["budget"] == pytest.approx(2.0) and set(tuned["parameters"]) == {"u"}
-    assert rep.params["u"] == tuned["parameters"]["u"] and all(t["drop"] <= 2.0 for t in tuned["tried"][:-1])
-    before, after = onnx.load(str(src)), onnx.load(str(out))
-    assert len(after.graph.node) == len(before.graph.node) + 1 and len(rep.added_nodes) == 1
-    new = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
-    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
-    pruned = {layer.weight: layer.pruned for layer in rep.layers if layer.pruned}
-    biases = {n.input[2]: pruned[n.input[1]] for n in before.graph.node if len(n.input) > 2 and n.input[1] in pruned}
-    for name, value in old.items():
-        gone = pruned.get(name, biases.get(name))
-        if gone is None:
-            assert np.array_equal(new[name], value), name
-        else:  # the pruned output channels are zero, the others the input's
-            keep = [k for k in range(value.shape[0]) if k not in gone]
-            assert np.all(new[name][gone] == 0) and np.array_equal(new[name][keep], value[keep])
-    assert rep.guard["accepted"] is True
-
-
-def test_clp_ac_prunes_tuned_channels_then_adds_the_bounds(backdoored, tmp_path):
-    """clp-ac on a BN-folded export (which bnp-ac refuses): u tuned within a third of the budget, the pruned
-    channels zero in the written model, one Min per ReLU and pool output, every other weight the input's; a given
-    u is kept; the result runs in onnxruntime at any batch."""
-    import onnx
-    from onnx import numpy_helper
-
-    import onnxclp
-
-    src, out = backdoored[0], tmp_path / "clp-ac.onnx"
-    rep = onnxclp.sanitize_file(src, out, method="clp-ac", context=_ctx(backdoored[1], 6.0), epochs=1)
-    tuned = rep.guard["tuned"]
-    assert tuned["budget"] == pytest.approx(2.0) and rep.params["u"] == tuned["parameters"]["u"]
-    before, after = onnx.load(str(src)), onnx.load(str(out))
-    points = [n.output[0] for n in before.graph.node if n.op_type in ("Relu", "GlobalAveragePool")]
-    added = [n for n in after.graph.node if n.name not in {m.name for m in before.graph.node}]
-    assert all(n.op_type == "Min" for n in added) and sorted(n.input[0] for n in added) == sorted(points)
     new = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
     old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
     pruned = {layer.weight: layer.pruned for layer in rep.layers if layer.pruned}
@@ -461,6 +420,43 @@ def test_clp_ac_prunes_tuned_channels_then_adds_the_bounds(backdoored, tmp_path)
         else:
             keep = [k for k in range(value.shape[0]) if k not in gone]
             assert np.all(new[name][gone] == 0) and np.array_equal(new[name][keep], value[keep])
+
+
+def test_clp_npd_prunes_tuned_channels_then_adds_one_polarizer(backdoored, tmp_path):
+    """clp-npd: u tuned on the fit images within a third of the budget (the report says so), the pruned channels
+    are zero in the written model, NPD's one Conv is added, and every other weight is the input's."""
+    import onnx
+
+    import onnxclp
+
+    src, out = backdoored[0], tmp_path / "clp-npd.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="clp-npd", context={**_ctx(backdoored[1], 6.0)}, epochs=1)
+    tuned = rep.guard["tuned"]
+    assert tuned["budget"] == pytest.approx(2.0) and set(tuned["parameters"]) == {"u"}
+    assert rep.params["u"] == tuned["parameters"]["u"] and all(t["drop"] <= 2.0 for t in tuned["tried"][:-1])
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    assert len(after.graph.node) == len(before.graph.node) + 1 and len(rep.added_nodes) == 1
+    _only_pruned_channels_changed(before, after, rep)
+    assert rep.guard["accepted"] is True
+
+
+def test_clp_ac_prunes_tuned_channels_then_adds_the_bounds(backdoored, tmp_path):
+    """clp-ac on a BN-folded export (which bnp-ac refuses): u tuned within a third of the budget, the pruned
+    channels zero in the written model, one Min per ReLU and pool output, every other weight the input's; a given
+    u is kept; the result runs in onnxruntime at any batch."""
+    import onnx
+
+    import onnxclp
+
+    src, out = backdoored[0], tmp_path / "clp-ac.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="clp-ac", context=_ctx(backdoored[1], 6.0), epochs=1)
+    tuned = rep.guard["tuned"]
+    assert tuned["budget"] == pytest.approx(2.0) and rep.params["u"] == tuned["parameters"]["u"]
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    points = [n.output[0] for n in before.graph.node if n.op_type in ("Relu", "GlobalAveragePool")]
+    added = [n for n in after.graph.node if n.name not in {m.name for m in before.graph.node}]
+    assert all(n.op_type == "Min" for n in added) and sorted(n.input[0] for n in added) == sorted(points)
+    _only_pruned_channels_changed(before, after, rep)
     xs = _images(5, 3)[0]
     assert _run(out, xs[:1]).shape == (1, CLASSES) and _run(out, xs).shape == (5, CLASSES)
     rep = onnxclp.sanitize_file(src, tmp_path / "u.onnx", method="clp-ac", context=_ctx(backdoored[1]), epochs=1,

@@ -55,16 +55,9 @@ class BNPAC(AC):
     def decide(self, state: State) -> None:
         """BNP's decisions, applied to the model now (so that AC trains on the pruned model), then AC; the
         pipeline's ``prune`` pass re-applies the same zeros (idempotent) and ``rewrite`` adds the bounds."""
-        from onnxclp.edit import Editor
-        from onnxclp.passes import streams
-        from onnxclp.passes.prune import apply_decisions
+        from onnxclp.methods._staged import prune_now
 
-        assert state.index is not None
         BNP.decide(self, state)  # type: ignore[arg-type]
-        streams.run(state)
-        apply_decisions(Editor(state.index, state.store), state.decisions)
-        pruned = state.decisions
-        n = sum(len(d.selection.prune) for d in pruned)
-        state.notes.append(f"bnp-ac: {n} channel(s) pruned at u={state.params['u']:g}, then AC on the pruned model")
+        pruned = prune_now(state, "AC")
         AC.decide(self, state)
         state.decisions = pruned

@@ -21,56 +21,31 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from onnxclp.methods import register
+from onnxclp.methods._staged import CLPFirst, prune_now
 from onnxclp.methods.ac import AC
 from onnxclp.methods.clp import CLP, U
-from onnxclp.select import select_clp
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from onnxclp.methods.base import Params
     from onnxclp.pipeline import State
-    from onnxclp.select import Selection
 
 
 @register
-class CLPAC(AC):
+class CLPAC(CLPFirst, AC):
     name = "clp-ac"
     order = 39
     description = "CLP pruning tuned on the clean images, then activation clipping (ac) on the pruned model."
     paper = f"{CLP.paper}; then {AC.paper}"
-    score = "spectral"
-    include_fc = False
-    per_layer = True
-    tune_share = 1.0 / 3.0  # the pruning stage's share of --max-acc-drop; AC measures the rest against the input
     # scan's next step names it (onnxclp.scanning.suggested_methods): of the methods that read BN-folded exports,
     # the lowest average ASR under the guard at 500 clean images on the zoo (59.9 %; docs/results-repair.md)
     suggested = True
     params = (U, *AC.params)
 
-    def select(self, scores: np.ndarray, params: Params) -> Selection:
-        return select_clp(scores, params["u"])
-
-    def decide_for_tuning(self, state: State) -> None:
-        """The pruning stage alone (what ``u`` changes)."""
-        from onnxclp.passes.decide import decide_by_scores
-
-        decide_by_scores(state, self)
-
     def decide(self, state: State) -> None:
         """CLP's decisions, applied to the model now (so that AC trains on the pruned model), then AC; the
-        pipeline's ``prune`` pass re-applies the same zeros (idempotent) and ``rewrite`` adds the bounds."""
-        from onnxclp.edit import Editor
-        from onnxclp.passes import streams
+        pipeline's ``prune`` pass re-applies the same zeros and ``rewrite`` adds the bounds."""
         from onnxclp.passes.decide import decide_by_scores
-        from onnxclp.passes.prune import apply_decisions
 
-        assert state.index is not None
         decide_by_scores(state, self)
-        streams.run(state)
-        apply_decisions(Editor(state.index, state.store), state.decisions)
-        pruned = state.decisions
-        n = sum(len(d.selection.prune) for d in pruned)
-        state.notes.append(f"clp-ac: {n} channel(s) pruned at u={state.params['u']:g}, then AC on the pruned model")
+        pruned = prune_now(state, "AC")
         AC.decide(self, state)
         state.decisions = pruned

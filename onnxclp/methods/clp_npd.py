@@ -20,21 +20,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from onnxclp.methods import register
-from onnxclp.methods.base import Params
+from onnxclp.methods._staged import CLPFirst, prune_now
 from onnxclp.methods.clp import CLP, U
 from onnxclp.methods.npd import NPD
-from onnxclp.select import select_clp
 
 if TYPE_CHECKING:
     from onnxclp.pipeline import State
-    from onnxclp.select import Selection
 
 
 @register
-class CLPNPD(NPD):
+class CLPNPD(CLPFirst, NPD):
     name = "clp-npd"
     order = 35
     description = "CLP pruning tuned on the clean images, then the neural polarizer (NPD) on the pruned model."
@@ -42,20 +38,7 @@ class CLPNPD(NPD):
     # scan's next step named it until session 11 (its first four models, 500 clean images: 9.3 % ASR at 2.6
     # points); on the seven-model zoo under the guard it leaves 68.7 %, and clp-ac is named instead
     suggested = False
-    score = "spectral"
-    include_fc = False
-    per_layer = True
-    tune_share = 1.0 / 3.0  # the pruning stage's share of --max-acc-drop; NPD measures the rest against the input
     params = (U, *NPD.params)
-
-    def select(self, scores: np.ndarray, params: Params) -> Selection:
-        return select_clp(scores, params["u"])
-
-    def decide_for_tuning(self, state: State) -> None:
-        """The pruning stage alone (what ``u`` changes)."""
-        from onnxclp.passes.decide import decide_by_scores
-
-        decide_by_scores(state, self)
 
     def decide(self, state: State) -> None:
         """CLP's decisions, applied to the model now (so that NPD trains on the pruned model), then NPD's training;
@@ -64,18 +47,10 @@ class CLPNPD(NPD):
 
     def prune_then_polarize(self, state: State) -> tuple[Any, Any]:
         """:meth:`decide`'s work; returns the trained module (polarizer as a tap) and NPD's outcome."""
-        from onnxclp.edit import Editor
-        from onnxclp.passes import streams
         from onnxclp.passes.decide import decide_by_scores
-        from onnxclp.passes.prune import apply_decisions
 
-        assert state.index is not None
         decide_by_scores(state, self)
-        streams.run(state)
-        apply_decisions(Editor(state.index, state.store), state.decisions)
-        pruned = state.decisions
-        n = sum(len(d.selection.prune) for d in pruned)
-        state.notes.append(f"clp-npd: {n} channel(s) pruned at u={state.params['u']:g}, then NPD on the pruned model")
+        pruned = prune_now(state, "NPD")
         module, outcome = self.train_polarizer(state)
         state.decisions = pruned
         return module, outcome
