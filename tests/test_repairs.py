@@ -190,6 +190,19 @@ def test_nc_stamp_is_the_papers_blend_in_pixel_space():
         assert torch.allclose(objective.stamp(x) * sd + m, want, atol=1e-5)
 
 
+def test_nc_unlearn_refuses_a_task_of_too_many_classes(backdoored, tmp_path, monkeypatch):
+    """One reverse engineering per class: past MAX_CLASSES the method says so (exit 3) and writes nothing."""
+    import onnxclp
+    from onnxclp.errors import OnnxclpError
+    from onnxclp.methods import nc_unlearn
+
+    monkeypatch.setattr(nc_unlearn, "MAX_CLASSES", CLASSES - 1)
+    out = tmp_path / "nc.onnx"
+    with pytest.raises(OnnxclpError, match="a trigger for every class") as exc:
+        onnxclp.sanitize_file(backdoored[0], out, method="nc-unlearn", context=_ctx(backdoored[1]), epochs=1)
+    assert exc.value.exit_code == 3 and not out.exists()
+
+
 def test_the_learning_rate_is_walked_unless_given(backdoored, tmp_path):
     """Without --lr a repair trains at 0.001, 0.003, 0.01 while a run has an epoch within the budget and keeps
     the run furthest along its schedule; --lr given trains at that rate alone."""

@@ -5,7 +5,7 @@ unlearning; docs/algorithms.md, "NC unlearning").
 
 Two stages on the guard's fit images:
 
-1. **Reverse engineering** (section IV; :func:`onnxclp.defences.cleanse.reverse_trigger`, the `nc` detector's
+1. **Reverse engineering** (section IV; :func:`onnxclp.defences.cleanse.reverse_trigger_pattern`, the `nc` detector's
    optimisation): for every class ``t``, the smallest mask ``m`` and pattern ``p`` that send the fit images of the
    other classes to ``t``. The class with the smallest mask L1 is the presumed target (the paper's rule); its
    trigger is kept, and the report gives every class's L1, the anomaly index and the trigger's success.
@@ -18,9 +18,10 @@ Two stages on the guard's fit images:
 Where onnxclp's reading differs: the paper fine-tunes one epoch on 10 % of the training set; here the shared repair
 loop (:mod:`onnxclp.defences.repair`: augmentation, BatchNorm re-inserted after folded convolutions, distillation,
 the learning-rate walk and the checkpoint chosen on the selection images, docs/algorithms.md "Fine-tuning
-repairs"). The reverse engineering runs a fixed ``--nc-steps`` Adam steps per class (the detector's 300 by
-default; fewer make it faster on many classes) and stamps in the images' [0, 1] pixel range, before
-``--mean``/``--std``. Rewrites initializer values only.
+repairs"). The reverse engineering runs a fixed ``--nc-steps`` Adam steps per class (default 100, a third of the
+detector's 300, for time) and stamps in the images' [0, 1] pixel range, before ``--mean``/``--std``. A task of
+more than :data:`MAX_CLASSES` classes is refused (exit 3): one search per class would take hours on a CPU.
+Rewrites initializer values only.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from onnxclp.errors import OnnxclpError
 from onnxclp.methods import register
 from onnxclp.methods._repair import BATCH, DISTILL, DISTILL_MIX, EPOCHS, LR, RepairMethod
 from onnxclp.methods.base import ParamSpec
@@ -46,6 +48,9 @@ SHARE = ParamSpec("nc_share", float, 0.2, "NC unlearning: share of each batch al
                   "under its true label (the paper's 20 %).", minimum=0.0, maximum=1.0)  # fmt: skip
 STEPS = ParamSpec("nc_steps", int, 100, "NC unlearning: Adam steps of the trigger reverse engineering per class.",
                   minimum=1, maximum=10000)  # fmt: skip
+
+
+MAX_CLASSES = 100  # ten classes at 100 steps take 60-90 s on a zoo ResNet (2-core CPU)
 
 
 @dataclass
@@ -83,6 +88,12 @@ def reverse_engineer(state: State, steps: int) -> Trigger:
 
     with torch.no_grad():
         classes = int(forward(pixels[:1]).shape[1])
+    if classes > MAX_CLASSES:
+        raise OnnxclpError(
+            f"--method nc-unlearn reverse-engineers a trigger for every class, and this model has {classes} "
+            f"(at most {MAX_CLASSES}): try --method clp-ac or ac",
+            3,
+        )
     start = time.perf_counter()
     progress = progress_for(state)
     l1: list[float] = []
