@@ -46,10 +46,6 @@ METHODS = [
 ]
 
 
-# the guard's note when --force wrote a result its validation images cannot check (onnxclp.guard.blind)
-BLIND = "WARNING: --force wrote a model the guard cannot check: "
-
-
 def own_draw(cifar: Path, folder: Path, n_clean: int, model: str, seed: int = 0) -> Path:
     """``--draw per-model``: the model's own ``n_clean`` images from the 5,000 the test images are not drawn from
     (seeded by the model's name), as separate users would each have their own."""
@@ -116,6 +112,7 @@ def main() -> None:
     from onnxclp.api import sanitize_file
     from onnxclp.errors import EXIT_REFUSED, OnnxclpError
     from onnxclp.eval.api import evaluate
+    from onnxclp.guard import BLIND_NOTE
 
     torch.set_num_threads(args.threads)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {"runs": []}
@@ -190,8 +187,8 @@ def main() -> None:
                         if g.get("tuned"):  # the strength the guard chose on the fit images (passes/tune.py)
                             row["tuned"] = g["tuned"]["parameters"]
                         if g and g.get("accepted") is False:  # what a user gets: nothing written (exit 5)
-                            blind = [n for n in g.get("notes", []) if n.startswith(BLIND)]
-                            why = (f"guard: {blind[0][len(BLIND):]}" if blind else  # the check could not see
+                            blind = [n for n in g.get("notes", []) if n.startswith(BLIND_NOTE)]
+                            why = (f"guard: {blind[0][len(BLIND_NOTE):]}" if blind else  # the check could not see
                                    f"guard: drop {g['drop']:.1f} pt, {100 * g['confidence']:.0f}% bound "
                                    f"{g['bound']:.1f} pt on {g['n_val']} images")  # fmt: skip
                             row.update(refused=why, exit=EXIT_REFUSED, forced_acc=acc, forced_asr=asr)

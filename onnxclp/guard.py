@@ -284,6 +284,11 @@ def collapse_drop(right_before: np.ndarray, labels: np.ndarray) -> tuple[int, fl
     return k, float(np.mean(y == k)), paired_drop(right_before, y == k)
 
 
+# the note --force leaves when the validation images cannot see a collapsed model (:func:`blind`); the bench reads
+# its refusal reason after it
+BLIND_NOTE = "WARNING: --force wrote a model the guard cannot check: "
+
+
 def blind(result: GuardResult, right_before: np.ndarray, labels: np.ndarray, force: bool) -> str | None:
     """The guard's check is blind when a model answering one class for everything would pass it: its drop's
     lower bound at ``result.confidence`` (the mirror of the acceptance rule) is within the budget. Then no result
@@ -305,7 +310,7 @@ def blind(result: GuardResult, right_before: np.ndarray, labels: np.ndarray, for
     if force:
         result.forced = True
         result.accepted = False
-        note = f"WARNING: --force wrote a model the guard cannot check: {why}"
+        note = BLIND_NOTE + why
         result.notes.append(note)
         return note
     raise Refused(f"refused: {why}; nothing written. Give real clean images (--clean-data CLEAN.npz), or --force "

@@ -38,6 +38,11 @@ class CLPFirst:
 
         decide_by_scores(state, self)  # type: ignore[arg-type]
 
+    def prune_first(self, state: State, then: str) -> list[Any]:
+        """The first stage: CLP's decisions, applied to the model now (:func:`prune_now`); returns them."""
+        self.decide_for_tuning(state)
+        return prune_now(state, then)
+
 
 def prune_now(state: State, then: str) -> list[Any]:
     """Apply ``state.decisions`` (the first stage's) to the model now, note it, and return them (the method puts

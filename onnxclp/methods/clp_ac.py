@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from onnxclp.methods import register
-from onnxclp.methods._staged import CLPFirst, prune_now
+from onnxclp.methods._staged import CLPFirst
 from onnxclp.methods.ac import AC
 from onnxclp.methods.clp import CLP, U
 
@@ -45,9 +45,6 @@ class CLPAC(CLPFirst, AC):
     def decide(self, state: State) -> None:
         """CLP's decisions, applied to the model now (so that AC trains on the pruned model), then AC; the
         pipeline's ``prune`` pass re-applies the same zeros and ``rewrite`` adds the bounds."""
-        from onnxclp.passes.decide import decide_by_scores
-
-        decide_by_scores(state, self)
-        pruned = prune_now(state, "AC")
+        pruned = self.prune_first(state, "AC")
         AC.decide(self, state)
         state.decisions = pruned

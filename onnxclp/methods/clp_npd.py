@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from onnxclp.methods import register
-from onnxclp.methods._staged import CLPFirst, prune_now
+from onnxclp.methods._staged import CLPFirst
 from onnxclp.methods.clp import CLP, U
 from onnxclp.methods.npd import NPD
 
@@ -47,10 +47,7 @@ class CLPNPD(CLPFirst, NPD):
 
     def prune_then_polarize(self, state: State) -> tuple[Any, Any]:
         """:meth:`decide`'s work; returns the trained module (polarizer as a tap) and NPD's outcome."""
-        from onnxclp.passes.decide import decide_by_scores
-
-        decide_by_scores(state, self)
-        pruned = prune_now(state, "NPD")
+        pruned = self.prune_first(state, "NPD")
         module, outcome = self.train_polarizer(state)
         state.decisions = pruned
         return module, outcome
