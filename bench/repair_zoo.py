@@ -30,6 +30,7 @@ METHODS = [
     "fst-head",
     "ft-sam",
     "i-bau",
+    "sau",
     "nc-unlearn",
     "npd",
     "clp-npd",

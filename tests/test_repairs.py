@@ -129,7 +129,8 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("method", "params"),
-    [("ft-sam", {"rho": 2.0}), ("i-bau", {"ibau_k": 3, "ibau_steps": 2}), ("nc-unlearn", {"nc_steps": 40})],
+    [("ft-sam", {"rho": 2.0}), ("i-bau", {"ibau_k": 3, "ibau_steps": 2}), ("nc-unlearn", {"nc_steps": 40}),
+     ("sau", {"sau_steps": 2})],
 )
 def test_fine_tuning_repairs_change_initializer_values_only(backdoored, tmp_path, method, params):
     import onnx
@@ -163,6 +164,60 @@ def test_fine_tuning_repairs_change_initializer_values_only(backdoored, tmp_path
     if method == "nc-unlearn":  # the planted patch's class needs the smallest reversed mask
         assert settings["target"] == TARGET and len(settings["mask_l1"]) == CLASSES
         assert settings["mask_l1"][TARGET] == min(settings["mask_l1"])
+    if method == "sau":  # every fit image was searched once per epoch; the counts are of those images
+        assert settings["searched"] == rep.training["fit_images"]
+        assert 0 <= settings["shared_at_end"] <= settings["searched"]
+        assert 0 <= settings["unlearned"] <= settings["searched"]
+
+
+def test_sau_losses_are_the_papers():
+    """The sharing term is the Jensen-Shannon divergence (0 for equal rows, log 2 at most, symmetric); the shared
+    adversarial loss is -log(1 - p) of the input model's adversarial class over the counted images only, per
+    batch image, and a class the repaired model gives less than P_FLOOR adds no gradient."""
+    import torch
+
+    from onnxclp.methods.sau import P_FLOOR, js_divergence, shared_loss
+
+    p = torch.tensor([[0.7, 0.2, 0.1], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    q = torch.tensor([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.5, 0.3, 0.2]])
+    js = js_divergence(p, q)
+    assert js[0] == pytest.approx(0.0, abs=1e-6) and js[1] == pytest.approx(np.log(2), abs=1e-4)
+    assert torch.allclose(js, js_divergence(q, p))
+    probs = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.1, 0.8], [0.9, 0.1, 0.0]], requires_grad=True)
+    adv = torch.tensor([1, 2, 2])
+    counted = torch.tensor([True, True, False])
+    loss = shared_loss(probs, adv, counted)
+    assert float(loss.detach()) == pytest.approx(-(np.log(0.5) + np.log(0.2)) / 3, rel=1e-4)
+    loss.backward()
+    assert probs.grad[2].abs().sum() == 0  # not counted
+    floor = torch.tensor([[1.0, P_FLOOR / 10]], requires_grad=True)
+    shared_loss(floor, torch.tensor([1]), torch.tensor([True])).backward()
+    assert floor.grad.abs().sum() == 0
+
+
+def test_sau_search_stays_in_its_bound_and_finds_shared_examples():
+    """The maximisation on a linear model and its copy (so every adversarial example is shared): each image's
+    perturbation is within the L-infinity bound, and the images it flips are counted as shared."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from onnxclp.methods.sau import SAUObjective
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x = torch.rand(16, 3, 2, 2)
+    objective = SAUObjective(eps=0.5, steps=5)
+    objective.space = SimpleNamespace(add=lambda a, d: a + d)
+    objective.reference = copy.deepcopy(net).eval()
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    delta = objective.search(net, x, y, y)
+    assert delta.shape == x.shape and float(delta.abs().max()) <= 0.5 + 1e-7
+    with torch.no_grad():
+        flipped = int((net(x + delta).argmax(1) != y).sum())
+    assert objective.searched == 16 and objective.shared == flipped > 0
 
 
 def test_nc_stamp_is_the_papers_blend_in_pixel_space():
@@ -408,7 +463,7 @@ def test_the_guard_refuses_what_a_huge_learning_rate_broke(backdoored, tmp_path)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method", ["ft-sam", "i-bau", "nc-unlearn", "npd"])
+@pytest.mark.parametrize("method", ["ft-sam", "i-bau", "nc-unlearn", "sau", "npd"])
 def test_a_fixed_batch_export_is_repaired(backdoored, tmp_path, method):
     import onnxclp
 

@@ -22,7 +22,7 @@ LR = ParamSpec(
     "lr",
     float,
     0.01,
-    "SGD learning rate (repairs; cosine schedule). Not given: ft, fst, ft-sam, i-bau and nc-unlearn train at "
+    "SGD learning rate (repairs; cosine schedule). Not given: ft, fst, ft-sam, i-bau, sau and nc-unlearn train at "
     "0.001, 0.003, 0.01 while one has an epoch within the budget on the selection images, and keep the one "
     "furthest along its schedule.",
     minimum=1e-6,
