@@ -129,8 +129,12 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("method", "params"),
-    [("ft-sam", {"rho": 2.0}), ("i-bau", {"ibau_k": 3, "ibau_steps": 2}), ("nc-unlearn", {"nc_steps": 40}),
-     ("sau", {"sau_steps": 2})],
+    [
+        ("ft-sam", {"rho": 2.0}),
+        ("i-bau", {"ibau_k": 3, "ibau_steps": 2}),
+        ("nc-unlearn", {"nc_steps": 40}),
+        ("sau", {"sau_steps": 2}),
+    ],
 )
 def test_fine_tuning_repairs_change_initializer_values_only(backdoored, tmp_path, method, params):
     import onnx
