@@ -262,14 +262,16 @@ def test_nc_unlearn_refuses_a_task_of_too_many_classes(backdoored, tmp_path, mon
     assert exc.value.exit_code == 3 and not out.exists()
 
 
-def test_the_learning_rate_is_walked_unless_given(backdoored, tmp_path):
+@pytest.mark.parametrize("method", ["ft", "npd"])
+def test_the_learning_rate_is_walked_unless_given(backdoored, tmp_path, method):
     """Without --lr a repair trains at 0.001, 0.003, 0.01 while a run has an epoch within the budget and keeps
-    the run furthest along its schedule; --lr given trains at that rate alone."""
+    the run furthest along its schedule (NPD's polarizer too, and the one it writes is the kept run's); --lr
+    given trains at that rate alone."""
     import onnxclp
     from onnxclp.methods._repair import LR_LADDER
 
-    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "walk.onnx", method="ft", context=_ctx(backdoored[1]),
-                                epochs=1)  # fmt: skip
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "walk.onnx", method=method,
+                                context=_ctx(backdoored[1]), epochs=1)  # fmt: skip
     ladder = rep.training["lr_ladder"]
     assert [r["lr"] for r in ladder] == list(LR_LADDER)[: len(ladder)]
     within = [r for r in ladder if r["chosen_epoch"] is not None]
@@ -278,8 +280,11 @@ def test_the_learning_rate_is_walked_unless_given(backdoored, tmp_path):
     assert rep.training["settings"]["lr"] == best["lr"] and rep.training["chosen_epoch"] == best["chosen_epoch"]
     curve = rep.training["curve"]
     assert curve[-1]["lr_epochs"] > 0
-    given = onnxclp.sanitize_file(backdoored[0], tmp_path / "given.onnx", method="ft", context=_ctx(backdoored[1]),
-                                  epochs=1, lr=0.002)  # fmt: skip
+    if method == "npd":  # the written polarizer is the kept run's: the model computes what the training kept
+        assert len(rep.added_nodes) == 1
+        assert any(f"lr {best['lr']:g} (epoch" in n for n in rep.notes)
+    given = onnxclp.sanitize_file(backdoored[0], tmp_path / "given.onnx", method=method,
+                                  context=_ctx(backdoored[1]), epochs=1, lr=0.002)  # fmt: skip
     assert "lr_ladder" not in given.training and given.training["settings"]["lr"] == 0.002
 
 

@@ -22,7 +22,8 @@ LR = ParamSpec(
     "lr",
     float,
     0.01,
-    "SGD learning rate (repairs; cosine schedule). Not given: ft, fst, ft-sam, i-bau, sau and nc-unlearn train at "
+    "SGD learning rate (repairs; cosine schedule). Not given: ft, fst, ft-sam, i-bau, sau, nc-unlearn and npd "
+    "(clp-npd's and clp-npd-fst's polarizer too) train at "
     "0.001, 0.003, 0.01 while one has an epoch within the budget on the selection images, and keep the one "
     "furthest along its schedule.",
     minimum=1e-6,
@@ -67,14 +68,25 @@ class RepairMethod(Method):
                         distill_mix=float(v.get("distill_mix", 0.0)), batch=int(v["batch"]))  # fmt: skip
 
     def decide(self, state: State, make: Callable[[], Objective] | None = None) -> None:
+        """Train (:meth:`train_walked`), record the new initializer values and the training; no channel decisions.
+        ``make`` builds each run's objective (default: :meth:`objective`), for a method whose objectives share
+        work done once."""
+        from onnxclp.defences.repair import finish
+
+        module, outcome, objective, used, ladder = self.train_walked(state, make)
+        finish(state, module, outcome, used, objective)
+        self.note_walk(state, ladder, used, outcome)
+        state.decisions = []
+
+    def train_walked(self, state: State, make: Callable[[], Objective] | None = None) -> tuple[Any, Any, Objective, Settings, list[dict[str, Any]] | None]:  # fmt: skip
         """Train at the given ``--lr``, or walk :data:`LR_LADDER` weakest first while a run has an epoch within the
         budget on the selection images, and keep, of the runs that had one, the checkpoint furthest along its
-        schedule (the learning rate summed over its steps: 20 epochs at 0.001 go further than one at 0.003); the
-        report's ``training.lr_ladder`` lists the runs (docs/algorithms.md, "The learning-rate walk"). ``make`` builds
-        each run's objective (default: :meth:`objective`), for a method whose objectives share work done once."""
+        schedule (the learning rate summed over its steps: 20 epochs at 0.001 go further than one at 0.003).
+        Returns the kept run's module, outcome, objective and settings, and the ladder (None when ``--lr`` was
+        given); docs/algorithms.md, "The learning-rate walk"."""
         from dataclasses import replace
 
-        from onnxclp.defences.repair import finish, train
+        from onnxclp.defences.repair import train
 
         settings = self.settings(state)
         given = "lr" in state.params.given
@@ -92,16 +104,19 @@ class RepairMethod(Method):
                 break
         within = [r for r in runs if r[4] is not None]
         module, outcome, objective, used, _ = max(within, key=lambda r: r[4]) if within else runs[0]
-        finish(state, module, outcome, used, objective)
+        return module, outcome, objective, used, None if given else ladder
+
+    def note_walk(self, state: State, ladder: list[dict[str, Any]] | None, used: Settings, outcome: Any) -> None:
+        """The report's ``training.lr_ladder`` and a note saying which rate was kept (after ``finish``)."""
+        if ladder is None:
+            return
         assert state.training is not None
-        if not given:
-            state.training["lr_ladder"] = ladder
-            state.notes.append(
-                f"{state.params.method}: lr "
-                + (f"{used.lr:g} (epoch {outcome.chosen_epoch})" if within else "none within budget")
-                + f" chosen on the selection images from {', '.join(f'{r:g}' for r in LR_LADDER)}"
-            )
-        state.decisions = []
+        state.training["lr_ladder"] = ladder
+        kept = f"{used.lr:g} (epoch {outcome.chosen_epoch})" if outcome.chosen_epoch else "none within budget"
+        state.notes.append(
+            f"{state.params.method}: lr {kept} chosen on the selection images from "
+            + ", ".join(f"{r:g}" for r in LR_LADDER)
+        )
 
 
 def describe_repair(cls: Any) -> str:

@@ -331,16 +331,15 @@ class NPD(RepairMethod):
     def train_polarizer(self, state: State) -> tuple[OnnxModule, Any]:
         """Train the polarizer (the module keeps it as a tap), set the graph edit that writes it, record the
         training (:func:`onnxclp.defences.repair.finish`); returns the trained module and the outcome."""
-        from onnxclp.defences.repair import finish, train
+        from onnxclp.defences.repair import finish
 
-        objective = self.objective(state)
-        settings = self.settings(state)
-        module, outcome = train(state, objective, settings)
+        module, outcome, objective, settings, ladder = self.train_walked(state)
         npd: NPDObjective = objective  # type: ignore[assignment]
         weight, bias = npd.values()
         tensor = npd.tensor
         state.graph_edit = lambda st: [insert_polarizer(st.model, tensor, weight, bias)]
         finish(state, module, outcome, settings, objective)
+        self.note_walk(state, ladder, settings, outcome)
         state.notes.append(
             f"npd: one Conv node (1x1, {npd.channels} -> {npd.channels} channels, with bias) added on tensor "
             f"{tensor!r} ({npd.why}); every other weight is the input's"
