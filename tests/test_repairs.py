@@ -262,11 +262,10 @@ def test_nc_unlearn_refuses_a_task_of_too_many_classes(backdoored, tmp_path, mon
     assert exc.value.exit_code == 3 and not out.exists()
 
 
-@pytest.mark.parametrize("method", ["ft", "npd"])
+@pytest.mark.parametrize("method", ["ft", "sau"])
 def test_the_learning_rate_is_walked_unless_given(backdoored, tmp_path, method):
     """Without --lr a repair trains at 0.001, 0.003, 0.01 while a run has an epoch within the budget and keeps
-    the run furthest along its schedule (NPD's polarizer too, and the one it writes is the kept run's); --lr
-    given trains at that rate alone."""
+    the run furthest along its schedule; --lr given trains at that rate alone."""
     import onnxclp
     from onnxclp.methods._repair import LR_LADDER
 
@@ -280,12 +279,22 @@ def test_the_learning_rate_is_walked_unless_given(backdoored, tmp_path, method):
     assert rep.training["settings"]["lr"] == best["lr"] and rep.training["chosen_epoch"] == best["chosen_epoch"]
     curve = rep.training["curve"]
     assert curve[-1]["lr_epochs"] > 0
-    if method == "npd":  # the written polarizer is the kept run's: the model computes what the training kept
-        assert len(rep.added_nodes) == 1
-        assert any(f"lr {best['lr']:g} (epoch" in n for n in rep.notes)
+    assert any(f"lr {best['lr']:g} (epoch" in n for n in rep.notes)
     given = onnxclp.sanitize_file(backdoored[0], tmp_path / "given.onnx", method=method,
                                   context=_ctx(backdoored[1]), epochs=1, lr=0.002)  # fmt: skip
     assert "lr_ladder" not in given.training and given.training["settings"]["lr"] == 0.002
+
+
+def test_npd_trains_its_polarizer_at_the_given_rate_without_a_walk(backdoored, tmp_path):
+    """NPD does not walk the learning rate (docs/algorithms.md, "The learning-rate walk"): one run at --lr's
+    default, no ladder in the report, one node added."""
+    import onnxclp
+    from onnxclp.methods import get
+
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "npd.onnx", method="npd", context=_ctx(backdoored[1]),
+                                epochs=1)  # fmt: skip
+    assert "lr_ladder" not in rep.training and rep.training["settings"]["lr"] == get("npd").spec("lr").default
+    assert len(rep.added_nodes) == 1
 
 
 def test_sam_step_evaluates_the_gradient_at_the_adaptive_worst_point():

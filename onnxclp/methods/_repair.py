@@ -22,8 +22,7 @@ LR = ParamSpec(
     "lr",
     float,
     0.01,
-    "SGD learning rate (repairs; cosine schedule). Not given: ft, fst, ft-sam, i-bau, sau, nc-unlearn and npd "
-    "(clp-npd's and clp-npd-fst's polarizer too) train at "
+    "SGD learning rate (repairs; cosine schedule). Not given: ft, fst, ft-sam, i-bau, sau and nc-unlearn train at "
     "0.001, 0.003, 0.01 while one has an epoch within the budget on the selection images, and keep the one "
     "furthest along its schedule.",
     minimum=1e-6,
@@ -55,6 +54,7 @@ class RepairMethod(Method):
     include_fc = False
     per_layer = False
     rewrites: ClassVar[str] = "weights"  # what it changes: "weights" (initializer values) or "nodes" (adds some)
+    walks_lr: ClassVar[bool] = True  # without --lr, train_walked walks LR_LADDER; False: the --lr default alone
     params: ClassVar[tuple[ParamSpec, ...]] = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH)
 
     def objective(self, state: State) -> Objective:
@@ -83,13 +83,13 @@ class RepairMethod(Method):
         budget on the selection images, and keep, of the runs that had one, the checkpoint furthest along its
         schedule (the learning rate summed over its steps: 20 epochs at 0.001 go further than one at 0.003).
         Returns the kept run's module, outcome, objective and settings, and the ladder (None when ``--lr`` was
-        given); docs/algorithms.md, "The learning-rate walk"."""
+        given or the method does not walk, ``walks_lr``); docs/algorithms.md, "The learning-rate walk"."""
         from dataclasses import replace
 
         from onnxclp.defences.repair import train
 
         settings = self.settings(state)
-        given = "lr" in state.params.given
+        given = "lr" in state.params.given or not self.walks_lr
         runs: list[tuple[Any, Any, Objective, Settings, float | None]] = []
         ladder: list[dict[str, Any]] = []
         for lr in (settings.lr,) if given else LR_LADDER:
