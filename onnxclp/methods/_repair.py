@@ -54,7 +54,6 @@ class RepairMethod(Method):
     include_fc = False
     per_layer = False
     rewrites: ClassVar[str] = "weights"  # what it changes: "weights" (initializer values) or "nodes" (adds some)
-    walks_lr: ClassVar[bool] = True  # without --lr, train_walked walks LR_LADDER; False: the --lr default alone
     params: ClassVar[tuple[ParamSpec, ...]] = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH)
 
     def objective(self, state: State) -> Objective:
@@ -68,28 +67,17 @@ class RepairMethod(Method):
                         distill_mix=float(v.get("distill_mix", 0.0)), batch=int(v["batch"]))  # fmt: skip
 
     def decide(self, state: State, make: Callable[[], Objective] | None = None) -> None:
-        """Train (:meth:`train_walked`), record the new initializer values and the training; no channel decisions.
-        ``make`` builds each run's objective (default: :meth:`objective`), for a method whose objectives share
-        work done once."""
-        from onnxclp.defences.repair import finish
-
-        module, outcome, objective, used, ladder = self.train_walked(state, make)
-        finish(state, module, outcome, used, objective)
-        self.note_walk(state, ladder, used, outcome)
-        state.decisions = []
-
-    def train_walked(self, state: State, make: Callable[[], Objective] | None = None) -> tuple[Any, Any, Objective, Settings, list[dict[str, Any]] | None]:  # fmt: skip
         """Train at the given ``--lr``, or walk :data:`LR_LADDER` weakest first while a run has an epoch within the
         budget on the selection images, and keep, of the runs that had one, the checkpoint furthest along its
-        schedule (the learning rate summed over its steps: 20 epochs at 0.001 go further than one at 0.003).
-        Returns the kept run's module, outcome, objective and settings, and the ladder (None when ``--lr`` was
-        given or the method does not walk, ``walks_lr``); docs/algorithms.md, "The learning-rate walk"."""
+        schedule (the learning rate summed over its steps: 20 epochs at 0.001 go further than one at 0.003); the
+        report's ``training.lr_ladder`` lists the runs (docs/algorithms.md, "The learning-rate walk"). ``make`` builds
+        each run's objective (default: :meth:`objective`), for a method whose objectives share work done once."""
         from dataclasses import replace
 
-        from onnxclp.defences.repair import train
+        from onnxclp.defences.repair import finish, train
 
         settings = self.settings(state)
-        given = "lr" in state.params.given or not self.walks_lr
+        given = "lr" in state.params.given
         runs: list[tuple[Any, Any, Objective, Settings, float | None]] = []
         ladder: list[dict[str, Any]] = []
         for lr in (settings.lr,) if given else LR_LADDER:
@@ -104,19 +92,16 @@ class RepairMethod(Method):
                 break
         within = [r for r in runs if r[4] is not None]
         module, outcome, objective, used, _ = max(within, key=lambda r: r[4]) if within else runs[0]
-        return module, outcome, objective, used, None if given else ladder
-
-    def note_walk(self, state: State, ladder: list[dict[str, Any]] | None, used: Settings, outcome: Any) -> None:
-        """The report's ``training.lr_ladder`` and a note saying which rate was kept (after ``finish``)."""
-        if ladder is None:
-            return
+        finish(state, module, outcome, used, objective)
         assert state.training is not None
-        state.training["lr_ladder"] = ladder
-        kept = f"{used.lr:g} (epoch {outcome.chosen_epoch})" if outcome.chosen_epoch else "none within budget"
-        state.notes.append(
-            f"{state.params.method}: lr {kept} chosen on the selection images from "
-            + ", ".join(f"{r:g}" for r in LR_LADDER)
-        )
+        if not given:
+            state.training["lr_ladder"] = ladder
+            state.notes.append(
+                f"{state.params.method}: lr "
+                + (f"{used.lr:g} (epoch {outcome.chosen_epoch})" if within else "none within budget")
+                + f" chosen on the selection images from {', '.join(f'{r:g}' for r in LR_LADDER)}"
+            )
+        state.decisions = []
 
 
 def describe_repair(cls: Any) -> str:

@@ -316,11 +316,11 @@ class NPD(RepairMethod):
         "Features, NeurIPS 2023"
     )
     rewrites = "nodes"
-    # the polarizer trains at --lr (default 0.01, the reference's) and chooses only its epoch: with the
-    # learning-rate walk (session 12) the first rate, 0.001, had no epoch within budget on the selection images on
-    # three of seven zoo models, where 0.01 had (its adversarial training degrades the model before it
-    # recovers, which a small rate does not reach), so the walk stopped there (docs/results-repair-notes.md)
-    walks_lr = False
+    # the polarizer trains at --lr (default 0.01, the reference's) and chooses only its epoch; it does not walk
+    # the learning rate as the other repairs do (RepairMethod.decide): given the walk in session 12, the first
+    # rate, 0.001, had no epoch within budget on the selection images on three of seven zoo models where 0.01 had
+    # one (its adversarial training costs accuracy before it recovers), so the walk stopped before the rate that
+    # works (docs/results-repair-notes.md, docs/results-repair-npd-walk.json)
     params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, LAYER, EPS, STEPS)
 
     def objective(self, state: State) -> Objective:
@@ -336,15 +336,16 @@ class NPD(RepairMethod):
     def train_polarizer(self, state: State) -> tuple[OnnxModule, Any]:
         """Train the polarizer (the module keeps it as a tap), set the graph edit that writes it, record the
         training (:func:`onnxclp.defences.repair.finish`); returns the trained module and the outcome."""
-        from onnxclp.defences.repair import finish
+        from onnxclp.defences.repair import finish, train
 
-        module, outcome, objective, settings, ladder = self.train_walked(state)
+        objective = self.objective(state)
+        settings = self.settings(state)
+        module, outcome = train(state, objective, settings)
         npd: NPDObjective = objective  # type: ignore[assignment]
         weight, bias = npd.values()
         tensor = npd.tensor
         state.graph_edit = lambda st: [insert_polarizer(st.model, tensor, weight, bias)]
         finish(state, module, outcome, settings, objective)
-        self.note_walk(state, ladder, settings, outcome)
         state.notes.append(
             f"npd: one Conv node (1x1, {npd.channels} -> {npd.channels} channels, with bias) added on tensor "
             f"{tensor!r} ({npd.why}); every other weight is the input's"
