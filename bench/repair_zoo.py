@@ -38,6 +38,7 @@ METHODS = [
     "ac",
     "bnp-ac",
     "clp-ac",
+    "sau-ac",
     "anp",
     "rnp",
     "bnp",

@@ -550,6 +550,45 @@ def test_clp_ac_prunes_tuned_channels_then_adds_the_bounds(backdoored, tmp_path)
     assert rep.params["u"] == 2.5 and not rep.guard.get("tuned")
 
 
+def test_sau_ac_unlearns_within_its_share_then_adds_the_bounds(backdoored, tmp_path):
+    """sau-ac: SAU's stage keeps an epoch within two thirds of the budget on the selection images (its curve says
+    so) and walks its learning rates; its rewritten initializers are in the written model with their names, dtypes
+    and dims; AC then adds one Min per ReLU and pool output on the unlearned model; no other initializer changes;
+    the result runs in onnxruntime at any batch; --sau-epochs applies to the first stage, --epochs to AC."""
+    import onnx
+    from onnx import numpy_helper
+
+    import onnxclp
+
+    src, out = backdoored[0], tmp_path / "sau-ac.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="sau-ac", context=_ctx(backdoored[1], 6.0), epochs=1,
+                                sau_epochs=2, sau_steps=2, ac_weight=1.0)  # fmt: skip
+    first = rep.training["first_stage"]
+    assert first["budget_share"] == pytest.approx(2 / 3) and len(first["curve"]) == 2
+    assert first["settings"]["sau_steps"] == 2 and first["settings"]["epochs"] == 2
+    assert first["lr_ladder"][0]["lr"] == 0.001  # the walk starts at its weakest rate
+    for row in first["curve"]:
+        assert row["within"] == (row["bound"] <= 4.0 + 1e-9)
+    assert len(rep.training["curve"]) == 1 and rep.training["settings"]["ac_weight"] == 1.0
+    assert rep.guard["budget"] == 6.0  # the whole budget again for AC and the final check
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    old = {t.name: t for t in before.graph.initializer}
+    new = {t.name: t for t in after.graph.initializer}
+    rewritten = {r["name"] for r in first["rewritten"]}
+    assert rewritten and rewritten <= set(old)
+    for name, t in old.items():
+        a, b = numpy_helper.to_array(t), numpy_helper.to_array(new[name])
+        assert (new[name].data_type, list(new[name].dims)) == (t.data_type, list(t.dims))
+        assert np.array_equal(a, b) != (name in rewritten), name
+    points = [n.output[0] for n in before.graph.node if n.op_type in ("Relu", "GlobalAveragePool")]
+    added = [n for n in after.graph.node if n.name not in {m.name for m in before.graph.node}]
+    assert all(n.op_type == "Min" for n in added) and sorted(n.input[0] for n in added) == sorted(points)
+    assert sorted(rep.added_nodes) == sorted(n.name for n in added)
+    assert any(n.startswith("sau-ac: SAU rewrote") for n in rep.notes)
+    xs = _images(5, 3)[0]
+    assert _run(out, xs[:1]).shape == (1, CLASSES) and _run(out, xs).shape == (5, CLASSES)
+
+
 def test_fst_head_rewrites_only_the_classifier_and_walks_alpha(backdoored, tmp_path):
     """fst-head: only the classifier's weight and bias change; alpha walks 0.02, 0.05, ... while the validation
     images stay within the budget (a generous budget: every step within, so all four are tried)."""

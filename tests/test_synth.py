@@ -112,8 +112,10 @@ def test_repairs_run_on_synthetic_data(models, method, tmp_path):
     context = {"clean_data": "synthetic:150", "mean": MEAN, "std": STD, "max_acc_drop": 100.0, "quiet": True,
                "device": "cpu", **FAST}  # fmt: skip
     extra = {"fst_alpha": 0.2} if method in ("fst-head", "clp-npd-fst") else {}  # one run, not the alpha walk
-    if method in ("ac", "bnp-ac"):
+    if method in ("ac", "bnp-ac", "sau-ac"):
         extra = {"ac_weight": 1.0}  # one run, not the weight walk
+    if method == "sau-ac":
+        extra["sau_epochs"] = 1
     rep = sanitize_file(src, out, method, context=context, epochs=1, **extra)
     g = rep.guard
     assert g["metric"] == "agreement with the input model"

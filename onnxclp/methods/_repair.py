@@ -53,7 +53,8 @@ class RepairMethod(Method):
     score = None
     include_fc = False
     per_layer = False
-    rewrites: ClassVar[str] = "weights"  # what it changes: "weights" (initializer values) or "nodes" (adds some)
+    # what it changes: "weights" (initializer values), "nodes" (adds some) or "weights and nodes" (sau-ac)
+    rewrites: ClassVar[str] = "weights"
     params: ClassVar[tuple[ParamSpec, ...]] = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH)
 
     def objective(self, state: State) -> Objective:
@@ -106,4 +107,5 @@ class RepairMethod(Method):
 
 def describe_repair(cls: Any) -> str:
     """``onnxclp methods``' note of what a repair changes."""
-    return "adds nodes" if getattr(cls, "rewrites", "") == "nodes" else "rewrites weights"
+    kind = getattr(cls, "rewrites", "weights")
+    return {"nodes": "adds nodes", "weights and nodes": "rewrites weights and adds nodes"}.get(kind, "rewrites weights")

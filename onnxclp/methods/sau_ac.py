@@ -1,0 +1,91 @@
+"""``sau-ac``: SAU's unlearning within two thirds of the budget, then activation clipping (``ac``) on the result.
+
+Not a published method: shared adversarial unlearning (Wei, Zhang, Zha & Wu, NeurIPS 2023, section 4;
+:mod:`onnxclp.methods.sau`) and activation clipping (after Wang et al., arXiv 2308.04617;
+:mod:`onnxclp.methods.ac`) in sequence. Why the pair (docs/algorithms.md, "sau-ac"), written before its rows were
+measured: at 500 images they reach different backdoors. Forced, SAU took Blended to 0.3 %, VGG-BadNets to 5 % and
+preact-BadNets to 12 % and left the ResNet BadNets patch at 38 %; AC took SIG to 12 % and the ResNet BadNets
+patches to 12-17 % and left Blended above 99 % (docs/results-repair.md). Those figures suggested the pair, so the
+zoo models they came from are not a test of it.
+
+The pipeline:
+
+1. **SAU**, at its own settings (``--sau-epochs``, default 10; the learning-rate walk, as ``--method sau``
+   without ``--lr``; ``--sau-eps``, ``--sau-steps``; ``--distill`` and ``--batch`` shared with the second stage),
+   its checkpoint chosen within :attr:`SAUAC.first_share` of ``--max-acc-drop`` on the selection images. Its new
+   initializer values are written into the model now, so that the second stage trains on the unlearned model.
+2. **AC** on that model, with ``--epochs``, ``--lr`` and ``--ac-weight`` (its weight walk unless given); its
+   epochs and weights are measured against the *input* model's accuracy with the whole budget, so the guard's
+   final check covers both stages, as for every repair.
+
+Written: the rewritten initializers (the report's ``training.first_stage.rewritten``) and one ``Min`` node per
+clipped tensor (``added_nodes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from onnxclp.methods import register
+from onnxclp.methods.ac import AC
+from onnxclp.methods.base import ParamSpec
+from onnxclp.methods.sau import EPS, SAU, STEPS
+
+if TYPE_CHECKING:
+    from onnxclp.pipeline import State
+
+SAU_EPOCHS = ParamSpec("sau_epochs", int, 10, "sau-ac: training epochs of the SAU stage (--epochs is AC's).",
+                       minimum=1, maximum=1000)  # fmt: skip
+
+
+@register
+class SAUAC(AC):
+    name = "sau-ac"
+    order = 40
+    description = "SAU's unlearning within 2/3 of the budget, then activation clipping (ac); weights and nodes."
+    paper = f"{SAU.paper}; then {AC.paper}"
+    rewrites = "weights and nodes"
+    first_share: ClassVar[float] = 2.0 / 3.0  # SAU's share of --max-acc-drop; AC measures the rest against the input
+    params = (*AC.params, SAU_EPOCHS, EPS, STEPS)
+
+    def decide(self, state: State) -> None:
+        """SAU (its checkpoint within ``first_share`` of the budget), its values written into the model now, then
+        AC on the unlearned model; the pipeline's ``rewrite`` pass writes SAU's values again (the same ones) and
+        adds AC's bounds."""
+        first = self.unlearn_first(state)
+        AC.decide(self, state)
+        assert state.training is not None
+        state.training["first_stage"] = first
+        state.notes.append(
+            f"sau-ac: SAU rewrote {len(first['rewritten'])} initializers (largest relative change "
+            f"{first['largest_relative_change']:.3g}) within {self.first_share:.2g} of the budget, then AC added "
+            "its bounds on the unlearned model"
+        )
+
+    def unlearn_first(self, state: State) -> dict[str, Any]:
+        """The SAU stage: run at its own parameters and a share of the budget, its values applied to the model's
+        initializers now; returns its training record (the report's ``training.first_stage``)."""
+        v = state.params.values
+        sau_values = {"epochs": int(v["sau_epochs"]), "lr": 0.01, "distill": v["distill"], "distill_mix": 0.0,
+                      "batch": v["batch"], "sau_eps": v["sau_eps"], "sau_steps": v["sau_steps"]}  # fmt: skip
+        params, guard = state.params, state.guard
+        full = guard.budget if guard is not None else None
+        state.params = replace(params, values=sau_values, given=frozenset())  # no --lr: SAU walks its rates
+        if guard is not None:
+            guard.budget = full * self.first_share  # type: ignore[operator]
+        try:
+            SAU().decide(state)
+        finally:
+            state.params = params
+            if guard is not None:
+                guard.budget = full  # type: ignore[assignment]
+        assert state.training is not None and state.index is not None
+        for name, value in state.rewrites.items():
+            tensor = state.index.initializers[name]
+            state.store.write(tensor, np.reshape(np.asarray(value), tuple(tensor.dims)))
+        first = dict(state.training)
+        first["budget_share"] = self.first_share
+        return first
