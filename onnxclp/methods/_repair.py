@@ -103,9 +103,3 @@ class RepairMethod(Method):
                 + f" chosen on the selection images from {', '.join(f'{r:g}' for r in LR_LADDER)}"
             )
         state.decisions = []
-
-
-def describe_repair(cls: Any) -> str:
-    """``onnxclp methods``' note of what a repair changes."""
-    kind = getattr(cls, "rewrites", "weights")
-    return {"nodes": "adds nodes", "weights and nodes": "rewrites weights and adds nodes"}.get(kind, "rewrites weights")
