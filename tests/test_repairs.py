@@ -575,7 +575,7 @@ def test_sau_ac_unlearns_within_its_share_then_adds_the_bounds(backdoored, tmp_p
     old = {t.name: t for t in before.graph.initializer}
     new = {t.name: t for t in after.graph.initializer}
     rewritten = {r["name"] for r in first["rewritten"]}
-    assert rewritten and rewritten <= set(old)
+    assert rewritten and rewritten <= set(old) and {r["name"] for r in rep.rewritten} == rewritten
     for name, t in old.items():
         a, b = numpy_helper.to_array(t), numpy_helper.to_array(new[name])
         assert (new[name].data_type, list(new[name].dims)) == (t.data_type, list(t.dims))

@@ -18,8 +18,8 @@ The pipeline:
    epochs and weights are measured against the *input* model's accuracy with the whole budget, so the guard's
    final check covers both stages, as for every repair.
 
-Written: the rewritten initializers (the report's ``training.first_stage.rewritten``) and one ``Min`` node per
-clipped tensor (``added_nodes``).
+Written: SAU's rewritten initializers (the report's ``rewritten``, as ``training.first_stage.rewritten``) and one
+``Min`` node per clipped tensor (``added_nodes``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class SAUAC(AC):
         AC.decide(self, state)
         assert state.training is not None
         state.training["first_stage"] = first
+        # AC rewrites no initializer: what the written model has rewritten is SAU's (the report's ``rewritten``)
+        state.training["rewritten"] = first["rewritten"]
+        state.training["largest_relative_change"] = first["largest_relative_change"]
         state.notes.append(
             f"sau-ac: SAU rewrote {len(first['rewritten'])} initializers (largest relative change "
             f"{first['largest_relative_change']:.3g}) within {self.first_share:.2g} of the budget, then AC added "
