@@ -27,8 +27,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-
 from onnxclp.methods import register
 from onnxclp.methods.ac import AC
 from onnxclp.methods.base import ParamSpec
@@ -71,9 +69,12 @@ class SAUAC(AC):
     def unlearn_first(self, state: State) -> dict[str, Any]:
         """The SAU stage: run at its own parameters and a share of the budget, its values applied to the model's
         initializers now; returns its training record (the report's ``training.first_stage``)."""
+        from onnxclp.passes.rewrite import write_rewrites
+
         v = state.params.values
-        sau_values = {"epochs": int(v["sau_epochs"]), "lr": 0.01, "distill": v["distill"], "distill_mix": 0.0,
-                      "batch": v["batch"], "sau_eps": v["sau_eps"], "sau_steps": v["sau_steps"]}  # fmt: skip
+        sau_values = {p.name: p.default for p in SAU.params}  # SAU's defaults, but what sau-ac passes on
+        sau_values.update(epochs=int(v["sau_epochs"]), distill=v["distill"], batch=v["batch"],
+                          sau_eps=v["sau_eps"], sau_steps=v["sau_steps"])  # fmt: skip
         params, guard = state.params, state.guard
         full = guard.budget if guard is not None else None
         state.params = replace(params, values=sau_values, given=frozenset())  # no --lr: SAU walks its rates
@@ -85,10 +86,8 @@ class SAUAC(AC):
             state.params = params
             if guard is not None:
                 guard.budget = full  # type: ignore[assignment]
-        assert state.training is not None and state.index is not None
-        for name, value in state.rewrites.items():
-            tensor = state.index.initializers[name]
-            state.store.write(tensor, np.reshape(np.asarray(value), tuple(tensor.dims)))
+        assert state.training is not None
+        write_rewrites(state)
         first = dict(state.training)
         first["budget_share"] = self.first_share
         return first

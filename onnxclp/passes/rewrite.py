@@ -24,18 +24,23 @@ def relative_change(old: np.ndarray, new: np.ndarray) -> float | None:
     return diff / base
 
 
-def run(state: State) -> PassResult:
-    """Pipeline pass (only when editing)."""
-    if not state.options.edit or (not state.rewrites and state.graph_edit is None):
-        return PassResult()
+def write_rewrites(state: State) -> int:
+    """Write ``state.rewrites`` into their initializers (each in its own dims); returns how many. Also used by a
+    staged repair (sau-ac) whose second stage trains on the first stage's values."""
     assert state.index is not None
-    changed = 0
     for name, value in state.rewrites.items():
         tensor = state.index.initializers.get(name)
         if tensor is None:
             raise OnnxclpError(f"internal: a repair rewrote {name!r}, which is not an initializer", 4)
         state.store.write(tensor, np.reshape(np.asarray(value), tuple(tensor.dims)))
-        changed += 1
+    return len(state.rewrites)
+
+
+def run(state: State) -> PassResult:
+    """Pipeline pass (only when editing)."""
+    if not state.options.edit or (not state.rewrites and state.graph_edit is None):
+        return PassResult()
+    changed = write_rewrites(state)
     if state.graph_edit is not None:
         state.added_nodes = list(state.graph_edit(state))
         changed += len(state.added_nodes)
