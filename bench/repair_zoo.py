@@ -4,8 +4,8 @@ accuracy, and the time (issue 18's results; writes docs/results-repair.md and do
 Data (CIFAR-10 test split, seeded permutation ``perm`` of its 10,000 images): the clean images a user holds are
 ``perm[:n]`` (n = 500 or 2,500 by ``--clean-n``); ACC / ASR are measured on ``perm[5000:5000 + --eval-n]``,
 images no method sees. Each method runs at its defaults through ``onnxclp.api.sanitize_file`` with the model's
-normalisation from attack.json and the accuracy guard's defaults (20 % of the clean images held out, budget 3
-points); a refusal (the guard's exit 5, BNP on a BN-folded graph...) is a row with its reason. BNP and bnp-ac read the
+normalisation from attack.json and the accuracy guard's defaults (40 % of the clean images held out to test the
+candidates in sequence and check the result, budget 3 points; a row records its ``split``); a refusal (the guard's exit 5, BNP on a BN-folded graph...) is a row with its reason. BNP and bnp-ac read the
 BN-kept export (model.bn.onnx), every other method the TorchScript export with BatchNorm folded (model.onnx).
 
 Results accumulate in the JSON (``--json``; a (model, method, n) already there is skipped unless ``--force``), so
@@ -118,7 +118,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {"runs": []}
-    done = {(r["model"], r["method"], r["clean_n"]) for r in results["runs"]}
+    split = split_name(args.select_fraction)
+    done = {key_of(r) for r in results["runs"]}
     models = sorted(p.parent for p in args.zoo.glob("*/model.onnx") if (p.parent / "attack.json").is_file())
     models = [m for m in models if "clean" not in m.name]
     if args.models:
@@ -146,7 +147,12 @@ def main() -> None:
                     results["runs"].append(base)
                     print(folder.name, "input", f"{acc:.2f} / {asr:.2f}", flush=True)
                 for method in args.methods:
-                    if (folder.name, method, n) in done and not args.force:
+                    if (
+                        folder.name,
+                        method,
+                        n,
+                        split if isinstance(n, int) and n > 0 else "",
+                    ) in done and not args.force:
                         continue
                     src = folder / ("model.bn.onnx" if method in ("bnp", "bnp-ac") else "model.onnx")
                     out = Path(tmp) / f"{folder.name}-{method}.onnx"
@@ -159,6 +165,8 @@ def main() -> None:
                         ctx["clean_data"], synth_seconds = synthesized(src, n, Path(tmp), norm, args.val_fraction)
                         ctx["clean_n"] = 500  # not read: a saved set is read whole
                     row = {"model": folder.name, "method": method, "clean_n": n}
+                    if isinstance(n, int) and n > 0:
+                        row["split"] = split
                     if args.draw == "per-model":
                         row["draw"] = "per-model"
                     if isinstance(n, str):
@@ -203,6 +211,19 @@ def main() -> None:
     write_markdown(results, args.out, args.json)
 
 
+def split_name(select_fraction: float | None) -> str:
+    """How a row's clean images were split: ``sequence`` (the default since session 14: no selection part, the
+    validation part tests the candidates in sequence) or ``select`` (``--select-fraction``: sessions 6-13)."""
+    return "select" if select_fraction else "sequence"
+
+
+def key_of(r: dict) -> tuple:
+    """A row's identity: model, method, clean images and split (rows with clean images and no ``split`` are from
+    sessions 13 and before: ``select``)."""
+    n = r["clean_n"]
+    return (r["model"], r["method"], n, r.get("split", "select") if isinstance(n, int) and n > 0 else "")
+
+
 def store_row(path: Path, row: dict, machine: str) -> dict:
     """Replace ``row``'s (model, method, clean_n) entry of the results JSON at ``path`` and return the results:
     read, changed and written under an exclusive lock, so that two benches writing the same file keep each
@@ -212,8 +233,8 @@ def store_row(path: Path, row: dict, machine: str) -> dict:
     with open(path.with_name("." + path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-        key = (row["model"], row["method"], row["clean_n"])
-        results["runs"] = [r for r in results["runs"] if (r["model"], r["method"], r["clean_n"]) != key]
+        key = key_of(row)
+        results["runs"] = [r for r in results["runs"] if key_of(r) != key]
         results["runs"].append(row)
         results["machine"] = machine
         tmp = path.with_name(path.name + ".tmp")
@@ -234,10 +255,10 @@ def synthesized(src: Path, spec: str, tmp: Path, norm: dict, val_fraction: float
     if key not in _SYNTHESIZED:
         from onnxclp.bridge import load
         from onnxclp.defences.synth import SynthSettings, parse_spec, save, synthesize_split
-        from onnxclp.guard import DEFAULT_VAL_FRACTION, split_indices
+        from onnxclp.guard import SYNTHETIC_VAL_FRACTION, split_indices
 
         n, overrides = parse_spec(spec)
-        fit, val = split_indices(n, val_fraction or DEFAULT_VAL_FRACTION)
+        fit, val = split_indices(n, val_fraction or SYNTHETIC_VAL_FRACTION)
         settings = SynthSettings(n=len(fit), **overrides)
         syn = synthesize_split(load(src, logits=True), (3, 32, 32), settings, len(val), mean=norm.get("mean"),
                                std=norm.get("std"))  # fmt: skip
@@ -256,12 +277,14 @@ def write_markdown(results: dict, out: Path, source: Path | None = None) -> None
     """docs/results-repair.md from the JSON: per clean-set size, a table of models x methods and the averages."""
     runs = results["runs"]
     base = {r["model"]: r for r in runs if r["method"] == "none"}
+    order = {"sequence": 0, "select": 1, "": 0}
     sizes = sorted(
-        {r["clean_n"] for r in runs if r["method"] != "none"}, key=lambda n: (isinstance(n, str), str(n).zfill(9))
+        {key_of(r)[2:] for r in runs if r["method"] != "none"},
+        key=lambda k: (isinstance(k[0], str), str(k[0]).zfill(9), order[k[1]]),
     )
     parts = []
-    for n in sizes:
-        rows = [r for r in runs if r["clean_n"] == n]
+    for n, split in sizes:
+        rows = [r for r in runs if key_of(r)[2:] == (n, split)]
         methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
         models = sorted({r["model"] for r in rows})
         head = "| model | input ACC / ASR | " + " | ".join(methods) + " |"
@@ -302,6 +325,8 @@ def write_markdown(results: dict, out: Path, source: Path | None = None) -> None
             else f"Data-free: {n.split(':')[-1]} images synthesized from the model (`--clean-data {n}`)"
             if isinstance(n, str)
             else f"{n} clean images"
+            if split == "sequence"
+            else f"{n} clean images, the sessions 6-13 split (a selection part chose, the validation part only checked)"
         )
         parts.append(f"## {title}\n\n" + "\n".join(lines))
     hand = out.with_name(out.stem + "-notes.md")  # notes written by hand, kept beside the generated doc
@@ -322,10 +347,14 @@ machine; the session-8 rows, those with `guard` in the JSON, ran with it otherwi
 their times are wall seconds under that load). Cells:
 ACC / ASR (%) on 3,000 CIFAR-10 test images no method saw (attack applied by `onnxclp evaluate`), and the time of
 `sanitize_file` (load to save, the guard's measurements included). Every method at its defaults with the guard's
-defaults (20 % of the clean images held out for validation, budget 3 points; CLP, LPP, BNP and clp-npd's pruning
-tune u on the rest, the `tuned` values in the JSON; rows with `n_select` in the JSON, from session 6 on, chose
-epochs, counts and strengths on a further 20 %, the selection part, and trained on the remaining 60 %; older rows
-chose them on the validation images): a refused result is not written, which is what a user
+defaults, budget 3 points. The default split since session 14 (the tables titled "N clean images"; `split`
+`sequence` in the JSON): 40 % of the clean images held out for validation, where the method's candidates (a
+run's end per learning rate or weight, CLP/LPP/BNP's u, ANP's count) are tested in a fixed sequence, weakest
+first, up to the first over budget (docs/algorithms.md, "Testing candidates in sequence"); the method trains on
+the other 60 %. The tables titled "the sessions 6-13 split": 20 % held out for validation, which only checks;
+the candidates chosen on a further 20 %, the selection part (rows with `n_select` in the JSON; older rows chose
+them on the validation images); the method trained on the remaining 60 %. CLP, LPP, BNP and clp-npd's pruning
+tune u on the fit part (the `tuned` values in the JSON). A refused result is not written, which is what a user
 gets, and the averages count it as the input kept. Rows from session 8 on ran forced and apply the guard's
 verdict afterwards (a result is refused unless the drop's one-sided 90 % upper bound on the validation images is
 within budget; earlier rows used the measured drop): `refused [ACC / ASR]` is what the refused result measured. BNP and bnp-ac read the BN-kept export, the others the BN-folded one.

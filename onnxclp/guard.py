@@ -1,8 +1,9 @@
 """The accuracy guard: a method given clean images never hands back a model it can measure as broken.
 
 The clean labelled images the user gives (``--clean-data``) are split once, seeded, into the part a method may
-use (to fit masks, fine-tune, invert triggers) and a **validation part it never sees** (``--val-fraction``,
-default 20 %, at least :data:`MIN_VAL` images). The input model's and the result's clean accuracy are measured
+train on (to fit masks, fine-tune, invert triggers) and a **validation part it never trains on**
+(``--val-fraction``, default 40 %, at least :data:`MIN_VAL` images), which tests the method's candidates in a
+fixed sequence and checks the result (below). The input model's and the result's clean accuracy are measured
 on the validation part with onnxruntime; a result the guard cannot show within ``--max-acc-drop`` points (the
 rule below) is not written (exit :data:`~onnxclp.errors.EXIT_REFUSED`) unless ``--force``.
 
@@ -24,15 +25,16 @@ broken model: clp-npd-fst on the BppAttack model lost 2.0 points on its 100 vali
 needs either a clearly smaller measured drop or more validation images; a result that changes few (pruning a
 handful of channels) is measured tightly and passes as before.
 
-A method with a strength knob (checkpoints of a fine-tuning run, the number of pruned neurons) chooses it with
+With ``--select-fraction`` F (sessions 6-13 ran this way by default), a method with a strength knob (checkpoints of
+a fine-tuning run, the number of pruned neurons) chooses it with
 :func:`choose_strongest`: the strongest candidate whose measured drop on the **selection part** stays within the
 budget, walking from the weakest up and stopping at the first one over budget (accuracy is not monotone in the
 strength on a few hundred images: a lucky strong candidate beyond a failing one is not taken). The selection part
-is a third part of the images (:func:`split_parts`: as many as the validation part, taken from the method's part,
-``--select-fraction``), so the final check reads images that neither trained nor chose anything: choosing the
+is a third part of the images (:func:`split_parts`, taken from the method's part), so the final check reads images that neither trained nor chose anything: choosing the
 luckiest of many candidates on the images that then judge the result made the reported drop optimistic (measured:
 2-3 points on the check, 3.5-5.7 on 3,000 test images). With too few images for three parts the candidates are
-chosen on the validation part, and the report says so (``selected_on_validation``).
+tested in sequence on the validation part (below), and the report says so (``selected_on_validation``,
+``tested_in_sequence``).
 
 Choosing the strongest candidate whose *measured* drop on the selection part is within budget puts the choice at
 the budget's edge, where the independent check on the validation part then finds it over budget about half the
@@ -40,6 +42,16 @@ time (measured in session 6: clp-npd-fst with 2,500 images, 500 of them selectin
 preact-badnets). So a repair's epochs and the tuning's step back take a candidate only when the drop's one-sided
 90 % upper bound on the selection part (``drop + SELECT_Z * se``, :meth:`Drop.bound`) is within budget: with 100
 selection images that asks for about 1.5 points of room, with 500 for about 0.7.
+
+**Testing candidates in sequence** (the default since session 14; docs/algorithms.md, "Testing candidates in
+sequence"): without a selection part (``--select-fraction`` 0, the default), the candidates are tested on the
+validation part in an order fixed before it is read, weakest first, each with the final check's own rule (its
+drop's one-sided bound at ``--confidence`` within the budget), stopping at the first that fails: a training run's
+end (learning rates, AC's weights, fst-head's alphas in the walk's order), the tuning pass's ``u`` from the
+weakest up, ANP's counts from the smallest up. Every accepted candidate is then within budget together with at
+least the single check's confidence (fixed-sequence testing; Angelopoulos et al., "Learn then Test",
+arXiv:2110.01052), so the strongest is written. The selection part's 100 images (at 500 given) join the
+validation part: 200 images check, 300 fit, as before.
 
 Nothing here is imported by the weight-only sanitize path unless clean images are given: onnxruntime and torch
 are imported inside the functions that need them.
@@ -60,9 +72,11 @@ from onnxclp.errors import EXIT_REFUSED, OnnxclpError
 __all__ = [
     "DEFAULT_CONFIDENCE",
     "DEFAULT_MAX_ACC_DROP",
+    "DEFAULT_SELECT_FRACTION",
     "DEFAULT_VAL_FRACTION",
     "MIN_VAL",
     "SELECT_Z",
+    "SYNTHETIC_VAL_FRACTION",
     "GuardResult",
     "Refused",
     "choose_strongest",
@@ -74,8 +88,9 @@ __all__ = [
     "z_of",
 ]
 
-DEFAULT_VAL_FRACTION = 0.2
-DEFAULT_SELECT_FRACTION: float | None = None  # the selection part: as large as the validation part
+DEFAULT_VAL_FRACTION = 0.4  # the validation part: it tests the method's candidates in sequence, then checks
+DEFAULT_SELECT_FRACTION = 0.0  # no selection part by default (docs/algorithms.md, "Testing candidates in sequence")
+SYNTHETIC_VAL_FRACTION = 0.2  # --clean-data synthetic: the procedural validation images' share (its own split)
 SELECT_Z = 1.28  # a candidate is chosen when its drop's one-sided 90 % upper bound on the selection part is in budget
 DEFAULT_CONFIDENCE = 0.9  # the final check accepts when the drop's one-sided 90 % upper bound is within budget
 DEFAULT_MAX_ACC_DROP = 3.0  # points of clean accuracy
@@ -108,13 +123,13 @@ def split_parts(n: int, val_fraction: float = DEFAULT_VAL_FRACTION,
     The validation part (the guard's final check, read by nothing else) is the permutation's first
     ``max(min_val, round(val_fraction * n))`` images, the same as :func:`split_indices`'. The selection part
     (what chooses among a method's candidates: epochs, counts, strengths) is the next
-    ``max(min_val, round(select_fraction * n))`` (``select_fraction`` None: the validation fraction), taken from
+    ``max(min_val, round(select_fraction * n))`` (``select_fraction`` None: :data:`DEFAULT_SELECT_FRACTION`, 0), taken from
     the method's part only when at least :data:`MIN_FIT` images are left to fit on; otherwise, or with
     ``select_fraction`` 0, it is None: candidates are then chosen on the validation part (the report says so).
     """
     if not 0.0 < val_fraction < 1.0:
         raise OnnxclpError(f"--val-fraction must be between 0 and 1, got {val_fraction:g}")
-    share = val_fraction if select_fraction is None else select_fraction
+    share = DEFAULT_SELECT_FRACTION if select_fraction is None else select_fraction
     if not 0.0 <= share < 1.0:
         raise OnnxclpError(f"--select-fraction must be in [0, 1), got {share:g}")
     n_val = max(min_val, round(val_fraction * n))
@@ -242,6 +257,7 @@ class GuardResult:
     accepted: bool | None = None
     forced: bool = False
     selected_on_validation: bool = False  # candidates were chosen on the validation part (no selection part)
+    tested_in_sequence: bool = False  # ... tested there in fixed sequence at ``confidence`` (a valid check)
     n_select: int = 0  # images of the selection part (0: none; candidates, if any, chosen on the validation part)
     metric: str = "clean accuracy"  # "agreement with the input model" on synthesized images
     data: str = ""
@@ -257,11 +273,12 @@ class GuardResult:
             return f"guard: {self.metric} of the input {100 * self.acc_before:.1f}% on {self.n_val} validation images"
         assert self.ci95 is not None and self.p_within is not None
         verdict = "accepted" if self.accepted else ("FORCED past the budget" if self.forced else "refused")
-        used = (
-            "the method did not train on (they chose among its candidates)"
-            if self.selected_on_validation
-            else "the method never used"
-        )
+        if self.tested_in_sequence:
+            used = "the method did not train on (they tested its candidates in sequence)"
+        elif self.selected_on_validation:
+            used = "the method did not train on (they chose among its candidates)"
+        else:
+            used = "the method never used"
         return (
             f"guard: {self.metric} {100 * self.acc_before:.1f}% -> {100 * self.acc_after:.1f}% on {self.n_val} "
             f"validation images {used}: drop {self.drop:.1f} pt ({100 * self.confidence:.0f}% bound "

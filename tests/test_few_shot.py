@@ -417,7 +417,7 @@ def test_rnp_keeps_the_input_when_its_masks_point_at_the_clean_evidence(tmp_path
     assert conv.pruned == [] and conv.score == "rnp (1 - mask)"
     tr = rep.training
     assert tr["unlearning"]["accuracy"][-1] <= 0.2 < tr["unlearning"]["accuracy"][0]
-    assert tr["recovering_iterations"] == 20 * 1  # 20 epochs of the 100 fit images, batches of 128
+    assert tr["recovering_iterations"] == 20 * 2  # 20 epochs of the 180 fit images, batches of 128
     assert [t["count"] for t in tr["trials"]][:2] == [0, 1] and tr["pruned"] == 0
     assert any(n.startswith("RNP: ") for n in rep.notes)
     x, y = _images(200, seed=1)

@@ -777,3 +777,114 @@ def test_dynamic_height_and_width_take_the_input_shape(backdoored, tmp_path):
     assert _run(tmp_path / "b.onnx", _images(2, 3)[0]).shape == (2, CLASSES)
     with pytest.raises(OnnxclpError, match="does not fit"):
         onnxclp.sanitize_file(src, tmp_path / "c.onnx", method="ac", context={**ctx, "input_shape": (5, 8, 8)})
+
+
+def _scripted_val_right(monkeypatch, fail_calls: set[int]) -> list[int]:
+    """Make the repair loop's per-epoch check read every image wrong on the calls in ``fail_calls`` (1-based) and
+    measure the module as usual otherwise; returns the list of calls made (its length is the epochs measured)."""
+    from onnxclp.defences import repair
+
+    real, calls = repair.val_right, []
+
+    def fake(module, x, y, batch=256):
+        calls.append(len(calls) + 1)
+        right = real(module, x, y, batch)
+        return np.zeros_like(right) if calls[-1] in fail_calls else right
+
+    monkeypatch.setattr(repair, "val_right", fake)
+    return calls
+
+
+def _sequence_ctx(data: Path) -> dict:
+    """No selection part: 120 of the 300 images validate (and test the candidates in sequence), 180 fit."""
+    return {**_ctx(data, 3.0), "clean_n": 300, "val_fraction": 0.4, "select_fraction": 0}
+
+
+def test_without_a_selection_part_each_runs_end_is_tested_in_sequence(backdoored, tmp_path, monkeypatch):
+    """--select-fraction 0: the candidate is the run's end, tested on the validation part at the guard's
+    confidence; an earlier epoch over budget decides nothing, and a run whose end is over budget is recorded as
+    failed; the report and the terminal line say the candidates were tested in sequence. With a selection part
+    the latest epoch within budget is kept, as before."""
+    import onnxclp
+    from onnxclp.guard import GuardResult
+
+    calls = _scripted_val_right(monkeypatch, {2})
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "seq.onnx", method="ft", context=_sequence_ctx(backdoored[1]),
+                                epochs=4, lr=1e-6)  # fmt: skip
+    t = rep.training
+    assert len(calls) == 4 and len(t["curve"]) == 4
+    assert (t["chosen_epoch"], t["failed_in_sequence"], t["tested_in_sequence"]) == (4, False, True)
+    assert [c["within"] for c in t["curve"]] == [True, False, True, True]
+    assert (rep.guard["n_val"], rep.guard["n_select"], rep.guard["n_fit"]) == (120, 0, 180)
+    assert rep.guard["tested_in_sequence"] and rep.guard["accepted"]
+    assert "tested its candidates in sequence" in GuardResult(**rep.guard).summary()
+
+    _scripted_val_right(monkeypatch, {4})
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "end.onnx", method="ft", context=_sequence_ctx(backdoored[1]),
+                                epochs=4, lr=1e-6)  # fmt: skip
+    assert (rep.training["chosen_epoch"], rep.training["failed_in_sequence"]) == (None, True)
+
+    _scripted_val_right(monkeypatch, {4})
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "three.onnx", method="ft",
+                                context={**_ctx(backdoored[1], 3.0), "clean_n": 300}, epochs=4, lr=1e-6)  # fmt: skip
+    t = rep.training
+    assert (t["chosen_epoch"], t["failed_in_sequence"], t["tested_in_sequence"]) == (3, False, False)
+    assert not rep.guard["tested_in_sequence"]
+
+
+def test_in_sequence_the_learning_rate_walk_ends_at_the_first_run_that_fails(backdoored, tmp_path, monkeypatch):
+    """The learning-rate walk in sequence: the second rate's end fails, so the walk ends there (no third rate) and
+    the result is the first rate's end; with a selection part the second run's first epoch within budget lets the
+    walk go on."""
+    import onnxclp
+    from onnxclp.methods._repair import LR_LADDER
+
+    _scripted_val_right(monkeypatch, {4})  # run 1: epochs 1, 2; run 2: epoch 1, then its end fails
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "walk.onnx", method="ft",
+                                context=_sequence_ctx(backdoored[1]), epochs=2)  # fmt: skip
+    ladder = rep.training["lr_ladder"]
+    assert [r["chosen_epoch"] for r in ladder] == [2, None]
+    assert (rep.training["settings"]["lr"], rep.training["chosen_epoch"]) == (LR_LADDER[0], 2)
+    _scripted_val_right(monkeypatch, {4})
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "walk3.onnx", method="ft",
+                                context={**_ctx(backdoored[1], 3.0), "clean_n": 300}, epochs=2)  # fmt: skip
+    assert len(rep.training["lr_ladder"]) == 3
+
+
+def test_choose_count_in_sequence_stops_at_the_first_count_over_budget():
+    """ANP's count walk on the validation part: counts tested smallest first, the last within budget before the
+    first over it is kept, and a larger count that happens to pass again is not taken."""
+    from onnxclp.defences.anp import choose_count, count_grid
+
+    right_before = np.ones(200, dtype=bool)
+    grid = count_grid(40)
+    fails = {grid[4]}  # the fifth count loses 20 images; every other count loses none
+
+    def measure(count: int) -> np.ndarray:
+        right = right_before.copy()
+        if count in fails:
+            right[:20] = False
+        return right
+
+    count, trials = choose_count([("g", i) for i in range(40)], 40, measure, right_before, 3.0, sequence_z=1.28)
+    assert count == grid[3] and [t["count"] for t in trials] == grid[:5]
+    assert all(t["in_sequence"] for t in trials) and [t["within"] for t in trials] == [True] * 4 + [False]
+
+
+def test_tuning_steps_up_in_sequence_on_the_validation_part(backdoored, tmp_path):
+    """CLP's u without a selection part: the candidates within budget on the fit images are tested on the
+    validation part weakest first (largest u first), every one before the last within budget, and the u kept is
+    the last within before the first over (the weakest when none is)."""
+    import onnxclp
+
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "clp.onnx", method="clp",
+                                context={**_sequence_ctx(backdoored[1]), "max_acc_drop": 6.0}, force=True)  # fmt: skip
+    back = rep.guard["tuned"]["stepped_back"]
+    assert back and all(b["in_sequence"] and b["part"] == "validation" for b in back)
+    us = [b["u"] for b in back]
+    assert us == sorted(us, reverse=True)
+    assert all(b["within"] for b in back[:-1])
+    passed = [b for b in back if b["within"]]
+    if passed:
+        assert rep.params["u"] == passed[-1]["u"]
+    assert rep.guard["tested_in_sequence"]

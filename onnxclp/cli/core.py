@@ -125,14 +125,19 @@ def sanitize(
     x_key: Annotated[str | None, typer.Option("--x-key", help="Images array of the --clean-data .npz.")] = None,
     y_key: Annotated[str | None, typer.Option("--y-key", help="Labels array of the --clean-data .npz.")] = None,
     val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Share of the clean images kept for validation (>= 100).")
-    ] = 0.2,
+        float | None,
+        typer.Option(
+            "--val-fraction",
+            help="Share of the clean images kept for validation (>= 100): it tests the method's candidates in "
+            "sequence and checks the result (default 0.4; with --clean-data synthetic 0.2).",
+        ),
+    ] = None,
     select_fraction: Annotated[
         float | None,
         typer.Option(
             "--select-fraction",
-            help="Share of the clean images that choose a method's strength (epochs, counts, thresholds; >= 100; "
-            "default: as many as --val-fraction; 0: choose on the validation part).",
+            help="Share of the clean images kept apart to choose a method's strength (epochs, counts, thresholds; "
+            ">= 100); the validation part then checks the choice alone (default 0: no such part).",
         ),
     ] = None,
     calibrate: Annotated[

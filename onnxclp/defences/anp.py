@@ -364,7 +364,8 @@ PAST = 10.0  # points over the budget at which the walk stops measuring larger c
 
 
 def choose_count(order: Sequence[tuple[str, int]], limit: int, measure: Callable[[int], np.ndarray],
-                 right_before: np.ndarray, budget: float) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
+                 right_before: np.ndarray, budget: float, sequence_z: float | None = None,
+                 ) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
     """The number of lowest-mask neurons to prune, chosen on the validation images with a monotone reading.
 
     More pruning cannot be expected to cost less accuracy, but a drop measured on 100 validation images moves by
@@ -376,10 +377,27 @@ def choose_count(order: Sequence[tuple[str, int]], limit: int, measure: Callable
     ``budget`` and whose measured drop's one-sided upper bound (:meth:`onnxclp.guard.Drop.bound`, the selection
     margin every repair's choice has) is within it too; the bisection reads the same bound. ``measure(count)`` is
     the correctness per selection image with that many pruned. Returns the count and every trial (count,
-    accuracy, drop, bound, within, fitted) in the order measured."""
+    accuracy, drop, bound, within, fitted) in the order measured.
+
+    ``sequence_z`` given (no selection part: the counts are read on the guard's validation part): the grid's
+    counts are tested in fixed sequence, smallest first, each accepted when its drop's one-sided bound at
+    ``sequence_z`` standard errors is within ``budget``; the count is the last accepted before the first refused
+    (0 when the first is), with no bisection and no fitted curve (docs/algorithms.md, "Testing candidates in
+    sequence")."""
     from onnxclp.guard import isotonic, paired_drop
 
     trials: list[dict[str, Any]] = []
+    if sequence_z is not None:
+        count = 0
+        for c in count_grid(max(0, min(limit, len(order)))):
+            d = paired_drop(right_before, measure(c))
+            ok = d.bound(sequence_z) <= budget + 1e-9
+            trials.append({"count": c, "acc": d.acc_after, "drop": d.drop, "bound": d.bound(sequence_z),
+                           "within": ok, "in_sequence": True})  # fmt: skip
+            if not ok:
+                break
+            count = c
+        return count, trials
 
     def trial(count: int) -> float:
         d = paired_drop(right_before, measure(count))

@@ -21,10 +21,13 @@ module before training (FST re-initialises the classifier, NPD adds a layer). Ar
   images pin the student to the teacher only at those images; the blends ask it to agree between them too, where
   unseen clean images lie. Blends of clean images carry no trigger, so the teacher's answers there are clean.
 - **Checkpoints chosen by the guard**: after every epoch the BatchNorm statistics are re-estimated on the fit
-  images and the accuracy measured on the guard's selection part; the latest epoch whose drop's one-sided 90 %
-  upper bound is within ``--max-acc-drop`` of the input is kept (the strongest setting within budget: training
-  further is the stronger repair; the bound leaves room for the independent check, :data:`onnxclp.guard.SELECT_Z`).
-  Without any epoch within budget the best epoch so far is kept and the guard's final check decides.
+  images and the accuracy measured on the images that choose. By default (no selection part) those are the
+  validation images, and only the run's end is a candidate: it is tested in fixed sequence with the guard's
+  rule, and ``Outcome.failed`` tells the walk that ran it to stop (docs/algorithms.md, "Testing candidates in
+  sequence"). With a selection part (``--select-fraction``) the latest epoch whose drop's one-sided 90 % upper
+  bound on it is within ``--max-acc-drop`` of the input is kept (training further is the stronger repair; the
+  bound leaves room for the independent check, :data:`onnxclp.guard.SELECT_Z`); without any epoch within budget,
+  the best epoch so far, and the guard's final check decides.
 - **Augmentation**: random crops (padding an eighth of the side) and horizontal flips of the clean images.
 
 Nothing is written here: :func:`finish` returns the new value of every initializer that changed, for the
@@ -338,6 +341,13 @@ class Outcome:
     chosen_epoch: int | None = None
     inserted: int = 0
     seconds: float = 0.0
+    sequential: bool = False  # the run's end was tested in fixed sequence on the validation part (see train)
+    failed: bool = False  # sequential: the run's end was over budget (the sequence ends here)
+
+    @property
+    def whole(self) -> bool:
+        """The run's end passed (with a selection part: some epoch did); a walk may go on to a stronger run."""
+        return self.chosen_epoch is not None and not self.failed
 
 
 @torch.no_grad()
@@ -362,7 +372,7 @@ def train(state: State, objective: Objective, settings: Settings,
     """Train the bridged model of ``state`` on the guard's fit images with ``objective``; returns the module with
     the chosen checkpoint loaded and BatchNorm folded back, and the outcome (see the module docstring)."""
     from onnxclp.bridge import to_torch
-    from onnxclp.guard import paired_drop
+    from onnxclp.guard import SELECT_Z, paired_drop, z_of
 
     clean: CleanSplit | None = state.clean
     if clean is None:
@@ -393,7 +403,11 @@ def train(state: State, objective: Objective, settings: Settings,
     if right_before is None:  # the pipeline measures the input with onnxruntime; the bridge when run alone
         right_before = val_right(teacher if teacher is not None else module, x_val, y_val)
     budget = state.guard.budget if state.guard is not None else 3.0
-    outcome = Outcome(inserted=len(inserted))
+    # no selection part: the run's end is the candidate, tested on the validation part at the guard's confidence as
+    # one of a fixed sequence (docs/algorithms.md, "Testing candidates in sequence"); earlier epochs decide nothing
+    sequential = clean.sel is None and state.guard is not None
+    z = z_of(state.guard.confidence) if sequential and state.guard is not None else SELECT_Z
+    outcome = Outcome(inserted=len(inserted), sequential=sequential)
     progress = progress_for(state)
     kept: dict[str, torch.Tensor] | None = None
     for epoch in range(1, settings.epochs + 1):
@@ -446,17 +460,22 @@ def train(state: State, objective: Objective, settings: Settings,
         recompute_bn_stats(module, inserted, x_fit, 128)
         right = val_right(module, x_val, y_val)
         d = paired_drop(right_before, right)
-        within = d.bound() <= budget + 1e-9  # the one-sided 90 % bound (onnxclp.guard.SELECT_Z)
+        within = d.bound(z) <= budget + 1e-9  # the one-sided 90 % bound (SELECT_Z, or the guard's in sequence)
         best = max((c["val_acc"] for c in outcome.curve), default=-1.0)
-        # the latest epoch within budget; while none is, the best so far (the guard then refuses it)
-        if within or (outcome.chosen_epoch is None and d.acc_after > best):
+        # the latest epoch within budget; while none is, the best so far (the guard then refuses it); in sequence
+        # the last epoch, within or not
+        if sequential:
+            if epoch == settings.epochs:
+                kept = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                outcome.chosen_epoch, outcome.failed = (epoch, False) if within else (None, True)
+        elif within or (outcome.chosen_epoch is None and d.acc_after > best):
             kept = {k: v.detach().clone() for k, v in module.state_dict().items()}
             if within:
                 outcome.chosen_epoch = epoch
         elapsed = time.perf_counter() - start
         left = elapsed / epoch * (settings.epochs - epoch)
         outcome.curve.append({"epoch": epoch, "loss": total / max(count, 1), "val_acc": d.acc_after,
-                              "drop": d.drop, "bound": d.bound(), "within": within,
+                              "drop": d.drop, "bound": d.bound(z), "within": within,
                               "lr_epochs": travelled, "seconds": elapsed})  # fmt: skip
         progress.step(f"epoch {epoch}/{settings.epochs} loss {total / max(count, 1):.3f} val "
                       f"{100 * d.acc_after:.1f}% (input {100 * d.acc_before:.1f}%) {elapsed:.0f} s, ~{left:.0f} s left")  # fmt: skip
@@ -471,7 +490,11 @@ def train(state: State, objective: Objective, settings: Settings,
         kept_text = f"{chosen} (val {100 * outcome.curve[chosen - 1]['val_acc']:.1f}%)"
     else:
         kept_text = f"{len(outcome.curve)} (none within budget; last val {100 * last['val_acc']:.1f}%)"
-    progress.done(f"{settings.epochs} epochs on {len(x_fit)} images in {outcome.seconds:.0f} s; kept epoch {kept_text}")
+    if sequential:
+        kept_text = f"{len(outcome.curve)}, the run's end, " + ("within budget" if chosen else "over budget")
+    progress.done(
+        f"{len(outcome.curve)} epochs on {len(x_fit)} images in {outcome.seconds:.0f} s; kept epoch {kept_text}"
+    )
     return module, outcome
 
 
@@ -519,6 +542,8 @@ def finish(state: State, module: OnnxModule, outcome: Outcome, settings: Setting
         "settings": {**settings.__dict__, **objective.describe()},
         "curve": outcome.curve,
         "chosen_epoch": outcome.chosen_epoch,
+        "tested_in_sequence": outcome.sequential,
+        "failed_in_sequence": outcome.failed,
         "reinserted_batchnorms": outcome.inserted,
         "seconds": outcome.seconds,
         "fit_images": len(state.clean.fit) if state.clean is not None else 0,
@@ -526,7 +551,7 @@ def finish(state: State, module: OnnxModule, outcome: Outcome, settings: Setting
         "largest_relative_change": max((r["relative_change"] or 0.0 for r in rewritten), default=0.0),
     }
     if state.clean is not None:
-        state.clean.mark_selection(state.guard)  # the epoch was chosen on the selection part
+        state.clean.mark_selection(state.guard, sequence=outcome.sequential)  # the epoch's part, and how
     if state.graph_edit is None:
         state.notes.append(
             f"{state.params.method}: {len(rewritten)} initializers rewritten (largest relative change "

@@ -89,7 +89,8 @@ class RepairMethod(Method):
             runs.append((module, outcome, objective, at, travelled))
             ladder.append({"lr": lr, "chosen_epoch": chosen, "lr_epochs": travelled,
                            "val_acc": outcome.curve[-1]["val_acc"], "drop": outcome.curve[-1]["drop"]})  # fmt: skip
-            if chosen is None:
+            # in sequence (no selection part) a run with an epoch over budget ends the walk: the sequence has failed
+            if (not outcome.whole) if outcome.sequential else chosen is None:
                 break
         within = [r for r in runs if r[4] is not None]
         module, outcome, objective, used, _ = max(within, key=lambda r: r[4]) if within else runs[0]

@@ -25,6 +25,7 @@ from onnxclp.guard import (
     DEFAULT_VAL_FRACTION,
     MIN_FIT,
     MIN_VAL,
+    SYNTHETIC_VAL_FRACTION,
     GuardResult,
     blind,
     decide,
@@ -99,10 +100,12 @@ class CleanSplit:
         """The input model right/wrong on each selection image (None until ``split`` measured it)."""
         return self.right_before if self.sel is None else self.right_before_sel
 
-    def mark_selection(self, guard: GuardResult | None) -> None:
-        """Record in the guard's result that candidates were chosen, and on which part."""
+    def mark_selection(self, guard: GuardResult | None, sequence: bool = False) -> None:
+        """Record in the guard's result that candidates were chosen, and on which part; ``sequence``: on the
+        validation part, tested in fixed sequence (:data:`GuardResult.tested_in_sequence`)."""
         if guard is not None and self.sel is None:
             guard.selected_on_validation = True
+            guard.tested_in_sequence = guard.tested_in_sequence or sequence
 
 
 def model_bytes(model: onnx.ModelProto, store: TensorStore) -> bytes:
@@ -191,7 +194,7 @@ def load_synthetic(state: State) -> CleanSplit:
     n, overrides = parse_spec(ctx["clean_data"])
     if n < MIN_VAL + MIN_FIT:
         raise OnnxclpError(f"--clean-data synthetic:{n}: the guard needs at least {MIN_VAL + MIN_FIT} images")
-    fit, val = split_indices(n, float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION))
+    fit, val = split_indices(n, float(ctx.get("val_fraction") or SYNTHETIC_VAL_FRACTION))
     # the method's images are optimised; the validation images are procedural, not optimised (synthesize_for_state)
     syn = synthesize_for_state(state, len(fit), len(val), overrides)
     x = as_model_input(state, torch.from_numpy(syn.x), input_layout(state)[0])
@@ -328,7 +331,9 @@ def split(state: State) -> PassResult:
     result = GuardResult(
         n_fit=len(clean.fit),
         n_val=len(clean.val),
-        val_fraction=float(ctx.get("val_fraction") or DEFAULT_VAL_FRACTION),
+        val_fraction=float(
+            ctx.get("val_fraction") or (SYNTHETIC_VAL_FRACTION if clean.synthetic is not None else DEFAULT_VAL_FRACTION)
+        ),
         budget=budget,
         acc_before=float("nan"),
         confidence=confidence,

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxclp.guard import choose_strongest, paired_drop
+from onnxclp.guard import SELECT_Z, choose_strongest, paired_drop, z_of
 from onnxclp.pipeline import PassResult, State
 
 DEFAULT_U_GRID = tuple(float(u) for u in np.arange(8.0, 0.49, -0.25))
@@ -158,20 +158,35 @@ def run(state: State) -> PassResult:
     # the fit images, strongest first) until one is within on the selection part too
     back: list[dict[str, Any]] = []
     right_sel = clean.right_before_selection
+    sequential = clean.sel is None  # no selection part: the validation part tests the path in fixed sequence
+    z = z_of(state.guard.confidence) if sequential else SELECT_Z
     if why and right_sel is not None:
         start = next((i for i in range(len(path) - 1, -1, -1) if path[i] == values), len(path) - 1)
-        for trial in reversed(path[: start + 1]):
+        # with a selection part: strongest first, back to the first within; in sequence: weakest first, up to the
+        # last within before the first over (docs/algorithms.md, "Testing candidates in sequence")
+        order = path[: start + 1] if sequential else list(reversed(path[: start + 1]))
+        passed: dict[str, Any] | None = None
+        for trial in order:
             right, _ = predictions(trial, "sel")
             d = paired_drop(right_sel, right)
-            within = d.bound() <= budget + 1e-9  # the one-sided 90 % bound (onnxclp.guard.SELECT_Z)
-            back.append({**{k: trial[k] for k in names}, "drop": d.drop, "bound": d.bound(), "within": within,
-                         "part": clean.selection_name})  # fmt: skip
-            if back[-1]["within"]:
-                values = dict(trial)
+            within = d.bound(z) <= budget + 1e-9  # the one-sided 90 % bound
+            back.append({**{k: trial[k] for k in names}, "drop": d.drop, "bound": d.bound(z), "within": within,
+                         "part": clean.selection_name, "in_sequence": sequential})  # fmt: skip
+            if within:
+                passed = dict(trial)
+                if not sequential:
+                    break
+            elif sequential:
                 break
-        else:
-            values = dict(path[0]) if path else values
-        if len(back) > 1:
+        values = passed if passed is not None else (dict(path[0]) if path else values)
+        if sequential and back:
+            clean.mark_selection(state.guard, sequence=True)
+            ok = sum(b["within"] for b in back)
+            line += (
+                f"; tested in sequence on the validation images, weakest first: {ok} of {len(back)} within budget, "
+                + ("kept " + ", ".join(f"{k}={values[k]:g}" for k in names) if passed else "none (the weakest kept)")
+            )
+        elif len(back) > 1:
             clean.mark_selection(state.guard)
             line += (
                 f"; over budget on the {clean.selection_name} images ({back[0]['drop']:.1f} pt), stepped back to "
