@@ -34,26 +34,29 @@ needs_eval = pytest.mark.skipif(
 
 def test_split_is_seeded_disjoint_and_keeps_100():
     fit, val = split_indices(500)
-    assert len(val) == 100 and len(fit) == 400
+    assert len(val) == 200 and len(fit) == 300  # 40 %, the default since session 14
     assert not set(fit) & set(val)
     again = split_indices(500)
     assert np.array_equal(fit, again[0]) and np.array_equal(val, again[1])
-    fit, val = split_indices(2500)
+    fit, val = split_indices(2500, 0.2)
     assert len(val) == 500  # 20 %
     fit, val = split_indices(300, 0.1)
     assert len(val) == 100  # the floor
 
 
 def test_split_parts_keeps_validation_and_carves_selection_from_the_fit_part():
-    fit2, val2 = split_indices(500)
-    fit, sel, val = split_parts(500)
+    fit2, val2 = split_indices(500, 0.2)
+    fit, sel, val = split_parts(500, 0.2, 0.2)  # sessions 6-13's split
     assert np.array_equal(val, val2)  # the final check reads the same images with or without a selection part
     assert sel is not None and (len(fit), len(sel), len(val)) == (300, 100, 100)
     assert set(fit) | set(sel) == set(fit2) and not set(fit) & set(sel)
-    fit, sel, val = split_parts(2500, select_fraction=0.1)
+    fit, sel, val = split_parts(2500, 0.2, select_fraction=0.1)
     assert (len(fit), len(sel), len(val)) == (1750, 250, 500)
-    # too few for three parts (fewer than 100 + 100 + 20), or 0: candidates are chosen on the validation part
-    assert split_parts(210)[1] is None and split_parts(500, select_fraction=0.0)[1] is None
+    # the default: no selection part (candidates are tested in sequence on the validation part), 300 fit of 500
+    fit, sel, val = split_parts(500)
+    assert sel is None and (len(fit), len(val)) == (300, 200)
+    # too few for three parts (fewer than 100 + 100 + 20), or 0: none either
+    assert split_parts(210, 0.2, 0.2)[1] is None and split_parts(500, 0.2, select_fraction=0.0)[1] is None
     with pytest.raises(OnnxclpError, match="select-fraction"):
         split_parts(500, select_fraction=1.0)
 
@@ -214,7 +217,7 @@ def test_guard_in_the_report_and_on_the_terminal(tmp_path):
              "100", "--report", str(report))  # fmt: skip
     assert r.returncode == 0, r.stderr
     g = json.loads(report.read_text())["guard"]
-    assert g["n_val"] == 100 and g["n_select"] == 100 and g["n_fit"] == 100 and g["acc_before"] == pytest.approx(1.0)
+    assert g["n_val"] == 120 and g["n_select"] == 0 and g["n_fit"] == 180 and g["acc_before"] == pytest.approx(1.0)
     assert g["accepted"] is True and g["ci95"][0] <= g["drop"] <= g["ci95"][1]
     assert g["confidence"] == 0.9 and g["bound"] >= g["drop"] and g["changed"] >= 0
     assert "guard: clean accuracy 100.0%" in r.stderr and "90% bound" in r.stderr

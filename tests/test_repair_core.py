@@ -125,8 +125,8 @@ def test_ft_changes_initializer_values_only_and_reports_them(exported, tmp_path)
     assert {p.key: p.value for p in got.metadata_props}["owner"] == "someone"
     assert rep.rewritten and all(r["name"] in {t.name for t in got.graph.initializer} for r in rep.rewritten)
     assert rep.training["chosen_epoch"] in (1, 2) and len(rep.training["curve"]) == 2
-    assert (rep.guard["n_val"], rep.guard["n_select"], rep.guard["n_fit"]) == (100, 100, 60)
-    assert not rep.guard["selected_on_validation"]  # the epoch was chosen on the selection part
+    assert (rep.guard["n_val"], rep.guard["n_select"], rep.guard["n_fit"]) == (104, 0, 156)
+    assert rep.guard["tested_in_sequence"]  # the run's end was tested in sequence on the validation part
     changed = {r["name"] for r in rep.rewritten}
     before = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
     for t in got.graph.initializer:

@@ -800,6 +800,11 @@ def _sequence_ctx(data: Path) -> dict:
     return {**_ctx(data, 3.0), "clean_n": 300, "val_fraction": 0.4, "select_fraction": 0}
 
 
+def _three_part_ctx(data: Path) -> dict:
+    """Sessions 6-13's split of 300 images: 100 validate, 100 choose (the selection part), 100 fit."""
+    return {**_ctx(data, 3.0), "clean_n": 300, "val_fraction": 0.2, "select_fraction": 0.2}
+
+
 def test_without_a_selection_part_each_runs_end_is_tested_in_sequence(backdoored, tmp_path, monkeypatch):
     """--select-fraction 0: the candidate is the run's end, tested on the validation part at the guard's
     confidence; an earlier epoch over budget decides nothing, and a run whose end is over budget is recorded as
@@ -826,7 +831,7 @@ def test_without_a_selection_part_each_runs_end_is_tested_in_sequence(backdoored
 
     _scripted_val_right(monkeypatch, {4})
     rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "three.onnx", method="ft",
-                                context={**_ctx(backdoored[1], 3.0), "clean_n": 300}, epochs=4, lr=1e-6)  # fmt: skip
+                                context=_three_part_ctx(backdoored[1]), epochs=4, lr=1e-6)  # fmt: skip
     t = rep.training
     assert (t["chosen_epoch"], t["failed_in_sequence"], t["tested_in_sequence"]) == (3, False, False)
     assert not rep.guard["tested_in_sequence"]
@@ -847,7 +852,7 @@ def test_in_sequence_the_learning_rate_walk_ends_at_the_first_run_that_fails(bac
     assert (rep.training["settings"]["lr"], rep.training["chosen_epoch"]) == (LR_LADDER[0], 2)
     _scripted_val_right(monkeypatch, {4})
     rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "walk3.onnx", method="ft",
-                                context={**_ctx(backdoored[1], 3.0), "clean_n": 300}, epochs=2)  # fmt: skip
+                                context=_three_part_ctx(backdoored[1]), epochs=2)  # fmt: skip
     assert len(rep.training["lr_ladder"]) == 3
 
 

@@ -340,27 +340,41 @@ def test_cli_calibrate_lpp_tunes_u_low_and_bias_rate_least_invasive_first(files,
     assert report["params"]["u_low"] == -2.0 and "u_low" not in report["guard"]["tuned"]["parameters"]
 
 
-def test_tuning_steps_back_when_the_selection_part_disagrees():
-    """The fit part holds class 0 only and the selection and validation parts classes 1 and 2: u = 0.25 (every
-    channel pruned, the model answers 0) is within budget on the fit images and 100 points over on the selection
-    part, so the tuning steps back to u = 3, and the guard accepts that on the validation part, which chose
-    nothing."""
-    import onnxclp
+def _held_out_disagree(fractions: tuple[float, float | None]) -> Path:
+    """300 images whose fit part (under the split of ``fractions``: validation, selection) holds class 0 only and
+    whose held-out parts hold classes 1 and 2."""
     from onnxclp.guard import split_parts
 
-    _, sel, val = split_parts(300)
-    assert sel is not None
-    y = np.zeros(300, np.int64)
-    held = np.concatenate([sel, val])
-    y[held] = 1 + np.arange(len(held)) % 2
+    fit, _, _ = split_parts(300, *fractions)
+    y = 1 + np.arange(300) % 2
+    y[fit] = 0
     rng = np.random.default_rng(0)
     x = rng.uniform(0.0, 0.2, size=(300, 8, 8, 3))
     x[np.arange(300), :, :, y] = rng.uniform(0.5, 0.7, size=(300, 8, 8))
     path = Path(tempfile.mkdtemp()) / "d.npz"
     np.savez(path, x_test=(x * 255).round().astype(np.uint8), y_test=y)
-    ctx = {"clean_data": path, "clean_n": 300, "u_grid": [0.25, 3], "quiet": True}
+    return path
+
+
+def test_tuning_steps_back_when_the_selection_part_disagrees():
+    """With a selection part (sessions 6-13's split): the fit part holds class 0 only and the selection and
+    validation parts classes 1 and 2: u = 0.25 (every channel pruned, the model answers 0) is within budget on the
+    fit images and 100 points over on the selection part, so the tuning steps back to u = 3, and the guard
+    accepts that on the validation part, which chose nothing. By default (no selection part) the same two
+    candidates are tested on the validation part weakest first: u = 3 passes, u = 0.25 fails, u = 3 is kept."""
+    import onnxclp
+
+    path = _held_out_disagree((0.2, 0.2))
+    ctx = {"clean_data": path, "clean_n": 300, "u_grid": [0.25, 3], "quiet": True, "val_fraction": 0.2,
+           "select_fraction": 0.2}  # fmt: skip
     _, rep = onnxclp.sanitize(backdoored_model(), "clp", context=ctx, force=True)
     tuned = rep.guard["tuned"]
     assert [t["within"] for t in tuned["tried"]] == [True, True]  # both within on the fit images
     assert [(s["u"], s["within"]) for s in tuned["stepped_back"]] == [(0.25, False), (3.0, True)]
     assert rep.params["u"] == 3.0 and rep.guard["accepted"] and not rep.guard["selected_on_validation"]
+
+    ctx = {"clean_data": _held_out_disagree((0.4, None)), "clean_n": 300, "u_grid": [0.25, 3], "quiet": True}
+    _, rep = onnxclp.sanitize(backdoored_model(), "clp", context=ctx, force=True)
+    back = rep.guard["tuned"]["stepped_back"]
+    assert [(s["u"], s["within"], s["in_sequence"]) for s in back] == [(3.0, True, True), (0.25, False, True)]
+    assert rep.params["u"] == 3.0 and rep.guard["accepted"] and rep.guard["tested_in_sequence"]

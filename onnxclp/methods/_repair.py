@@ -23,7 +23,8 @@ LR = ParamSpec(
     float,
     0.01,
     "SGD learning rate (repairs; cosine schedule). Not given: ft, fst, ft-sam, i-bau, sau and nc-unlearn train at "
-    "0.001, 0.003, 0.01 while one has an epoch within the budget on the selection images, and keep the one "
+    "0.001, 0.003, 0.01 while each run's end is within the budget on the validation images (tested in sequence; "
+    "with --select-fraction: while a run has an epoch within it on the selection images), and keep the one "
     "furthest along its schedule.",
     minimum=1e-6,
     maximum=1.0,
@@ -68,8 +69,9 @@ class RepairMethod(Method):
                         distill_mix=float(v.get("distill_mix", 0.0)), batch=int(v["batch"]))  # fmt: skip
 
     def decide(self, state: State, make: Callable[[], Objective] | None = None) -> None:
-        """Train at the given ``--lr``, or walk :data:`LR_LADDER` weakest first while a run has an epoch within the
-        budget on the selection images, and keep, of the runs that had one, the checkpoint furthest along its
+        """Train at the given ``--lr``, or walk :data:`LR_LADDER` weakest first while each run's end passes the
+        guard's test on the validation images (in sequence, the default), or while a run has an epoch within the
+        budget on the selection images (``--select-fraction``), and keep, of the runs that had one, the checkpoint furthest along its
         schedule (the learning rate summed over its steps: 20 epochs at 0.001 go further than one at 0.003); the
         report's ``training.lr_ladder`` lists the runs (docs/algorithms.md, "The learning-rate walk"). ``make`` builds
         each run's objective (default: :meth:`objective`), for a method whose objectives share work done once."""
@@ -101,6 +103,8 @@ class RepairMethod(Method):
             state.notes.append(
                 f"{state.params.method}: lr "
                 + (f"{used.lr:g} (epoch {outcome.chosen_epoch})" if within else "none within budget")
-                + f" chosen on the selection images from {', '.join(f'{r:g}' for r in LR_LADDER)}"
+                + f" chosen on the {state.clean.selection_name} images"
+                + (" (tested in sequence)" if outcome.sequential else "")
+                + f" from {', '.join(f'{r:g}' for r in LR_LADDER)}"
             )
         state.decisions = []

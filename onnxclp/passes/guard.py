@@ -2,8 +2,9 @@
 ``check`` after the model was edited.
 
 ``split`` runs only when clean images were given (``context['clean_data']``): it reads them once, splits them
-(seeded, :func:`onnxclp.guard.split_parts`) into the part the method may fit on, the selection part that chooses
-among its candidates, and the validation part nothing but the final check reads (``state.clean``), and, when
+(seeded, :func:`onnxclp.guard.split_parts`) into the part the method may fit on and the validation part, which
+tests its candidates in sequence and checks the result (with ``--select-fraction``, a selection part chooses
+among the candidates and the validation part only checks; ``state.clean``), and, when
 the model will be written, measures the input model on the validation and selection parts with onnxruntime. ``check``
 measures the edited model on the same images and applies the guard's rule (:func:`onnxclp.guard.decide`).
 Both import torch and onnxruntime inside (the ``eval`` extra): the weight-only path without clean images

@@ -19,7 +19,10 @@ The rule, written down before any zoo measurement (docs/algorithms.md, "The accu
 4. When even the least invasive candidate is over budget, the method's defaults are kept and the guard's check
    decides (it will usually refuse).
 5. The choice sits at the edge of the budget on the fit images, so independent images find it over budget about
-   half the time (measured: BNP on resnet-blended, 4 points on 100 validation images). So the choice is measured
+   half the time (measured: BNP on resnet-blended, 4 points on 100 validation images). By default (no selection
+   part) the candidates within budget on the fit images are tested on the validation part in sequence, weakest
+   first up to the choice, and the strongest accepted before the first failure is kept (docs/algorithms.md,
+   "Testing candidates in sequence"). With ``--select-fraction`` the choice is measured
    on the guard's selection part here (:func:`onnxclp.guard.split_parts`; the validation part when the images are
    too few for three parts); when it is over budget there, the walk steps back through the weaker candidates
    (those within budget on the fit images, strongest first) and keeps the first within budget on the selection
