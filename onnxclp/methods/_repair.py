@@ -91,7 +91,7 @@ class RepairMethod(Method):
             runs.append((module, outcome, objective, at, travelled))
             ladder.append({"lr": lr, "chosen_epoch": chosen, "lr_epochs": travelled,
                            "val_acc": outcome.curve[-1]["val_acc"], "drop": outcome.curve[-1]["drop"]})  # fmt: skip
-            # in sequence (no selection part) a run with an epoch over budget ends the walk: the sequence has failed
+            # in sequence (no selection part) a run whose end fails its test ends the walk: the sequence has failed
             if (not outcome.whole) if outcome.sequential else chosen is None:
                 break
         within = [r for r in runs if r[4] is not None]
