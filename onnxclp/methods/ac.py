@@ -31,8 +31,10 @@ start) and ``s_c`` (starting at 0) is trained. Per training step, on a batch of 
    the same on every model); only the ``s_c`` train (Adam, ``--lr`` per step on the log-bound, the loop's cosine
    schedule).
 
-**Strength.** The loop (:func:`onnxclp.defences.repair.train`) keeps the latest epoch whose clean accuracy on the
-guard's selection images is within budget. Unless ``--ac-weight`` is given, the margin weight is walked through
+**Strength.** By default each run's end is tested in sequence on the guard's validation images, and the walk
+below stops at the first run whose end fails (docs/algorithms.md, "Testing candidates in sequence"). With
+``--select-fraction`` the loop (:func:`onnxclp.defences.repair.train`) keeps the latest epoch whose clean accuracy
+on the guard's selection images is within budget. Unless ``--ac-weight`` is given, the margin weight is walked through
 :data:`WEIGHTS`, weakest first, while a run's last epoch stays within budget, and the strongest run whose last
 epoch did is kept (when the first run's does not, its latest epoch within budget): a stronger weight that ran its
 20 epochs within budget lowered the bounds at least as far as a weaker one, where fst-head's rule (any epoch

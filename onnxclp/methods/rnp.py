@@ -11,8 +11,9 @@ Two stages on the guard's fit images, then pruning of the input model (paper sec
    frozen) to bring the clean task back (``--rnp-recover-epochs`` epochs, SGD at ``--rnp-recover-lr``, the loss
    scaled by ``--rnp-alpha``, as the reference code). Restoring the clean task with the fewest neurons turns
    the backdoor's neurons down: they low-mask first.
-3. **Pruning** of the input model, lowest mask first: as many neurons as the accuracy guard allows on the
-   selection images (ANP's count walk, :func:`onnxclp.defences.anp.choose_count`), which replaces the paper's
+3. **Pruning** of the input model, lowest mask first: as many neurons as the accuracy guard allows (by default the
+   counts tested in sequence on the validation images; with ``--select-fraction``, on the selection images: ANP's
+   count walk, :func:`onnxclp.defences.anp.choose_count`), which replaces the paper's
    mask threshold; without a held-out part every neuron with mask below ``--rnp-threshold`` (the paper's 0.2).
 
 A neuron is what ANP's is (:mod:`onnxclp.methods.anp`): a BatchNorm channel, re-inserted after every BN-folded

@@ -12,7 +12,8 @@ The pipeline:
 
 1. **SAU**, at its own settings (``--sau-epochs``, default 10; the learning-rate walk, as ``--method sau``
    without ``--lr``; ``--sau-eps``, ``--sau-steps``; ``--distill`` and ``--batch`` shared with the second stage),
-   its checkpoint chosen within :attr:`SAUAC.first_share` of ``--max-acc-drop`` on the selection images. Its new
+   its checkpoint chosen within :attr:`SAUAC.first_share` of ``--max-acc-drop`` (by default each run's end tested
+   in sequence on the validation images; with ``--select-fraction``, on the selection images). Its new
    initializer values are written into the model now, so that the second stage trains on the unlearned model.
 2. **AC** on that model, with ``--epochs``, ``--lr`` and ``--ac-weight`` (its weight walk unless given); its
    epochs and weights are measured against the *input* model's accuracy with the whole budget, so the guard's
