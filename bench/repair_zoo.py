@@ -147,12 +147,8 @@ def main() -> None:
                     results["runs"].append(base)
                     print(folder.name, "input", f"{acc:.2f} / {asr:.2f}", flush=True)
                 for method in args.methods:
-                    if (
-                        folder.name,
-                        method,
-                        n,
-                        split if isinstance(n, int) and n > 0 else "",
-                    ) in done and not args.force:
+                    key = key_of({"model": folder.name, "method": method, "clean_n": n, "split": split})
+                    if key in done and not args.force:
                         continue
                     src = folder / ("model.bn.onnx" if method in ("bnp", "bnp-ac") else "model.onnx")
                     out = Path(tmp) / f"{folder.name}-{method}.onnx"

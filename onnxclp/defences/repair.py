@@ -346,7 +346,8 @@ class Outcome:
 
     @property
     def whole(self) -> bool:
-        """The run's end passed (with a selection part: some epoch did); a walk may go on to a stronger run."""
+        """Whether a walk may go on to a stronger run: with a selection part, some epoch was within budget (``failed``
+        stays False); in sequence, the run's end passed its test."""
         return self.chosen_epoch is not None and not self.failed
 
 
@@ -372,7 +373,7 @@ def train(state: State, objective: Objective, settings: Settings,
     """Train the bridged model of ``state`` on the guard's fit images with ``objective``; returns the module with
     the chosen checkpoint loaded and BatchNorm folded back, and the outcome (see the module docstring)."""
     from onnxclp.bridge import to_torch
-    from onnxclp.guard import SELECT_Z, paired_drop, z_of
+    from onnxclp.guard import SELECT_Z, paired_drop
 
     clean: CleanSplit | None = state.clean
     if clean is None:
@@ -405,8 +406,9 @@ def train(state: State, objective: Objective, settings: Settings,
     budget = state.guard.budget if state.guard is not None else 3.0
     # no selection part: the run's end is the candidate, tested on the validation part at the guard's confidence as
     # one of a fixed sequence (docs/algorithms.md, "Testing candidates in sequence"); earlier epochs decide nothing
-    sequential = clean.sel is None and state.guard is not None
-    z = z_of(state.guard.confidence) if sequential and state.guard is not None else SELECT_Z
+    sequence_z = clean.sequence_z(state.guard)
+    sequential = sequence_z is not None
+    z = SELECT_Z if sequence_z is None else sequence_z
     outcome = Outcome(inserted=len(inserted), sequential=sequential)
     progress = progress_for(state)
     kept: dict[str, torch.Tensor] | None = None

@@ -91,8 +91,9 @@ class RepairMethod(Method):
             runs.append((module, outcome, objective, at, travelled))
             ladder.append({"lr": lr, "chosen_epoch": chosen, "lr_epochs": travelled,
                            "val_acc": outcome.curve[-1]["val_acc"], "drop": outcome.curve[-1]["drop"]})  # fmt: skip
-            # in sequence (no selection part) a run whose end fails its test ends the walk: the sequence has failed
-            if (not outcome.whole) if outcome.sequential else chosen is None:
+            # with a selection part a run with no epoch within budget ends the walk; in sequence, a run whose end
+            # fails its test (the sequence has failed): Outcome.whole is both
+            if not outcome.whole:
                 break
         within = [r for r in runs if r[4] is not None]
         module, outcome, objective, used, _ = max(within, key=lambda r: r[4]) if within else runs[0]

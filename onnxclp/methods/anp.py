@@ -174,7 +174,7 @@ class ANP(Method):
         from onnxclp.bridge import to_torch
         from onnxclp.defences.anp import choose_count, prune_by_threshold, pruned_right, ranked, split_prune
         from onnxclp.defences.repair import device_for, progress_for, val_right
-        from onnxclp.guard import DEFAULT_MAX_ACC_DROP, z_of
+        from onnxclp.guard import DEFAULT_MAX_ACC_DROP
         from onnxclp.methods._fewshot import check_labels, clean_images
         from onnxclp.passes.decide import OUTPUT_NOTE, Decision
         from onnxclp.passes.score import ScoredLayer
@@ -225,9 +225,7 @@ class ANP(Method):
             def measure(count: int) -> np.ndarray:
                 return pruned_right(module, groups, split_prune(order, count), x_val, y_val)
 
-            sequence_z = None  # no selection part: the counts are tested in sequence on the validation part
-            if clean.sel is None and state.guard is not None:
-                sequence_z = z_of(state.guard.confidence)
+            sequence_z = clean.sequence_z(state.guard)  # no selection part: the counts are tested in sequence
             count, trials = choose_count(order, len(order), measure, right_before, budget, sequence_z)
             prune = split_prune(order, count)
             clean.mark_selection(state.guard, sequence=sequence_z is not None)

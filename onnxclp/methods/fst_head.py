@@ -74,7 +74,7 @@ class FSTHead(FST):
             last = outcome.curve[-1]
             return {"alpha": alpha, "within": within, "val_acc": last["val_acc"], "drop": last["drop"]}
 
-        return walk(alphas, run, lambda o: o.whole if o.sequential else o.chosen_epoch is not None, entry)
+        return walk(alphas, run, lambda outcome: outcome.whole, entry)
 
     def decide(self, state: State) -> None:
         from onnxclp.defences.repair import finish

@@ -101,6 +101,12 @@ class CleanSplit:
         """The input model right/wrong on each selection image (None until ``split`` measured it)."""
         return self.right_before if self.sel is None else self.right_before_sel
 
+    def sequence_z(self, guard: GuardResult | None) -> float | None:
+        """The z at which a method's candidates are tested in fixed sequence on the validation part (the guard's
+        own, from ``--confidence``), or None when a selection part chooses them (or no guard runs): they are then
+        chosen with :data:`onnxclp.guard.SELECT_Z` (docs/algorithms.md, "Testing candidates in sequence")."""
+        return z_of(guard.confidence) if self.sel is None and guard is not None else None
+
     def mark_selection(self, guard: GuardResult | None, sequence: bool = False) -> None:
         """Record in the guard's result that candidates were chosen, and on which part; ``sequence``: on the
         validation part, tested in fixed sequence (:data:`GuardResult.tested_in_sequence`)."""

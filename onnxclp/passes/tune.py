@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxclp.guard import SELECT_Z, choose_strongest, paired_drop, z_of
+from onnxclp.guard import SELECT_Z, choose_strongest, paired_drop
 from onnxclp.pipeline import PassResult, State
 
 DEFAULT_U_GRID = tuple(float(u) for u in np.arange(8.0, 0.49, -0.25))
@@ -161,8 +161,9 @@ def run(state: State) -> PassResult:
     # the fit images, strongest first) until one is within on the selection part too
     back: list[dict[str, Any]] = []
     right_sel = clean.right_before_selection
-    sequential = clean.sel is None  # no selection part: the validation part tests the path in fixed sequence
-    z = z_of(state.guard.confidence) if sequential else SELECT_Z
+    sequence_z = clean.sequence_z(state.guard)  # no selection part: the validation part tests the path in sequence
+    sequential = sequence_z is not None
+    z = SELECT_Z if sequence_z is None else sequence_z
     if why and right_sel is not None:
         start = next((i for i in range(len(path) - 1, -1, -1) if path[i] == values), len(path) - 1)
         # with a selection part: strongest first, back to the first within; in sequence: weakest first, up to the
