@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="re-measure entries already in the JSON")
     ap.add_argument("--draw", choices=("shared", "per-model"), default="shared",
                     help="clean images: one draw for every model (default) or each model its own")  # fmt: skip
-    ap.add_argument("--val-fraction", type=float, default=None, help="the guard's --val-fraction (default 0.2)")
+    ap.add_argument("--val-fraction", type=float, default=None, help="the guard's --val-fraction (default 0.4)")
     ap.add_argument("--select-fraction", type=float, default=None, help="the guard's --select-fraction")
     ap.add_argument(
         "--set",
@@ -190,6 +190,11 @@ def main() -> None:
                         tr = rep.training or {}
                         if tr.get("lr_ladder"):  # the learning rate the walk kept (docs/algorithms.md)
                             row.update(lr=tr["settings"]["lr"], chosen_epoch=tr.get("chosen_epoch"))
+                        for walked in ("weight_ladder", "alpha_ladder", "fst_alpha_ladder"):  # AC's, fst-head's
+                            if tr.get(walked):  # each run's strength and whether its end passed, in walk order
+                                row[walked] = [{k: e.get(k) for k in ("weight", "alpha", "whole_run_within",
+                                                                       "within", "drop") if k in e}
+                                               for e in tr[walked]]  # fmt: skip
                         if g.get("tuned"):  # the strength the guard chose on the fit images (passes/tune.py)
                             row["tuned"] = g["tuned"]["parameters"]
                         if g and g.get("accepted") is False:  # what a user gets: nothing written (exit 5)

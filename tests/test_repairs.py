@@ -893,3 +893,48 @@ def test_tuning_steps_up_in_sequence_on_the_validation_part(backdoored, tmp_path
     if passed:
         assert rep.params["u"] == passed[-1]["u"]
     assert rep.guard["tested_in_sequence"]
+
+
+def test_in_sequence_a_first_stage_keeps_the_fit_images_choice(backdoored, tmp_path):
+    """clp-ac without a selection part: CLP's u is the fit images' choice, not tested on the validation part (its
+    second stage's candidates include it, and a test of its own there would make AC's sequence depend on the
+    outcome); the single-stage clp still steps up on the validation part."""
+    import onnxclp
+
+    ctx = {**_sequence_ctx(backdoored[1]), "max_acc_drop": 6.0}
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "clp-ac.onnx", method="clp-ac", context=ctx, epochs=1,
+                                ac_weight=1.0, force=True)  # fmt: skip
+    tuned = rep.guard["tuned"]
+    assert tuned["stepped_back"] == [] and rep.params["u"] == tuned["parameters"]["u"]
+    assert any("a first stage: the validation images test the second stage's" in n for n in rep.guard["notes"])
+    assert rep.guard["tested_in_sequence"]  # AC's run end was tested there
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "clp.onnx", method="clp", context=ctx, force=True)
+    assert rep.guard["tuned"]["stepped_back"]
+
+
+def test_in_sequence_a_failed_first_stage_ends_the_sequence(backdoored, tmp_path, monkeypatch):
+    """sau-ac in sequence: SAU's second run fails its test, so its walk ends there and AC does not run (no Min
+    node, the note says why): the result is SAU's first run. clp-npd-fst: NPD's end fails, so the classifier stage
+    does not run."""
+    import onnx
+
+    import onnxclp
+    from onnxclp.methods._repair import LR_LADDER
+
+    ctx = {**_sequence_ctx(backdoored[1]), "max_acc_drop": 30.0}
+    _scripted_val_right(monkeypatch, {2})  # SAU run 1 (one epoch) passes, run 2's end fails
+    out = tmp_path / "sau-ac.onnx"
+    rep = onnxclp.sanitize_file(backdoored[0], out, method="sau-ac", context=ctx, epochs=1, sau_epochs=1,
+                                sau_steps=1, ac_weight=1.0, force=True)  # fmt: skip
+    ladder = rep.training["lr_ladder"]
+    assert [s["passed"] for s in ladder] == [True, False] and rep.training["settings"]["lr"] == LR_LADDER[0]
+    assert not rep.added_nodes and rep.rewritten
+    assert all(n.op_type != "Min" for n in onnx.load(str(out)).graph.node)
+    assert any("AC is not run" in n for n in rep.notes)
+
+    _scripted_val_right(monkeypatch, {1})  # NPD's one epoch is its end: it fails
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "cnf.onnx", method="clp-npd-fst", context=ctx, epochs=1,
+                                force=True)  # fmt: skip
+    assert rep.training["failed_in_sequence"] and "alpha_ladder" not in rep.training
+    assert any("the classifier stage is not run" in n for n in rep.notes)
+    assert len(rep.added_nodes) == 1  # the polarizer, as clp-npd writes it

@@ -90,7 +90,8 @@ class RepairMethod(Method):
             travelled = None if chosen is None else float(outcome.curve[chosen - 1]["lr_epochs"])
             runs.append((module, outcome, objective, at, travelled))
             ladder.append({"lr": lr, "chosen_epoch": chosen, "lr_epochs": travelled,
-                           "val_acc": outcome.curve[-1]["val_acc"], "drop": outcome.curve[-1]["drop"]})  # fmt: skip
+                           "val_acc": outcome.curve[-1]["val_acc"], "drop": outcome.curve[-1]["drop"],
+                           "passed": outcome.whole})  # fmt: skip
             # with a selection part a run with no epoch within budget ends the walk; in sequence, a run whose end
             # fails its test (the sequence has failed): Outcome.whole is both
             if not outcome.whole:

@@ -13,7 +13,9 @@ The rule: clp-npd as it is (``u`` tuned within a third of the budget, NPD's epoc
 against the input); then fst-head's alpha walk on the trained module (polarizer in place and frozen, only the
 classifier trains, distilled from the polarized model), each alpha's latest epoch within the budget against the
 *input* model; when no alpha is within budget the third stage is skipped and the result is clp-npd's (the report
-says so). The report lists the pruned channels, the added node, the classifier rewritten, both trainings.
+says so). Testing in sequence (the default), the third stage runs only when NPD's end passed its test: its
+candidates come after NPD's in one fixed sequence, which ends at the first failure (docs/algorithms.md, "Testing
+candidates in sequence"). The report lists the pruned channels, the added node, the classifier rewritten, both trainings.
 """
 
 from __future__ import annotations
@@ -40,8 +42,14 @@ class CLPNPDFST(CLPNPD):
     def decide(self, state: State) -> None:
         from onnxclp.defences.repair import finish
 
-        module, _ = self.prune_then_polarize(state)
+        module, npd_outcome = self.prune_then_polarize(state)
         npd_training = state.training
+        if npd_outcome.failed:  # in sequence, NPD's end failed its test: the sequence ends (module docstring)
+            state.notes.append(
+                "clp-npd-fst: NPD's end failed its test on the validation images, which ends the sequence: the "
+                "classifier stage is not run and the result is clp-npd's (the guard's check refuses it)"
+            )
+            return
         head = FSTHead()
         trained, outcome, objective, ladder, ok = head.walk(state, module)
         alphas = ", ".join(f"{a:g}" for a in ALPHAS)

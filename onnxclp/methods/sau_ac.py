@@ -19,6 +19,12 @@ The pipeline:
    epochs and weights are measured against the *input* model's accuracy with the whole budget, so the guard's
    final check covers both stages, as for every repair.
 
+Testing in sequence (the default), the candidates form one fixed sequence: SAU's runs, then AC's on the strongest
+of them. A failed run ends it: when one of SAU's runs fails its test, AC does not run and the result is SAU's last
+accepted run (refused by the guard's check when none passed). AC on a weaker SAU run would make AC's sequence
+depend on that test's outcome, a branch the one-sequence guarantee does not cover (docs/algorithms.md, "Testing
+candidates in sequence").
+
 Written: SAU's rewritten initializers (the report's ``rewritten``, as ``training.first_stage.rewritten``) and one
 ``Min`` node per clipped tensor (``added_nodes``).
 """
@@ -55,6 +61,14 @@ class SAUAC(AC):
         AC on the unlearned model; the pipeline's ``rewrite`` pass writes SAU's values again (the same ones) and
         adds AC's bounds."""
         first = self.unlearn_first(state)
+        if ended_in_sequence(first):
+            state.training = first
+            state.decisions = []
+            state.notes.append(
+                "sau-ac: a run of the SAU stage failed its test on the validation images, which ends the sequence: "
+                "AC is not run and the result is SAU's last accepted run (module docstring)"
+            )
+            return
         AC.decide(self, state)
         assert state.training is not None
         state.training["first_stage"] = first
@@ -92,3 +106,14 @@ class SAUAC(AC):
         first = dict(state.training)
         first["budget_share"] = self.first_share
         return first
+
+
+def ended_in_sequence(training: dict[str, Any]) -> bool:
+    """Whether a stage's candidates, tested in sequence, ended at a failed one (a run of its learning-rate walk, or
+    its single run when ``--lr`` was given): the sequence ends there, and no later stage may run."""
+    if not training.get("tested_in_sequence"):
+        return False
+    ladder = training.get("lr_ladder")
+    if ladder:
+        return any(not step.get("passed", True) for step in ladder)
+    return bool(training.get("failed_in_sequence"))

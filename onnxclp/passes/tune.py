@@ -22,7 +22,10 @@ The rule, written down before any zoo measurement (docs/algorithms.md, "The accu
    half the time (measured: BNP on resnet-blended, 4 points on 100 validation images). By default (no selection
    part) the candidates within budget on the fit images are tested on the validation part in sequence, weakest
    first up to the choice, and the strongest accepted before the first failure is kept (docs/algorithms.md,
-   "Testing candidates in sequence"). With ``--select-fraction`` the choice is measured
+   "Testing candidates in sequence"), except for a first stage (``tune_share`` < 1: clp-ac, bnp-ac, clp-npd,
+   clp-npd-fst), whose choice stays the fit images': the second stage's candidates, tested against the input model,
+   include it, and a test of its own would make their sequence depend on its outcome. With ``--select-fraction``
+   the choice is measured
    on the guard's selection part here (:func:`onnxclp.guard.split_parts`; the validation part when the images are
    too few for three parts); when it is over budget there, the walk steps back through the weaker candidates
    (those within budget on the fit images, strongest first) and keeps the first within budget on the selection
@@ -164,7 +167,14 @@ def run(state: State) -> PassResult:
     sequence_z = clean.sequence_z(state.guard)  # no selection part: the validation part tests the path in sequence
     sequential = sequence_z is not None
     z = SELECT_Z if sequence_z is None else sequence_z
-    if why and right_sel is not None:
+    share = float(getattr(state.method, "tune_share", 1.0))
+    if why and right_sel is not None and sequential and share < 1.0:
+        # a first stage (a second stage trains on it): its choice stays the fit images'. Testing it on the
+        # validation part first would make the second stage's sequence depend on that test's outcome (a branch),
+        # and the one-sequence guarantee would no longer hold (docs/algorithms.md, "Testing candidates in
+        # sequence"); the second stage's candidates, tested against the input at the whole budget, cover it
+        line += "; a first stage: the validation images test the second stage's candidates, which include it"
+    elif why and right_sel is not None:
         start = next((i for i in range(len(path) - 1, -1, -1) if path[i] == values), len(path) - 1)
         # with a selection part: strongest first, back to the first within; in sequence: weakest first, up to the
         # last within before the first over (docs/algorithms.md, "Testing candidates in sequence")
