@@ -195,6 +195,10 @@ def main() -> None:
                                 row[walked] = [{k: e.get(k) for k in ("weight", "alpha", "whole_run_within",
                                                                        "within", "drop") if k in e}
                                                for e in tr[walked]]  # fmt: skip
+                        if tr.get("gate"):  # fst-gate: the suspects kept and the walk over them
+                            row["gate"] = {"suspects": tr["gate"]["suspects"],
+                                           "walk": [[s["suspects"], s["within"], round(s["drop"], 2)]
+                                                    for s in tr["gate"]["ladder"]]}  # fmt: skip
                         if g.get("tuned"):  # the strength the guard chose on the fit images (passes/tune.py)
                             row["tuned"] = g["tuned"]["parameters"]
                         if g and g.get("accepted") is False:  # what a user gets: nothing written (exit 5)

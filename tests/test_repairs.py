@@ -481,7 +481,7 @@ def test_the_guard_refuses_what_a_huge_learning_rate_broke(backdoored, tmp_path)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method", ["ft-sam", "i-bau", "nc-unlearn", "sau", "npd"])
+@pytest.mark.parametrize("method", ["ft-sam", "i-bau", "nc-unlearn", "sau", "npd", "fst-gate"])
 def test_a_fixed_batch_export_is_repaired(backdoored, tmp_path, method):
     import onnxclp
 
@@ -938,3 +938,40 @@ def test_in_sequence_a_failed_first_stage_ends_the_sequence(backdoored, tmp_path
     assert rep.training["failed_in_sequence"] and "alpha_ladder" not in rep.training
     assert any("the classifier stage is not run" in n for n in rep.notes)
     assert len(rep.added_nodes) == 1  # the polarizer, as clp-npd writes it
+
+
+def test_fst_gate_keeps_the_input_and_consults_the_copy_on_suspects(backdoored, tmp_path):
+    """fst-gate on the planted backdoor: the classifier ranks the target first among the suspects; the written
+    model keeps every input initializer and node, adds the copy (its rewritten initializers under the gate's
+    prefix) and the gate, keeps the output's name and runs at any batch; its answers differ from the input's only
+    on images the input gives a suspect; the suspect walk is in the report, and with a generous budget it widens
+    to every class."""
+    import onnx
+
+    import onnxclp
+    from onnxclp.methods._gate import PREFIX
+
+    src, out = backdoored[0], tmp_path / "gate.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="fst-gate", context=_ctx(backdoored[1]), epochs=2)
+    gate = rep.training["gate"]
+    assert gate["order"][0] == TARGET and sorted(gate["order"]) == list(range(CLASSES))
+    walk = [(s["suspects"], s["confidence"]) for s in gate["ladder"]]
+    assert walk == [(1, 0.99), (1, 0.9), (1, 0.5), (1, 0.0), (2, 0.0), (3, 0.0), (4, 0.0)]
+    assert gate["suspects"] == gate["order"] and gate["confidence"] == 0.0
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    old = {t.name: t for t in before.graph.initializer}
+    new = {t.name: t for t in after.graph.initializer}
+    assert all(new[k].SerializeToString() == v.SerializeToString() for k, v in old.items())
+    assert {n.name for n in before.graph.node} <= {n.name for n in after.graph.node}
+    copied = [k for k in new if k.startswith(PREFIX) and k[len(PREFIX) :] in old]
+    assert copied and not rep.rewritten and len(rep.added_nodes) > len(before.graph.node)
+    assert {c["name"] for c in rep.training["copied"]} == {k[len(PREFIX) :] for k in copied}
+    assert [o.name for o in after.graph.output] == [o.name for o in before.graph.output]
+    x = _images(40, 9)[0]
+    xt = _trigger(x)
+    m, g = _run(src, np.concatenate([x, xt])), _run(out, np.concatenate([x, xt]))
+    assert _run(out, x[:1]).shape == (1, CLASSES)
+    moved = (m != g).any(axis=1)
+    assert np.isin(m.argmax(1)[moved], gate["suspects"]).all()
+    asr_in, asr_out = (m.argmax(1)[40:] == TARGET).mean(), (g.argmax(1)[40:] == TARGET).mean()
+    assert asr_out <= asr_in

@@ -316,7 +316,10 @@ class Objective:
     An objective may also define ``step(module, params, closure, opt) -> loss`` to replace the plain update
     ``loss = closure(); opt.step()``: ``closure()`` zeroes the gradients, computes the whole loss on the current
     batch (the objective's term and the distillation) at the current weights, back-propagates it and returns it
-    detached; ``step`` may call it more than once (FT-SAM: at the weights and at the perturbed weights)."""
+    detached; ``step`` may call it more than once (FT-SAM: at the weights and at the perturbed weights).
+
+    And ``val_right(module, x, y) -> right`` to judge the candidate by what the written model will answer rather
+    than by the module's own answers (fst-gate writes the module behind a gate: :mod:`onnxclp.methods._gate`)."""
 
     name = "ft"
 
@@ -460,7 +463,9 @@ def train(state: State, objective: Objective, settings: Settings,
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         recompute_bn_stats(module, inserted, x_fit, 128)
-        right = val_right(module, x_val, y_val)
+        # what the candidate answers on the validation images: the module's own answers, or what an objective
+        # writes around it (fst-gate: the input's answers but where the gate consults the module)
+        right = getattr(objective, "val_right", val_right)(module, x_val, y_val)
         d = paired_drop(right_before, right)
         within = d.bound(z) <= budget + 1e-9  # the one-sided 90 % bound (SELECT_Z, or the guard's in sequence)
         best = max((c["val_acc"] for c in outcome.curve), default=-1.0)

@@ -1,0 +1,210 @@
+"""``fst-gate``: FST's repaired copy of the network, consulted only where the input network answers a suspected
+target class (the target gate, :mod:`onnxclp.methods._gate`; docs/algorithms.md, "The target gate").
+
+Not a published method. FST (Min, Qin, Shen & Cheng, NeurIPS 2023, section 4: the classifier re-initialised and
+pushed away from the old one while the whole network is fine-tuned) removes most of the zoo's backdoors from 500
+clean images, but at 10-30 points of clean accuracy, which the guard refuses. An all-to-one backdoor only adds
+answers of its target class, so the written model answers as the input does except where the input says a
+suspected target and FST's copy disagrees. Clean images of other classes keep the input's answer, which is what
+lets the guard's validation images certify it.
+
+**The suspects** come from the weights alone, before any image is read: the classes ranked by the ``classifier``
+detector's anomaly index (the excess of a class's row of the classifier layer over the others',
+:mod:`onnxclp.detect.classifier`), most anomalous first. A model whose classifier layer that detector cannot read
+is refused (exit 3, with its reason).
+
+**The candidates**, tested in one fixed sequence on the validation images (docs/algorithms.md, "Testing
+candidates in sequence"): the gate with the first suspect alone where the input's top softmax probability is
+above 0.99 (FST's run end behind it), then above 0.9, 0.5 and 0 (:data:`CONFIDENCES`); then the first two,
+three... suspects up to every class (the gate then passes every disagreement: FST's copy alone). The walk stops at the
+first over the budget and keeps the last within. With ``--select-fraction`` the largest suspect set within the
+budget on the selection images is kept.
+
+**The copy's training**, written down before any zoo model was measured with the gate: FST at one learning rate
+(``--lr``, default 0.001, the first of the other repairs' walk), 40 epochs, distillation from the input weighted 4
+and on mixup blends weighted 2 (``--distill``, ``--distill-mix``): these keep the copy closer to the input, so that
+its answers on the suspects' clean images change less. Where this came from is in docs/results-repair-notes.md
+(session 15): FST with these settings on three zoo models, then the gate tried on one of them.
+
+Written: the input's nodes unchanged, a copy of them reading FST's rewritten initializers (the others shared), and
+the gate's nodes (:mod:`onnxclp.methods._gate`); the report's ``added_nodes``, ``training.gate`` and the model's
+``onnxclp.gate`` metadata say so. About twice the compute of the input at inference.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from onnxclp.errors import OnnxclpError
+from onnxclp.methods import register
+from onnxclp.methods._repair import BATCH
+from onnxclp.methods.base import ParamSpec
+from onnxclp.methods.fst import ALPHA, FST, SCOPE, FSTObjective
+
+if TYPE_CHECKING:
+    from onnxclp.bridge import OnnxModule
+    from onnxclp.defences.repair import Objective
+    from onnxclp.pipeline import State
+
+EPOCHS = ParamSpec("epochs", int, 40, "Training epochs over the clean images (repairs).", minimum=1, maximum=1000)
+LR = ParamSpec("lr", float, 0.001, "SGD learning rate of fst-gate's copy (cosine schedule; no walk).",
+               minimum=1e-6, maximum=1.0)  # fmt: skip
+DISTILL = ParamSpec("distill", float, 4.0, "Weight of distillation from the input model's outputs (repairs; 0 = off).",
+                    minimum=0.0)  # fmt: skip
+DISTILL_MIX = ParamSpec("distill_mix", float, 2.0, "Weight of distillation on mixup blends of the clean images "
+                        "(function matching; repairs; 0 = off).", minimum=0.0)  # fmt: skip
+
+
+def suspects_of(state: State) -> tuple[list[int], list[float]]:
+    """The classes, most suspect first, and their anomaly indices (:mod:`onnxclp.detect.classifier`)."""
+    from onnxclp import weights
+    from onnxclp.detect.classifier import anomaly_index, class_excess, classifier_layer
+
+    assert state.index is not None
+    layer = classifier_layer(state)
+    if isinstance(layer, str):
+        raise OnnxclpError(f"--method {state.params.method} ranks the suspected target classes from the classifier "
+                           f"layer, and cannot read this model's: {layer}", 3)  # fmt: skip
+    w = layer.layout.to_channels(weights.read(state.index, state.store, layer.weight).astype(np.float64))
+    w = w.reshape(w.shape[0], -1)
+    if w.shape[0] < 3 or not np.all(np.isfinite(w)):
+        raise OnnxclpError(f"--method {state.params.method}: the classifier has {w.shape[0]} classes (needs 3) or "
+                           "non-finite weights", 3)  # fmt: skip
+    a = anomaly_index(class_excess(w))
+    order = [int(c) for c in np.argsort(-a, kind="stable")]
+    return order, [float(a[c]) for c in order]
+
+
+# The gate's candidates, in the order they are tested: (suspects, confidence). The first suspect alone, where the
+# input is at least this sure of its answer (a backdoor's answers are sure ones; clean images the copy would move
+# are often not), the bar lowered step by step, then the suspects widened without a bar (module docstring).
+CONFIDENCES = (0.99, 0.9, 0.5, 0.0)
+
+
+def candidates(classes: int) -> list[tuple[int, float]]:
+    """The walk's (number of suspects, confidence) pairs, weakest first."""
+    return [(1, c) for c in CONFIDENCES] + [(k, 0.0) for k in range(2, classes + 1)]
+
+
+class GateObjective(FSTObjective):
+    """FST's objective, judged on the validation images through the gate's first candidate."""
+
+    def __init__(self, alpha: float, scope: str, pred_input: np.ndarray, conf_input: np.ndarray,
+                 suspects: list[int], confidence: float) -> None:  # fmt: skip
+        super().__init__(alpha, scope=scope)
+        self.pred_input = pred_input
+        self.conf_input = conf_input
+        self.suspects = suspects
+        self.confidence = confidence
+
+    def copy_predictions(self, module: OnnxModule, x: Any, batch: int = 256) -> np.ndarray:
+        import torch
+
+        from onnxclp.defences.repair import logits_of
+
+        was = module.training
+        module.eval()
+        with torch.no_grad():
+            pred = [logits_of(module(x[i : i + batch])).argmax(1) for i in range(0, len(x), batch)]
+        module.train(was)
+        return torch.cat(pred).cpu().numpy()
+
+    def val_right(self, module: OnnxModule, x: Any, y: Any) -> np.ndarray:
+        from onnxclp.methods._gate import gated_predictions
+
+        pred = gated_predictions(self.pred_input, self.copy_predictions(module, x), self.suspects, self.conf_input,
+                                 self.confidence)  # fmt: skip
+        return pred == y.cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "gate_first": {"suspects": list(self.suspects), "confidence": self.confidence}}
+
+
+@register
+class FSTGate(FST):
+    name = "fst-gate"
+    order = 41
+    description = ("FST's repaired copy, consulted where the input answers a suspected target class (target gate); "
+                   "adds a copy of the network.")  # fmt: skip
+    paper = f"{FST.paper}; the target gate is onnxclp's"
+    rewrites = "nodes"
+    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, ALPHA, SCOPE)
+
+    def objective(self, state: State) -> Objective:  # pragma: no cover - decide builds the gated one
+        raise NotImplementedError
+
+    def decide(self, state: State) -> None:
+        from onnxclp.defences.repair import finish, train
+        from onnxclp.eval.runner import OnnxClassifier
+        from onnxclp.guard import SELECT_Z, paired_drop
+        from onnxclp.methods._gate import compose, gated_predictions, softmax_top
+        from onnxclp.passes.guard import model_bytes
+
+        order, scores = suspects_of(state)
+        clean = state.clean
+        assert clean is not None and state.guard is not None
+        device = str(state.options.context.get("device") or "auto")
+        x_val, y_val = clean.x_sel, clean.y_sel.numpy()
+        x_np = x_val.detach().cpu().numpy()
+        layout = "nhwc" if x_np.ndim == 4 and x_np.shape[-1] in (1, 3) and x_np.shape[1] not in (1, 3) else "nchw"
+        logits_input = OnnxClassifier(model_bytes(state.model, state.store), device=device, layout=layout).logits(x_np)
+        pred_input = logits_input.reshape(len(x_np), -1).argmax(1)  # the input as the final check runs it
+        conf_input = softmax_top(logits_input)
+        walk = candidates(len(order))
+        p = state.params
+        first_k, first_c = walk[0]
+        objective = GateObjective(float(p["fst_alpha"]), str(p["fst_scope"]), pred_input, conf_input,
+                                  order[:first_k], first_c)  # fmt: skip
+        settings = self.settings(state)
+        module, outcome = train(state, objective, settings)  # type: ignore[arg-type]
+        # the rest of the walk: the same copy behind gentler bars and wider suspect sets, in sequence after the run's
+        # end (or, with a selection part, the strongest within budget there)
+        right_before = clean.right_before_selection
+        assert right_before is not None
+        sequence_z = clean.sequence_z(state.guard)
+        z = SELECT_Z if sequence_z is None else sequence_z
+        budget = float(state.guard.budget)
+        pred_copy = objective.copy_predictions(module, x_val.to(next(module.parameters()).device))
+        ladder: list[dict[str, Any]] = []
+        kept = 0
+        passed_first = outcome.chosen_epoch is not None and not outcome.failed
+        for i, (k, conf) in enumerate(walk):
+            right = gated_predictions(pred_input, pred_copy, order[:k], conf_input, conf) == y_val
+            d = paired_drop(right_before, right)
+            within = d.bound(z) <= budget + 1e-9
+            ladder.append({"suspects": k, "confidence": conf, "classes": order[:k], "drop": d.drop,
+                           "bound": d.bound(z), "within": within,
+                           "changed": float(np.mean(right != right_before))})  # fmt: skip
+            if i == 0:
+                if not passed_first:  # the run's end, tested in train(): the sequence ends there
+                    break
+                continue
+            if within:
+                kept = i
+            elif sequence_z is not None:
+                break
+        finish(state, module, outcome, settings, objective)
+        rewritten = dict(state.rewrites)
+        state.rewrites = {}  # the input's initializers stay; the copy gets the new values
+        k, confidence = walk[kept]
+        suspects = order[:k]
+        classes = len(order)
+        state.graph_edit = lambda st: compose(st.model, rewritten, suspects, classes, confidence)
+        assert state.training is not None
+        # the input's initializers are not rewritten: the new values are the copy's (the report's ``rewritten``
+        # stays empty; ``training.copied`` lists them with their change from the input's)
+        state.training["copied"] = state.training.pop("rewritten")
+        state.training["rewritten"] = []
+        state.training["gate"] = {"order": order, "anomaly_index": scores, "suspects": suspects,
+                                  "confidence": confidence, "ladder": ladder,
+                                  "part": clean.selection_name, "in_sequence": sequence_z is not None}  # fmt: skip
+        state.decisions = []
+        state.notes.append(
+            f"fst-gate: FST's copy answers where the input says one of classes {suspects} (of {classes}, ranked by "
+            f"the classifier's anomaly index)"
+            + (f" with a top probability above {confidence:g}" if confidence > 0 else "")
+            + f" and the copy disagrees; {len(rewritten)} initializers copied with new "
+            "values, the input's unchanged"
+        )

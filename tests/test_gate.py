@@ -1,0 +1,122 @@
+"""The target gate (onnxclp/methods/_gate.py, fst-gate): exact composition checked with onnxruntime on small
+graphs built with onnx.helper; the method end to end on the planted-backdoor CNN of test_repairs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _mlp(opset: int, ir: int, seed: int = 0) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w1, b1 = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    w2, b2 = rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
+        doc_string="kept",
+    )  # fmt: skip
+    if ir < 4:  # IR 3: every initializer is also a graph input
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
+    model.metadata_props.add(key="author", value="someone")
+    return model
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize(("opset", "ir"), [(13, 7), (9, 4), (8, 3)])
+def test_compose_answers_as_the_input_but_where_a_suspect_meets_a_disagreeing_copy(opset, ir):
+    """The gated model's logits are the copy's exactly where the input's class is a suspect and the copy's class
+    differs, the input's elsewhere (Where from opset 9, arithmetic before); the input's initializers, names,
+    output name, opset, IR version, doc string and metadata are kept; the copy shares the unchanged weights."""
+    from onnx import numpy_helper
+
+    from onnxclp.methods._gate import PREFIX, compose, gated_predictions
+
+    model = _mlp(opset, ir)
+    copy_w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))[:, ::-1].copy()
+    copy_model = _mlp(opset, ir)
+    for t in copy_model.graph.initializer:
+        if t.name == "w2":
+            t.CopyFrom(numpy_helper.from_array(copy_w2, "w2"))
+    x = np.random.default_rng(1).normal(size=(400, 4)).astype(np.float32)
+    m_logits, r_logits = _run(model, x), _run(copy_model, x)
+    before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    added = compose(model, {"w2": copy_w2}, [1], 3)
+    onnx.checker.check_model(model)
+    out = _run(model, x)
+    pm, pr = m_logits.argmax(1), r_logits.argmax(1)
+    use = (pm == 1) & (pm != pr)
+    assert use.any() and (~use).any()
+    np.testing.assert_array_equal(out[use], r_logits[use])
+    np.testing.assert_array_equal(out[~use], m_logits[~use])
+    np.testing.assert_array_equal(out.argmax(1), gated_predictions(pm, pr, [1]))
+    assert _run(model, x[:1]).shape == (1, 3)
+    assert [o.name for o in model.graph.output] == ["logits"]
+    assert (model.opset_import[0].version, model.ir_version, model.graph.doc_string) == (opset, ir, "kept")
+    after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
+    assert set(after) - set(before) == {PREFIX + "w2", PREFIX + "suspects", PREFIX + "half"}
+    assert {n.name for n in model.graph.node} >= {"fc1", "relu", "fc2"} and len(added) == len(model.graph.node) - 3
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["author"] == "someone" and json.loads(meta["onnxclp.gate"])["suspects"] == [1]
+    assert json.loads(meta["onnxclp.added_nodes"]) == added
+
+
+def test_compose_refuses_what_it_cannot_copy():
+    from onnx import helper
+
+    from onnxclp.errors import OnnxclpError
+    from onnxclp.methods._gate import compose
+
+    with pytest.raises(OnnxclpError, match="opset 7"):
+        compose(_mlp(6, 3), {}, [0], 3)
+    model = _mlp(13, 7)
+    model.graph.node.append(helper.make_node("If", ["c"], ["o"], then_branch=helper.make_graph([], "t", [], []),
+                                             else_branch=helper.make_graph([], "e", [], [])))  # fmt: skip
+    with pytest.raises(OnnxclpError, match="nested graphs"):
+        compose(model, {}, [0], 3)
+
+
+@pytest.mark.parametrize(("opset", "ir"), [(18, 8), (13, 7), (8, 3)])
+def test_compose_with_a_confidence_bar_consults_the_copy_only_where_the_input_is_sure(opset, ir):
+    """With ``confidence``, the copy answers only where the input's top softmax probability is above it too (the
+    ReduceMax form of the model's opset); numpy's :func:`gated_predictions` gives the same answers."""
+    from onnx import numpy_helper
+
+    from onnxclp.methods._gate import compose, gated_predictions, softmax_top
+
+    model, copy_model = _mlp(opset, ir), _mlp(opset, ir)
+    w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))[:, ::-1].copy()
+    for t in copy_model.graph.initializer:
+        if t.name == "w2":
+            t.CopyFrom(numpy_helper.from_array(w2, "w2"))
+    x = np.random.default_rng(2).normal(size=(400, 4)).astype(np.float32)
+    m_logits, r_logits = _run(model, x), _run(copy_model, x)
+    compose(model, {"w2": w2}, [0, 1], 3, confidence=0.9)
+    onnx.checker.check_model(model)
+    out = _run(model, x)
+    pm, pr, conf = m_logits.argmax(1), r_logits.argmax(1), softmax_top(m_logits)
+    use = np.isin(pm, [0, 1]) & (pm != pr) & (conf > 0.9)
+    assert use.any() and (np.isin(pm, [0, 1]) & (pm != pr) & ~use).any()
+    np.testing.assert_array_equal(out[use], r_logits[use])
+    np.testing.assert_array_equal(out[~use], m_logits[~use])
+    np.testing.assert_array_equal(out.argmax(1), gated_predictions(pm, pr, [0, 1], conf, 0.9))
