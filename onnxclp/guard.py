@@ -218,17 +218,18 @@ def paired_drop(right_before: np.ndarray, right_after: np.ndarray) -> Drop:
 
 
 def choose_strongest(candidates: Sequence[Any], measure: Callable[[Any], np.ndarray], right_before: np.ndarray,
-                     budget: float) -> tuple[int | None, list[dict[str, Any]]]:  # fmt: skip
+                     budget: float, z: float = 0.0) -> tuple[int | None, list[dict[str, Any]]]:  # fmt: skip
     """Index of the strongest candidate within ``budget`` (candidates ordered weakest first), and the trials.
 
-    ``measure(candidate)`` returns the boolean correctness per validation image. The walk stops at the first
-    candidate over budget; None when even the weakest is over.
+    ``measure(candidate)`` returns the boolean correctness per validation image. Within: the measured drop (``z``
+    0), or its one-sided bound at ``z``, at most ``budget``. The walk stops at the first candidate over budget; None
+    when even the weakest is over.
     """
     chosen: int | None = None
     trials: list[dict[str, Any]] = []
     for i, c in enumerate(candidates):
         d = paired_drop(right_before, measure(c))
-        within = d.drop <= budget + 1e-9
+        within = (d.bound(z) if z > 0 else d.drop) <= budget + 1e-9
         trials.append({"candidate": c, "acc": d.acc_after, "drop": d.drop, "within": within})
         if not within:
             break

@@ -248,3 +248,21 @@ def test_a_validation_part_labelled_one_class_cannot_check_agreement():
         blind(GuardResult(800, 200, 0.2, 3.0, 1.0, metric=agree), right, mostly, force=False)
     assert blind(GuardResult(800, 200, 0.2, 100.0, 1.0, metric=agree), right, mostly, force=False) is None
     assert blind(GuardResult(800, 200, 0.2, 3.0, 1.0), right, np.zeros(200, int), force=False) is None
+
+
+def test_choose_strongest_can_hold_the_candidates_to_the_bound():
+    """With ``z``, a candidate is within when its drop's one-sided bound is: a candidate that loses 2 of 300
+    images (0.7 points) is within 1 point on the measured drop and over it on the 90 % bound."""
+    import numpy as np
+
+    from onnxclp.guard import choose_strongest
+
+    before = np.ones(300, dtype=bool)
+
+    def measure(lost: int) -> np.ndarray:
+        right = before.copy()
+        right[:lost] = False
+        return right
+
+    assert choose_strongest([0, 2, 6], measure, before, 1.0)[0] == 1
+    assert choose_strongest([0, 2, 6], measure, before, 1.0, z=1.2816)[0] == 0

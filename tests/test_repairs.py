@@ -906,7 +906,7 @@ def test_in_sequence_a_first_stage_keeps_the_fit_images_choice(backdoored, tmp_p
                                 ac_weight=1.0, force=True)  # fmt: skip
     tuned = rep.guard["tuned"]
     assert tuned["stepped_back"] == [] and rep.params["u"] == tuned["parameters"]["u"]
-    assert any("a first stage: the validation images test the second stage's" in n for n in rep.guard["notes"])
+    assert any("a first stage: chosen by the bound on the fit images" in n for n in rep.guard["notes"])
     assert rep.guard["tested_in_sequence"]  # AC's run end was tested there
     rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "clp.onnx", method="clp", context=ctx, force=True)
     assert rep.guard["tuned"]["stepped_back"]

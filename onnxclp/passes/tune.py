@@ -23,8 +23,9 @@ The rule, written down before any zoo measurement (docs/algorithms.md, "The accu
    part) the candidates within budget on the fit images are tested on the validation part in sequence, weakest
    first up to the choice, and the strongest accepted before the first failure is kept (docs/algorithms.md,
    "Testing candidates in sequence"), except for a first stage (``tune_share`` < 1: clp-ac, bnp-ac, clp-npd,
-   clp-npd-fst), whose choice stays the fit images': the second stage's candidates, tested against the input model,
-   include it, and a test of its own would make their sequence depend on its outcome. With ``--select-fraction``
+   clp-npd-fst), whose choice stays the fit images' (there held to the drop's one-sided bound at the guard's
+   confidence, not the measured drop): the second stage's candidates, tested against the input model, include
+   it, and a test of its own would make their sequence depend on its outcome. With ``--select-fraction``
    the choice is measured
    on the guard's selection part here (:func:`onnxclp.guard.split_parts`; the validation part when the images are
    too few for three parts); when it is over budget there, the walk steps back through the weaker candidates
@@ -101,6 +102,10 @@ def run(state: State) -> PassResult:
     for n in calibrated:
         values[n] = specs[n].calibration[0]  # type: ignore[index]  # least invasive while u walks
     tried: list[dict[str, Any]] = []
+    # a first stage, tested in sequence (no selection part), is not tested on the validation part (below): its
+    # choice on the fit images must then stand on its own, so it is held to the guard's bound there too
+    share = float(getattr(state.method, "tune_share", 1.0))
+    first_stage_z = (clean.sequence_z(state.guard) or 0.0) if share < 1.0 else 0.0
 
     seen: dict[tuple, dict[str, np.ndarray]] = {}  # the same decisions give the same model: measured once
     x_sel, y_sel = clean.x_sel, clean.y_sel.numpy()  # the step back reads the selection part
@@ -125,7 +130,7 @@ def run(state: State) -> PassResult:
         return right
 
     def walk(trials: list[dict[str, Any]]) -> tuple[int | None, list[dict[str, Any]]]:
-        i, steps = choose_strongest(trials, measure, right_input, budget)
+        i, steps = choose_strongest(trials, measure, right_input, budget, first_stage_z)
         for t, step in zip(tried[-len(steps) :], steps, strict=True):
             t.update(acc=step["acc"], drop=step["drop"], within=step["within"])
         path.extend(step["candidate"] for step in steps if step["within"])
@@ -167,13 +172,15 @@ def run(state: State) -> PassResult:
     sequence_z = clean.sequence_z(state.guard)  # no selection part: the validation part tests the path in sequence
     sequential = sequence_z is not None
     z = SELECT_Z if sequence_z is None else sequence_z
-    share = float(getattr(state.method, "tune_share", 1.0))
     if why and right_sel is not None and sequential and share < 1.0:
         # a first stage (a second stage trains on it): its choice stays the fit images'. Testing it on the
         # validation part first would make the second stage's sequence depend on that test's outcome (a branch),
         # and the one-sequence guarantee would no longer hold (docs/algorithms.md, "Testing candidates in
         # sequence"); the second stage's candidates, tested against the input at the whole budget, cover it
-        line += "; a first stage: the validation images test the second stage's candidates, which include it"
+        line += (
+            "; a first stage: chosen by the bound on the fit images, and the validation images test the second "
+            "stage's candidates, which include it"
+        )
     elif why and right_sel is not None:
         start = next((i for i in range(len(path) - 1, -1, -1) if path[i] == values), len(path) - 1)
         # with a selection part: strongest first, back to the first within; in sequence: weakest first, up to the
