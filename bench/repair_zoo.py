@@ -39,6 +39,7 @@ METHODS = [
     "bnp-ac",
     "clp-ac",
     "sau-ac",
+    "fst-gate",
     "anp",
     "rnp",
     "bnp",

@@ -35,11 +35,9 @@ class CLPAC(CLPFirst, AC):
     order = 39
     description = "CLP pruning tuned on the clean images, then activation clipping (ac) on the pruned model."
     paper = f"{CLP.paper}; then {AC.paper}"
-    # scan's next step names it (onnxclp.scanning.suggested_methods): of the methods that read BN-folded exports,
-    # the lowest average ASR under the guard at 500 clean images on the zoo with the shared draw (59.9 %;
-    # docs/results-repair.md); with each model its own images AC alone did better (48.1 % against 61.7 %), and
-    # forced clp-ac removes more (36.5 % against 50.5 %): over the two draws the two are level
-    suggested = True
+    # scan's next step named it until session 15 (then 35.3 % under the guard at 500 images); with the two stages
+    # in one fixed sequence (CLP's u held to the bound on the fit images) it leaves 73.4 %, and fst-gate is named
+    suggested = False
     params = (U, *AC.params)
 
     def decide(self, state: State) -> None:
