@@ -120,3 +120,32 @@ def test_compose_with_a_confidence_bar_consults_the_copy_only_where_the_input_is
     np.testing.assert_array_equal(out[use], r_logits[use])
     np.testing.assert_array_equal(out[~use], m_logits[~use])
     np.testing.assert_array_equal(out.argmax(1), gated_predictions(pm, pr, [0, 1], conf, 0.9))
+
+
+def test_compose_reads_probabilities_as_they_are():
+    """A model whose output is already a softmax: the bar compares the output itself (a second softmax would
+    squash every probability below the bar)."""
+    from onnx import helper, numpy_helper
+
+    from onnxclp.methods._gate import are_probabilities, compose, gated_predictions, softmax_top
+
+    def with_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
+        fc2 = next(n for n in model.graph.node if n.name == "fc2")
+        fc2.output[0] = "scores"
+        model.graph.node.append(helper.make_node("Softmax", ["scores"], ["logits"], name="sm", axis=1))
+        return model
+
+    model, copy_model = with_softmax(_mlp(13, 7)), with_softmax(_mlp(13, 7))
+    w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))[:, ::-1].copy()
+    for t in copy_model.graph.initializer:
+        if t.name == "w2":
+            t.CopyFrom(numpy_helper.from_array(w2, "w2"))
+    x = np.random.default_rng(3).normal(size=(400, 4)).astype(np.float32)
+    m_out, r_out = _run(model, x), _run(copy_model, x)
+    assert are_probabilities(m_out) and not are_probabilities(np.log(m_out))
+    conf = softmax_top(m_out, probabilities=True)
+    compose(model, {"w2": w2}, [0, 1], 3, confidence=0.7, probabilities=True)
+    out = _run(model, x)
+    expected = gated_predictions(m_out.argmax(1), r_out.argmax(1), [0, 1], conf, 0.7)
+    assert (expected != m_out.argmax(1)).any()
+    np.testing.assert_array_equal(out.argmax(1), expected)

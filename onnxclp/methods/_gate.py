@@ -50,9 +50,19 @@ def gated_predictions(pred_input: np.ndarray, pred_copy: np.ndarray, suspects: S
     return np.where(use_copy, pred_copy, pred_input)
 
 
-def softmax_top(logits: np.ndarray) -> np.ndarray:
-    """The top softmax probability per row of ``logits`` (N, C[, 1, 1])."""
+def are_probabilities(outputs: np.ndarray) -> bool:
+    """Whether a model's outputs (N, C[, 1, 1]) are already probabilities (a Softmax at the end): every row
+    non-negative and summing to 1. The gate's bar then reads them as they are."""
+    z = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    return bool(len(z)) and bool(np.all(z >= 0)) and bool(np.allclose(z.sum(axis=1), 1.0, atol=1e-3))
+
+
+def softmax_top(logits: np.ndarray, probabilities: bool = False) -> np.ndarray:
+    """The top softmax probability per row of ``logits`` (N, C[, 1, 1]); with ``probabilities``, the top output
+    itself."""
     z = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    if probabilities:
+        return z.max(axis=1)
     z = np.exp(z - z.max(axis=1, keepdims=True))
     return (z / z.sum(axis=1, keepdims=True)).max(axis=1)
 
@@ -62,9 +72,10 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray], suspects: Sequence[int],
-            classes: int, confidence: float = 0.0) -> list[str]:  # fmt: skip
+            classes: int, confidence: float = 0.0, probabilities: bool = False) -> list[str]:  # fmt: skip
     """Add the repaired copy (``rewritten``: initializer name -> new value) and the gate to ``model`` in place
-    (module docstring); returns the names of the nodes added."""
+    (module docstring); returns the names of the nodes added. ``probabilities``: the output is already a softmax,
+    and the bar reads it as it is."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -160,7 +171,10 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray], suspect
             source = cast
         else:
             source = y_input
-        gate.append(helper.make_node("Softmax", [source], [prob], name=t("Softmax_input"), axis=1))
+        if probabilities:
+            prob = source
+        else:
+            gate.append(helper.make_node("Softmax", [source], [prob], name=t("Softmax_input"), axis=1))
         if opset >= 18:
             axes = t("axes")
             graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))

@@ -143,7 +143,7 @@ class FSTGate(FST):
         from onnxclp.defences.repair import finish, train
         from onnxclp.eval.runner import OnnxClassifier
         from onnxclp.guard import SELECT_Z, paired_drop
-        from onnxclp.methods._gate import compose, gated_predictions, softmax_top
+        from onnxclp.methods._gate import are_probabilities, compose, gated_predictions, softmax_top
         from onnxclp.passes.guard import model_bytes
 
         order, scores = suspects_of(state)
@@ -155,7 +155,8 @@ class FSTGate(FST):
         layout = "nhwc" if x_np.ndim == 4 and x_np.shape[-1] in (1, 3) and x_np.shape[1] not in (1, 3) else "nchw"
         logits_input = OnnxClassifier(model_bytes(state.model, state.store), device=device, layout=layout).logits(x_np)
         pred_input = logits_input.reshape(len(x_np), -1).argmax(1)  # the input as the final check runs it
-        conf_input = softmax_top(logits_input)
+        probabilities = are_probabilities(logits_input)  # a Softmax at the end: the bar reads the output itself
+        conf_input = softmax_top(logits_input, probabilities)
         walk = candidates(len(order))
         p = state.params
         first_k, first_c = walk[0]
@@ -195,7 +196,7 @@ class FSTGate(FST):
         k, confidence = walk[kept]
         suspects = order[:k]
         classes = len(order)
-        state.graph_edit = lambda st: compose(st.model, rewritten, suspects, classes, confidence)
+        state.graph_edit = lambda st: compose(st.model, rewritten, suspects, classes, confidence, probabilities)
         assert state.training is not None
         # the input's initializers are not rewritten: the new values are the copy's (the report's ``rewritten``
         # stays empty; ``training.copied`` lists them with their change from the input's)
