@@ -37,6 +37,21 @@ def _mlp(opset: int, ir: int, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def _pair(opset: int, ir: int, wrap=None) -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray]:
+    """The MLP and its "repaired copy" (the classifier weight's columns reversed), ``wrap`` applied to both; the
+    copy's new ``w2``."""
+    from onnx import numpy_helper
+
+    model, copy_model = _mlp(opset, ir), _mlp(opset, ir)
+    if wrap is not None:
+        model, copy_model = wrap(model), wrap(copy_model)
+    w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))[:, ::-1].copy()
+    for t in copy_model.graph.initializer:
+        if t.name == "w2":
+            t.CopyFrom(numpy_helper.from_array(w2, "w2"))
+    return model, copy_model, w2
+
+
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return s.run(None, {"x": x})[0]
@@ -51,12 +66,7 @@ def test_compose_answers_as_the_input_but_where_a_suspect_meets_a_disagreeing_co
 
     from onnxclp.methods._gate import PREFIX, compose, gated_predictions
 
-    model = _mlp(opset, ir)
-    copy_w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))[:, ::-1].copy()
-    copy_model = _mlp(opset, ir)
-    for t in copy_model.graph.initializer:
-        if t.name == "w2":
-            t.CopyFrom(numpy_helper.from_array(copy_w2, "w2"))
+    model, copy_model, copy_w2 = _pair(opset, ir)
     x = np.random.default_rng(1).normal(size=(400, 4)).astype(np.float32)
     m_logits, r_logits = _run(model, x), _run(copy_model, x)
     before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
@@ -100,15 +110,10 @@ def test_compose_refuses_what_it_cannot_copy():
 def test_compose_with_a_confidence_bar_consults_the_copy_only_where_the_input_is_sure(opset, ir):
     """With ``confidence``, the copy answers only where the input's top softmax probability is above it too (the
     ReduceMax form of the model's opset); numpy's :func:`gated_predictions` gives the same answers."""
-    from onnx import numpy_helper
 
     from onnxclp.methods._gate import compose, gated_predictions, softmax_top
 
-    model, copy_model = _mlp(opset, ir), _mlp(opset, ir)
-    w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))[:, ::-1].copy()
-    for t in copy_model.graph.initializer:
-        if t.name == "w2":
-            t.CopyFrom(numpy_helper.from_array(w2, "w2"))
+    model, copy_model, w2 = _pair(opset, ir)
     x = np.random.default_rng(2).normal(size=(400, 4)).astype(np.float32)
     m_logits, r_logits = _run(model, x), _run(copy_model, x)
     compose(model, {"w2": w2}, [0, 1], 3, confidence=0.9)
@@ -125,7 +130,7 @@ def test_compose_with_a_confidence_bar_consults_the_copy_only_where_the_input_is
 def test_compose_reads_probabilities_as_they_are():
     """A model whose output is already a softmax: the bar compares the output itself (a second softmax would
     squash every probability below the bar)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from onnxclp.methods._gate import are_probabilities, compose, gated_predictions, softmax_top
 
@@ -135,11 +140,7 @@ def test_compose_reads_probabilities_as_they_are():
         model.graph.node.append(helper.make_node("Softmax", ["scores"], ["logits"], name="sm", axis=1))
         return model
 
-    model, copy_model = with_softmax(_mlp(13, 7)), with_softmax(_mlp(13, 7))
-    w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))[:, ::-1].copy()
-    for t in copy_model.graph.initializer:
-        if t.name == "w2":
-            t.CopyFrom(numpy_helper.from_array(w2, "w2"))
+    model, copy_model, w2 = _pair(13, 7, with_softmax)
     x = np.random.default_rng(3).normal(size=(400, 4)).astype(np.float32)
     m_out, r_out = _run(model, x), _run(copy_model, x)
     assert are_probabilities(m_out) and not are_probabilities(np.log(m_out))
