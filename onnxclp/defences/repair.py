@@ -355,13 +355,18 @@ class Outcome:
 
 
 @torch.no_grad()
-def val_right(module: OnnxModule, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> np.ndarray:
-    """Per validation image, whether ``module`` (eval mode) classifies it right."""
+def predictions(module: OnnxModule, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The class ``module`` (eval mode) gives each image of ``x``; the module's mode is restored."""
     was = module.training
     module.eval()
     preds = [logits_of(module(x[i : i + batch])).argmax(1) for i in range(0, len(x), batch)]
     module.train(was)
-    return (torch.cat(preds) == y).cpu().numpy()
+    return torch.cat(preds)
+
+
+def val_right(module: OnnxModule, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """Per validation image, whether ``module`` (eval mode) classifies it right."""
+    return (predictions(module, x, batch) == y).cpu().numpy()
 
 
 def device_for(state: State) -> torch.device:

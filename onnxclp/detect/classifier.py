@@ -59,19 +59,27 @@ class Classifier(Detector):
     description = "an outlier class in the classifier layer's weights (robust z of the class's excess, Sidak)"
 
     def run(self, state: State) -> DetectorResult | str:
-        assert state.index is not None
-        layer = classifier_layer(state)
-        if isinstance(layer, str):
-            return layer
-        w = layer.layout.to_channels(weights.read(state.index, state.store, layer.weight).astype(np.float64))
-        w = w.reshape(w.shape[0], -1)
-        if w.shape[0] < 3 or not np.all(np.isfinite(w)):
-            return f"classifier {layer.key!r} has {w.shape[0]} classes (need 3) or non-finite weights"
-        a = anomaly_index(class_excess(w))
+        a = class_anomaly(state)
+        if isinstance(a, str):
+            return a
         target = int(np.argmax(a))
         z = float(a[target])
-        p = max_normal_p(z, w.shape[0])
-        return DetectorResult(z, p, target, f"class {target}: anomaly index {z:.2f} among {w.shape[0]} classes")
+        p = max_normal_p(z, len(a))
+        return DetectorResult(z, p, target, f"class {target}: anomaly index {z:.2f} among {len(a)} classes")
+
+
+def class_anomaly(state: State) -> np.ndarray | str:
+    """Every class's anomaly index (module docstring), or why the classifier layer cannot be read (also
+    fst-gate's ranking of the suspected target classes)."""
+    assert state.index is not None
+    layer = classifier_layer(state)
+    if isinstance(layer, str):
+        return layer
+    w = layer.layout.to_channels(weights.read(state.index, state.store, layer.weight).astype(np.float64))
+    w = w.reshape(w.shape[0], -1)
+    if w.shape[0] < 3 or not np.all(np.isfinite(w)):
+        return f"classifier {layer.key!r} has {w.shape[0]} classes (need 3) or non-finite weights"
+    return anomaly_index(class_excess(w))
 
 
 def classifier_layer(state: State) -> Layer | str:

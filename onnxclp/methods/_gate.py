@@ -105,9 +105,9 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray], suspect
     for name, value in rewritten.items():
         new = copy_name(name)
         renamed[name] = new
-        t = numpy_helper.from_array(np.asarray(value).astype(numpy_helper.to_array(inits[name]).dtype).reshape(
-            tuple(inits[name].dims)), new)  # fmt: skip
-        graph.initializer.append(t)
+        dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)  # the dtype alone: its data may be external
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype).reshape(tuple(inits[name].dims)),
+                                                         new))  # fmt: skip
     for n in graph.node:
         for o in n.output:
             if o:

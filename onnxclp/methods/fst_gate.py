@@ -58,21 +58,13 @@ DISTILL_MIX = ParamSpec("distill_mix", float, 2.0, "Weight of distillation on mi
 
 
 def suspects_of(state: State) -> tuple[list[int], list[float]]:
-    """The classes, most suspect first, and their anomaly indices (:mod:`onnxclp.detect.classifier`)."""
-    from onnxclp import weights
-    from onnxclp.detect.classifier import anomaly_index, class_excess, classifier_layer
+    """The classes, most suspect first, and their anomaly indices (:func:`onnxclp.detect.classifier.class_anomaly`)."""
+    from onnxclp.detect.classifier import class_anomaly
 
-    assert state.index is not None
-    layer = classifier_layer(state)
-    if isinstance(layer, str):
+    a = class_anomaly(state)
+    if isinstance(a, str):
         raise OnnxclpError(f"--method {state.params.method} ranks the suspected target classes from the classifier "
-                           f"layer, and cannot read this model's: {layer}", 3)  # fmt: skip
-    w = layer.layout.to_channels(weights.read(state.index, state.store, layer.weight).astype(np.float64))
-    w = w.reshape(w.shape[0], -1)
-    if w.shape[0] < 3 or not np.all(np.isfinite(w)):
-        raise OnnxclpError(f"--method {state.params.method}: the classifier has {w.shape[0]} classes (needs 3) or "
-                           "non-finite weights", 3)  # fmt: skip
-    a = anomaly_index(class_excess(w))
+                           f"layer, and cannot use this model's: {a}", 3)  # fmt: skip
     order = [int(c) for c in np.argsort(-a, kind="stable")]
     return order, [float(a[c]) for c in order]
 
@@ -99,23 +91,12 @@ class GateObjective(FSTObjective):
         self.suspects = suspects
         self.confidence = confidence
 
-    def copy_predictions(self, module: OnnxModule, x: Any, batch: int = 256) -> np.ndarray:
-        import torch
-
-        from onnxclp.defences.repair import logits_of
-
-        was = module.training
-        module.eval()
-        with torch.no_grad():
-            pred = [logits_of(module(x[i : i + batch])).argmax(1) for i in range(0, len(x), batch)]
-        module.train(was)
-        return torch.cat(pred).cpu().numpy()
-
     def val_right(self, module: OnnxModule, x: Any, y: Any) -> np.ndarray:
+        from onnxclp.defences.repair import predictions
         from onnxclp.methods._gate import gated_predictions
 
-        pred = gated_predictions(self.pred_input, self.copy_predictions(module, x), self.suspects, self.conf_input,
-                                 self.confidence)  # fmt: skip
+        pred_copy = predictions(module, x).cpu().numpy()
+        pred = gated_predictions(self.pred_input, pred_copy, self.suspects, self.conf_input, self.confidence)
         return pred == y.cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
@@ -140,21 +121,18 @@ class FSTGate(FST):
         raise NotImplementedError
 
     def decide(self, state: State) -> None:
-        from onnxclp.defences.repair import finish, train
-        from onnxclp.eval.runner import OnnxClassifier
+        from onnxclp.defences.repair import finish, predictions, train
         from onnxclp.guard import SELECT_Z, paired_drop
         from onnxclp.methods._gate import are_probabilities, compose, gated_predictions, softmax_top
-        from onnxclp.passes.guard import model_bytes
+        from onnxclp.passes.guard import scores as input_scores
 
         order, scores = suspects_of(state)
         clean = state.clean
         assert clean is not None and state.guard is not None
         device = str(state.options.context.get("device") or "auto")
         x_val, y_val = clean.x_sel, clean.y_sel.numpy()
-        x_np = x_val.detach().cpu().numpy()
-        layout = "nhwc" if x_np.ndim == 4 and x_np.shape[-1] in (1, 3) and x_np.shape[1] not in (1, 3) else "nchw"
-        logits_input = OnnxClassifier(model_bytes(state.model, state.store), device=device, layout=layout).logits(x_np)
-        pred_input = logits_input.reshape(len(x_np), -1).argmax(1)  # the input as the final check runs it
+        logits_input = input_scores(state.model, state.store, x_val, device)  # as the final check runs the input
+        pred_input = logits_input.reshape(len(logits_input), -1).argmax(1)
         probabilities = are_probabilities(logits_input)  # a Softmax at the end: the bar reads the output itself
         conf_input = softmax_top(logits_input, probabilities)
         walk = candidates(len(order))
@@ -171,10 +149,9 @@ class FSTGate(FST):
         sequence_z = clean.sequence_z(state.guard)
         z = SELECT_Z if sequence_z is None else sequence_z
         budget = float(state.guard.budget)
-        pred_copy = objective.copy_predictions(module, x_val.to(next(module.parameters()).device))
+        pred_copy = predictions(module, x_val.to(next(module.parameters()).device)).cpu().numpy()
         ladder: list[dict[str, Any]] = []
         kept = 0
-        passed_first = outcome.chosen_epoch is not None and not outcome.failed
         for i, (k, conf) in enumerate(walk):
             right = gated_predictions(pred_input, pred_copy, order[:k], conf_input, conf) == y_val
             d = paired_drop(right_before, right)
@@ -183,7 +160,7 @@ class FSTGate(FST):
                            "bound": d.bound(z), "within": within,
                            "changed": float(np.mean(right != right_before))})  # fmt: skip
             if i == 0:
-                if not passed_first:  # the run's end, tested in train(): the sequence ends there
+                if not outcome.whole:  # the run's end, tested in train(): the sequence ends there
                     break
                 continue
             if within:

@@ -134,13 +134,24 @@ def model_bytes(model: onnx.ModelProto, store: TensorStore) -> bytes:
     return copy.SerializeToString()
 
 
-def predict(model: onnx.ModelProto, store: TensorStore, x: torch.Tensor, device: str = "auto") -> np.ndarray:
-    """Class predictions of ``model`` on ``x`` (model layout and normalisation) with onnxruntime."""
+def _classifier(model: onnx.ModelProto, store: TensorStore, x: torch.Tensor, device: str) -> Any:
     from onnxclp.eval.runner import OnnxClassifier
 
     layout = "nhwc" if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3) else "nchw"
-    clf = OnnxClassifier(model_bytes(model, store), device=device, layout=layout)
-    return clf.predict(x.detach().cpu().numpy())
+    return OnnxClassifier(model_bytes(model, store), device=device, layout=layout)
+
+
+def predict(model: onnx.ModelProto, store: TensorStore, x: torch.Tensor, device: str = "auto") -> np.ndarray:
+    """Class predictions of ``model`` on ``x`` (model layout and normalisation) with onnxruntime."""
+    return _classifier(model, store, x, device).predict(x.detach().cpu().numpy())
+
+
+def scores(model: onnx.ModelProto, store: TensorStore, x: torch.Tensor, device: str = "auto") -> np.ndarray:
+    """The first output of ``model`` on ``x`` (its scores: logits or probabilities), with onnxruntime as
+    :func:`predict` runs it."""
+    clf = _classifier(model, store, x, device)
+    arr = x.detach().cpu().numpy()
+    return clf.logits(arr if arr.dtype == clf.input.dtype else arr.astype(clf.input.dtype))
 
 
 def _context(state: State) -> dict[str, Any]:

@@ -95,7 +95,8 @@ def run(state: State) -> PassResult:
     snapshot = model_bytes(state.model, state.store)
     right_input = predict(state.model, state.store, x_fit, device) == y_fit
     # a pruning stage before a repair (onnxclp.methods.clp_npd) takes a share of the budget, the repair the rest
-    budget = float(state.guard.budget) * float(getattr(state.method, "tune_share", 1.0))
+    share = float(getattr(state.method, "tune_share", 1.0))
+    budget = float(state.guard.budget) * share
     specs = {p.name: p for p in state.method.params}
     values = dict(state.params.values)
     calibrated = [n for n in names if n != "u"]
@@ -104,8 +105,8 @@ def run(state: State) -> PassResult:
     tried: list[dict[str, Any]] = []
     # a first stage, tested in sequence (no selection part), is not tested on the validation part (below): its
     # choice on the fit images must then stand on its own, so it is held to the guard's bound there too
-    share = float(getattr(state.method, "tune_share", 1.0))
-    first_stage_z = (clean.sequence_z(state.guard) or 0.0) if share < 1.0 else 0.0
+    sequence_z = clean.sequence_z(state.guard)  # no selection part: the validation part tests the path in sequence
+    first_stage = share < 1.0 and sequence_z is not None
 
     seen: dict[tuple, dict[str, np.ndarray]] = {}  # the same decisions give the same model: measured once
     x_sel, y_sel = clean.x_sel, clean.y_sel.numpy()  # the step back reads the selection part
@@ -130,7 +131,7 @@ def run(state: State) -> PassResult:
         return right
 
     def walk(trials: list[dict[str, Any]]) -> tuple[int | None, list[dict[str, Any]]]:
-        i, steps = choose_strongest(trials, measure, right_input, budget, first_stage_z)
+        i, steps = choose_strongest(trials, measure, right_input, budget, sequence_z if first_stage else 0.0)
         for t, step in zip(tried[-len(steps) :], steps, strict=True):
             t.update(acc=step["acc"], drop=step["drop"], within=step["within"])
         path.extend(step["candidate"] for step in steps if step["within"])
@@ -169,10 +170,9 @@ def run(state: State) -> PassResult:
     # the fit images, strongest first) until one is within on the selection part too
     back: list[dict[str, Any]] = []
     right_sel = clean.right_before_selection
-    sequence_z = clean.sequence_z(state.guard)  # no selection part: the validation part tests the path in sequence
     sequential = sequence_z is not None
     z = SELECT_Z if sequence_z is None else sequence_z
-    if why and right_sel is not None and sequential and share < 1.0:
+    if why and right_sel is not None and first_stage:
         # a first stage (a second stage trains on it): its choice stays the fit images'. Testing it on the
         # validation part first would make the second stage's sequence depend on that test's outcome (a branch),
         # and the one-sequence guarantee would no longer hold (docs/algorithms.md, "Testing candidates in
