@@ -40,6 +40,7 @@ METHODS = [
     "clp-ac",
     "sau-ac",
     "fst-gate",
+    "fst-sau-gate",
     "anp",
     "rnp",
     "bnp",
@@ -197,9 +198,14 @@ def main() -> None:
                                                                        "within", "drop") if k in e}
                                                for e in tr[walked]]  # fmt: skip
                         if tr.get("gate"):  # fst-gate: the suspects kept and the walk over them
-                            row["gate"] = {"suspects": tr["gate"]["suspects"],
-                                           "walk": [[s["suspects"], s["within"], round(s["drop"], 2)]
-                                                    for s in tr["gate"]["ladder"]]}  # fmt: skip
+                            gate = tr["gate"]
+                            row["gate"] = {"suspects": gate["suspects"], "confidence": gate["confidence"],
+                                           "copies": gate.get("copies", 1),
+                                           "walk": [[s.get("copies", 1), s["suspects"], s["confidence"],
+                                                     s["within"], round(s["drop"], 2)]
+                                                    for s in gate["ladder"]]}  # fmt: skip
+                            for c in gate.get("further_copies", []):  # SAU's per-class count of its unlearnt
+                                row["gate"]["adversarial_classes"] = c["settings"].get("unlearned_per_class")
                         if g.get("tuned"):  # the strength the guard chose on the fit images (passes/tune.py)
                             row["tuned"] = g["tuned"]["parameters"]
                         if g and g.get("accepted") is False:  # what a user gets: nothing written (exit 5)

@@ -150,3 +150,42 @@ def test_compose_reads_probabilities_as_they_are():
     expected = gated_predictions(m_out.argmax(1), r_out.argmax(1), [0, 1], conf, 0.7)
     assert (expected != m_out.argmax(1)).any()
     np.testing.assert_array_equal(out.argmax(1), expected)
+
+
+@pytest.mark.parametrize(("opset", "ir"), [(13, 7), (9, 4), (8, 3)])
+@pytest.mark.parametrize("confidence", [0.0, 0.6])
+def test_compose_with_two_copies_answers_with_the_first_that_disagrees(opset, ir, confidence):
+    """Two copies behind one gate: where the gate is open (a suspect, above the bar), the first copy's logits where
+    its class differs from the input's, else the second's where that differs, else the input's; numpy's
+    :func:`gated_predictions` with both copies gives the same classes; each copy's initializers under its own
+    prefix, the input's unchanged."""
+    from onnx import numpy_helper
+
+    from onnxclp.methods._gate import PREFIX, compose, copy_prefix, gated_predictions, softmax_top
+
+    model, first, w2 = _pair(opset, ir)
+    second = _mlp(opset, ir)
+    w2b = np.roll(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2")), 1, axis=1)
+    for t in second.graph.initializer:
+        if t.name == "w2":
+            t.CopyFrom(numpy_helper.from_array(w2b, "w2"))
+    x = np.random.default_rng(4).normal(size=(600, 4)).astype(np.float32)
+    m, r1, r2 = _run(model, x), _run(first, x), _run(second, x)
+    before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    compose(model, [{"w2": w2}, {"w2": w2b}], [0, 2], 3, confidence=confidence)
+    onnx.checker.check_model(model)
+    out = _run(model, x)
+    pm, p1, p2 = m.argmax(1), r1.argmax(1), r2.argmax(1)
+    gate = np.isin(pm, [0, 2]) & (softmax_top(m) > confidence)
+    use1 = gate & (p1 != pm)
+    use2 = gate & ~use1 & (p2 != pm)
+    assert use1.any() and use2.any() and (~(use1 | use2)).any()
+    np.testing.assert_array_equal(out[use1], r1[use1])
+    np.testing.assert_array_equal(out[use2], r2[use2])
+    np.testing.assert_array_equal(out[~(use1 | use2)], m[~(use1 | use2)])
+    np.testing.assert_array_equal(out.argmax(1), gated_predictions(pm, [p1, p2], [0, 2], softmax_top(m), confidence))
+    after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
+    assert {PREFIX + "w2", copy_prefix(1) + "w2"} <= set(after) and copy_prefix(1) != PREFIX
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["onnxclp.gate"])
+    assert meta["copies"] == [PREFIX, copy_prefix(1)] and meta["rewritten"] == [1, 1]

@@ -975,3 +975,34 @@ def test_fst_gate_keeps_the_input_and_consults_the_copy_on_suspects(backdoored, 
     assert np.isin(m.argmax(1)[moved], gate["suspects"]).all()
     asr_in, asr_out = (m.argmax(1)[40:] == TARGET).mean(), (g.argmax(1)[40:] == TARGET).mean()
     assert asr_out <= asr_in
+
+
+def test_fst_sau_gate_walks_the_first_copy_then_both(backdoored, tmp_path):
+    """fst-sau-gate on the planted backdoor, with a budget that lets the walk run: FST's copy alone behind the first
+    suspect at the highest bar, then SAU's copy trained and both behind it at the four bars, then wider suspect sets; the written model
+    holds both copies (each under its prefix), answers as the input where the input's class is not a kept suspect,
+    and the report records SAU's copy and its per-class count of unlearnt images."""
+    import onnx
+
+    import onnxclp
+    from onnxclp.methods._gate import PREFIX, copy_prefix
+
+    src, out = backdoored[0], tmp_path / "gate2.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="fst-sau-gate", context=_ctx(backdoored[1]), epochs=2,
+                                sau_epochs=1)  # fmt: skip
+    gate = rep.training["gate"]
+    walk = [(s["copies"], s["suspects"], s["confidence"]) for s in gate["ladder"]]
+    bars = [0.99, 0.9, 0.5, 0.0]
+    assert walk == [(1, 1, 0.99)] + [(2, 1, c) for c in bars] + [(2, k, 0.0) for k in (2, 3, 4)]
+    assert gate["copies"] == 2 and gate["suspects"] == gate["order"]
+    (sau,) = gate["further_copies"]
+    assert sau["objective"] == "sau" and sau["used"] and sau["copied"]
+    counts = sau["settings"]["unlearned_per_class"]
+    assert len(counts) == CLASSES and sum(counts) == sau["settings"]["unlearned"]
+    after = onnx.load(str(out))
+    names = {t.name for t in after.graph.initializer}
+    assert any(n.startswith(PREFIX) for n in names) and any(n.startswith(copy_prefix(1)) for n in names)
+    x = _images(40, 11)[0]
+    m, g = _run(src, x), _run(out, x)
+    moved = (m != g).any(axis=1)
+    assert np.isin(m.argmax(1)[moved], gate["suspects"]).all()

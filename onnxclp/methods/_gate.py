@@ -15,8 +15,10 @@ Written: the input's nodes as they were, but for its first output, renamed (``<o
 node under the prefix ``onnxclp.gate/`` reading the rewritten initializers (new names under the prefix) and the
 input's unchanged ones; then ``ArgMax`` of both, the suspect mask (a ``Gather`` of a constant 0/1 vector by the
 input's class), ``Equal``/``Not``/``And``, and ``Where`` (opset 9 on; before it, ``input * (not use) + copy * use``),
-which writes the output under its own name. The model's other outputs, opsets, metadata and doc strings are kept;
-``onnxclp.added_nodes`` lists the nodes added and ``onnxclp.gate`` records the suspects.
+which writes the output under its own name. With several copies (``fst-sau-gate``) each has its own prefix
+(``onnxclp.gate2/``...) and the first that disagrees with the input answers: ``Where`` nested, the first copy's
+outermost. The model's other outputs, opsets, metadata and doc strings are kept; ``onnxclp.added_nodes`` lists the
+nodes added and ``onnxclp.gate`` records the suspects and the copies.
 """
 
 from __future__ import annotations
@@ -38,16 +40,22 @@ PREFIX = "onnxclp.gate/"
 METADATA_KEY = "onnxclp.gate"
 
 
-def gated_predictions(pred_input: np.ndarray, pred_copy: np.ndarray, suspects: Sequence[int],
+def gated_predictions(pred_input: np.ndarray, pred_copy: np.ndarray | Sequence[np.ndarray], suspects: Sequence[int],
                       conf_input: np.ndarray | None = None, confidence: float = 0.0) -> np.ndarray:  # fmt: skip
-    """What the gated model answers, from the two networks' answers: the copy's where the input's is a suspect,
-    the input's top softmax probability ``conf_input`` is above ``confidence`` and the two differ, else the input's
-    (the graph :func:`compose` writes, as numpy)."""
-    use_copy = np.isin(pred_input, np.asarray(list(suspects), dtype=np.int64)) & (pred_input != pred_copy)
+    """What the gated model answers, from the networks' answers: where the input's answer is a suspect and the
+    input's top softmax probability ``conf_input`` is above ``confidence``, the first copy (of ``pred_copy``, one
+    array or several, in order) whose answer differs; else the input's (the graph :func:`compose` writes, as
+    numpy)."""
+    copies = [pred_copy] if isinstance(pred_copy, np.ndarray) else list(pred_copy)
+    open_ = np.isin(pred_input, np.asarray(list(suspects), dtype=np.int64))
     if confidence > 0:
         assert conf_input is not None
-        use_copy &= conf_input > confidence
-    return np.where(use_copy, pred_copy, pred_input)
+        open_ &= conf_input > confidence
+    out = np.array(pred_input, copy=True)
+    for pred in copies:
+        use = open_ & (out == pred_input) & (pred != pred_input)  # not yet moved by an earlier copy
+        out = np.where(use, pred, out)
+    return out
 
 
 def are_probabilities(outputs: np.ndarray) -> bool:
@@ -71,13 +79,22 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray], suspects: Sequence[int],
-            classes: int, confidence: float = 0.0, probabilities: bool = False) -> list[str]:  # fmt: skip
-    """Add the repaired copy (``rewritten``: initializer name -> new value) and the gate to ``model`` in place
-    (module docstring); returns the names of the nodes added. ``probabilities``: the output is already a softmax,
-    and the bar reads it as it is."""
+def copy_prefix(i: int) -> str:
+    """The name prefix of the gate's ``i``-th copy (0-based): ``onnxclp.gate/``, then ``onnxclp.gate2/``, ..."""
+    return PREFIX if i == 0 else f"onnxclp.gate{i + 1}/"
+
+
+def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+            suspects: Sequence[int], classes: int, confidence: float = 0.0,
+            probabilities: bool = False) -> list[str]:  # fmt: skip
+    """Add the repaired copies (``rewritten``: initializer name -> new value, one mapping per copy, the first
+    consulted first) and the gate to ``model`` in place (module docstring); returns the names of the nodes added.
+    ``probabilities``: the output is already a softmax, and the bar reads it as it is."""
     from onnx import helper, numpy_helper
 
+    versions = [rewritten] if not isinstance(rewritten, (list, tuple)) else list(rewritten)
+    if not versions:
+        raise OnnxclpError("internal: the gate was given no copy", 4)
     graph = model.graph
     opset = _default_opset(model)
     if opset < 7:
@@ -94,76 +111,77 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray], suspect
     elem = out.type.tensor_type.elem_type
     taken = names_in(graph)
     inits = {t.name: t for t in graph.initializer}
-    missing = sorted(set(rewritten) - set(inits))
-    if missing:
-        raise OnnxclpError(f"internal: the gate's copy rewrote {missing[:3]}, which are not initializers", 4)
+    originals = list(graph.node)
+    y = out.name
+    copies: list[onnx.NodeProto] = []
+    y_copies: list[str] = []
+    for i, values in enumerate(versions):
+        missing = sorted(set(values) - set(inits))
+        if missing:
+            raise OnnxclpError(f"internal: the gate's copy rewrote {missing[:3]}, which are not initializers", 4)
+        prefix = copy_prefix(i)
 
-    def copy_name(name: str) -> str:
-        return unique(PREFIX + name, taken)
+        def copy_name(name: str, prefix: str = prefix) -> str:
+            return unique(prefix + name, taken)
 
-    renamed: dict[str, str] = {}  # the copy's names: rewritten initializers and every tensor a node writes
-    for name, value in rewritten.items():
-        new = copy_name(name)
-        renamed[name] = new
-        dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)  # the dtype alone: its data may be external
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype).reshape(tuple(inits[name].dims)),
-                                                         new))  # fmt: skip
-    for n in graph.node:
-        for o in n.output:
-            if o:
-                renamed[o] = copy_name(o)
-    copies = []
-    for n in graph.node:
-        c = type(n)()
-        c.CopyFrom(n)
-        if c.name:
-            c.name = copy_name(c.name)
-        else:
-            c.name = copy_name(f"{n.op_type}_{len(copies)}")
-        for i, name in enumerate(c.input):
-            if name in renamed:  # a rewritten initializer or a tensor the network computes: the copy's
-                c.input[i] = renamed[name]
-        for i, name in enumerate(c.output):
-            if name:
-                c.output[i] = renamed[name]
-        copies.append(c)
+        renamed: dict[str, str] = {}  # the copy's names: rewritten initializers and every tensor a node writes
+        for name, value in values.items():
+            new = copy_name(name)
+            renamed[name] = new
+            dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)  # the dtype alone: data may be external
+            graph.initializer.append(numpy_helper.from_array(
+                np.asarray(value, dtype=dtype).reshape(tuple(inits[name].dims)), new))  # fmt: skip
+        for n in originals:
+            for o in n.output:
+                if o:
+                    renamed[o] = copy_name(o)
+        first = len(copies)
+        for n in originals:
+            c = type(n)()
+            c.CopyFrom(n)
+            c.name = copy_name(c.name) if c.name else copy_name(f"{n.op_type}_{len(copies) - first}")
+            for j, name in enumerate(c.input):
+                if name in renamed:  # a rewritten initializer or a tensor the network computes: the copy's
+                    c.input[j] = renamed[name]
+            for j, name in enumerate(c.output):
+                if name:
+                    c.output[j] = renamed[name]
+            copies.append(c)
+        y_copies.append(renamed[y])
 
     # the input's own first output is renamed, and the gate writes the output's name
-    y = out.name
     y_input = unique(f"{y}.input", taken)
-    for n in graph.node:
-        for i, name in enumerate(n.input):
+    for n in originals:
+        for j, name in enumerate(n.input):
             if name == y:
-                n.input[i] = y_input
-        for i, name in enumerate(n.output):
+                n.input[j] = y_input
+        for j, name in enumerate(n.output):
             if name == y:
-                n.output[i] = y_input
+                n.output[j] = y_input
     for v in graph.value_info:
         if v.name == y:
             v.name = y_input
-    y_copy = renamed[y]
 
     def t(name: str) -> str:
         return unique(PREFIX + name, taken)
+
+    def nth(name: str, i: int) -> str:  # the i-th copy's gate tensors and nodes: the first copy's names unsuffixed
+        return t(name if i == 0 else f"{name}_{i + 1}")
 
     mask = np.zeros(classes, dtype=np.float32)
     mask[list(suspects)] = 1.0
     mask_name, half = t("suspects"), t("half")
     graph.initializer.extend([numpy_helper.from_array(mask, mask_name),
                               numpy_helper.from_array(np.array(0.5, dtype=np.float32), half)])  # fmt: skip
-    a_in, a_copy, m, sus, eq, ne, use = (t(s) for s in ("argmax_input", "argmax_copy", "mask", "suspect", "agree",
-                                                          "differ", "use_copy"))  # fmt: skip
+    a_in, m, sus = t("argmax_input"), t("mask"), t("suspect")
     gate = [
         helper.make_node("ArgMax", [y_input], [a_in], name=t("ArgMax_input"), axis=1, keepdims=1),
-        helper.make_node("ArgMax", [y_copy], [a_copy], name=t("ArgMax_copy"), axis=1, keepdims=1),
         helper.make_node("Gather", [mask_name, a_in], [m], name=t("Gather_suspect"), axis=0),
         helper.make_node("Greater", [m, half], [sus], name=t("Greater_suspect")),
-        helper.make_node("Equal", [a_in, a_copy], [eq], name=t("Equal")),
-        helper.make_node("Not", [eq], [ne], name=t("Not")),
-        helper.make_node("And", [sus, ne], [use], name=t("And")),
     ]
+    opened = sus
     if confidence > 0:  # and only where the input is sure of its answer: its top softmax probability
-        prob, top, thr, sure, both = t("softmax_input"), t("top_input"), t("confidence"), t("sure"), t("use_sure")
+        prob, top, thr, sure, both = t("softmax_input"), t("top_input"), t("confidence"), t("sure"), t("open")
         graph.initializer.append(numpy_helper.from_array(np.array(confidence, dtype=np.float32), thr))
         if elem not in (0, 1):  # the threshold is float32: compare in float32
             cast = t("input_float")
@@ -182,30 +200,61 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray], suspect
         else:
             gate.append(helper.make_node("ReduceMax", [prob], [top], name=t("ReduceMax_input"), axes=[1], keepdims=1))
         gate += [helper.make_node("Greater", [top, thr], [sure], name=t("Greater_sure")),
-                 helper.make_node("And", [use, sure], [both], name=t("And_sure"))]  # fmt: skip
-        use = both
-    if opset >= 9:
-        gate.append(helper.make_node("Where", [use, y_copy, y_input], [y], name=t("Where")))
-    else:  # out = input * (not use) + copy * use: exact where use is 0 or 1 (finite logits)
-        keep, f_keep, f_use, a, b = t("keep"), t("keep_float"), t("use_float"), t("kept"), t("moved")
+                 helper.make_node("And", [sus, sure], [both], name=t("And_sure"))]  # fmt: skip
+        opened = both
+    uses: list[str] = []  # per copy: the gate is open, the copy disagrees, and no earlier copy was used
+    taken_by: str | None = None  # the gate used an earlier copy
+    for i, y_copy in enumerate(y_copies):
+        a_copy, eq, ne, use = nth("argmax_copy", i), nth("agree", i), nth("differ", i), nth("use_copy", i)
         gate += [
-            helper.make_node("Not", [use], [keep], name=t("Not_keep")),
-            helper.make_node("Cast", [keep], [f_keep], name=t("Cast_keep"), to=elem or 1),
-            helper.make_node("Cast", [use], [f_use], name=t("Cast_use"), to=elem or 1),
-            helper.make_node("Mul", [y_input, f_keep], [a], name=t("Mul_input")),
-            helper.make_node("Mul", [y_copy, f_use], [b], name=t("Mul_copy")),
-            helper.make_node("Add", [a, b], [y], name=t("Add")),
+            helper.make_node("ArgMax", [y_copy], [a_copy], name=nth("ArgMax_copy", i), axis=1, keepdims=1),
+            helper.make_node("Equal", [a_in, a_copy], [eq], name=nth("Equal", i)),
+            helper.make_node("Not", [eq], [ne], name=nth("Not", i)),
+            helper.make_node("And", [opened, ne], [use], name=nth("And", i)),
         ]
+        if taken_by is not None:
+            free, only = nth("free", i), nth("use_only", i)
+            gate += [helper.make_node("Not", [taken_by], [free], name=nth("Not_taken", i)),
+                     helper.make_node("And", [use, free], [only], name=nth("And_free", i))]  # fmt: skip
+            any_ = nth("taken", i)
+            gate.append(helper.make_node("Or", [taken_by, use], [any_], name=nth("Or_taken", i)))
+            taken_by, use = any_, only
+        else:
+            taken_by = use
+        uses.append(use)
+    if opset >= 9:  # the first copy's Where outermost: y = Where(use_1, copy_1, Where(use_2, copy_2, ... input))
+        acc = y_input
+        for i in range(len(y_copies) - 1, -1, -1):
+            target = y if i == 0 else nth("gated", i)
+            gate.append(helper.make_node("Where", [uses[i], y_copies[i], acc], [target], name=nth("Where", i)))
+            acc = target
+    else:  # out = input * (not used) + sum_i copy_i * use_i: exact where each use is 0 or 1 (finite logits)
+        assert taken_by is not None
+        keep, f_keep, kept = t("keep"), t("keep_float"), t("kept")
+        gate += [
+            helper.make_node("Not", [taken_by], [keep], name=t("Not_keep")),
+            helper.make_node("Cast", [keep], [f_keep], name=t("Cast_keep"), to=elem or 1),
+            helper.make_node("Mul", [y_input, f_keep], [kept], name=t("Mul_input")),
+        ]
+        acc = kept
+        for i, y_copy in enumerate(y_copies):
+            f_use, moved = nth("use_float", i), nth("moved", i)
+            target = y if i == len(y_copies) - 1 else nth("sum", i)
+            gate += [
+                helper.make_node("Cast", [uses[i]], [f_use], name=nth("Cast_use", i), to=elem or 1),
+                helper.make_node("Mul", [y_copy, f_use], [moved], name=nth("Mul_copy", i)),
+                helper.make_node("Add", [acc, moved], [target], name=nth("Add", i)),
+            ]
+            acc = target
     graph.node.extend(copies + gate)
     if model.ir_version < 4:  # IR 3: every initializer is also a graph input
-        from onnx import helper as h
-
         listed = {i.name for i in graph.input}
-        graph.input.extend(h.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                           for t in graph.initializer if t.name not in listed)  # fmt: skip
+        graph.input.extend(helper.make_tensor_value_info(x.name, x.data_type, list(x.dims))
+                           for x in graph.initializer if x.name not in listed)  # fmt: skip
     added = [n.name for n in copies + gate]
     record_added(model, added)
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps({"suspects": [int(s) for s in suspects], "confidence": confidence,
-                                                                  "copy_prefix": PREFIX,
-                                                                  "rewritten": len(rewritten)}))  # fmt: skip
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps({
+        "suspects": [int(s) for s in suspects], "confidence": confidence, "copy_prefix": PREFIX,
+        "copies": [copy_prefix(i) for i in range(len(versions))],
+        "rewritten": len(versions[0]) if len(versions) == 1 else [len(v) for v in versions]}))  # fmt: skip
     return added

@@ -8,9 +8,9 @@ answers of its target class, so the written model answers as the input does exce
 suspected target and FST's copy disagrees. Clean images of other classes keep the input's answer, which is what
 lets the guard's validation images certify it.
 
-**The suspects** come from the weights alone, before any image is read: the classes ranked by the ``classifier``
-detector's anomaly index (the excess of a class's row of the classifier layer over the others',
-:mod:`onnxclp.detect.classifier`), most anomalous first. A model whose classifier layer that detector cannot read
+**The suspects** come from the weights alone, before any image is read: the classes ranked by the size of the
+``classifier`` detector's anomaly index, either sign (the excess of a class's row of the classifier layer over the
+others', :mod:`onnxclp.detect.classifier`), most anomalous first. A model whose classifier layer that detector cannot read
 is refused (exit 3, with its reason).
 
 **The candidates**, tested in one fixed sequence on the validation images (docs/algorithms.md, "Testing
@@ -58,14 +58,16 @@ DISTILL_MIX = ParamSpec("distill_mix", float, 2.0, "Weight of distillation on mi
 
 
 def suspects_of(state: State) -> tuple[list[int], list[float]]:
-    """The classes, most suspect first, and their anomaly indices (:func:`onnxclp.detect.classifier.class_anomaly`)."""
+    """The classes, most suspect first, and their anomaly indices (:func:`onnxclp.detect.classifier.class_anomaly`):
+    ranked by the index's size, either sign (a poisoned-label backdoor raises its target's row above the others'; the
+    zoo's clean-label SIG model has its target's the lowest, -3.2, docs/algorithms.md "The target gate")."""
     from onnxclp.detect.classifier import class_anomaly
 
     a = class_anomaly(state)
     if isinstance(a, str):
         raise OnnxclpError(f"--method {state.params.method} ranks the suspected target classes from the classifier "
                            f"layer, and cannot use this model's: {a}", 3)  # fmt: skip
-    order = [int(c) for c in np.argsort(-a, kind="stable")]
+    order = [int(c) for c in np.argsort(-np.abs(a), kind="stable")]
     return order, [float(a[c]) for c in order]
 
 
@@ -75,9 +77,12 @@ def suspects_of(state: State) -> tuple[list[int], list[float]]:
 CONFIDENCES = (0.99, 0.9, 0.5, 0.0)
 
 
-def candidates(classes: int) -> list[tuple[int, float]]:
-    """The walk's (number of suspects, confidence) pairs, weakest first."""
-    return [(1, c) for c in CONFIDENCES] + [(k, 0.0) for k in range(2, classes + 1)]
+def candidates(classes: int, copies: int = 1) -> list[tuple[int, int, float]]:
+    """The walk's (copies, number of suspects, confidence) triples, weakest first, each moving at least the answers
+    the one before moved: the first copy behind the first suspect at the highest bar; then every copy (one for
+    fst-gate) behind it at each bar from the highest; then every copy behind wider suspect sets."""
+    walk = [(1, 1, CONFIDENCES[0])] + [(copies, 1, c) for c in CONFIDENCES[1 if copies == 1 else 0 :]]
+    return walk + [(copies, k, 0.0) for k in range(2, classes + 1)]
 
 
 class GateObjective(FSTObjective):
@@ -86,21 +91,38 @@ class GateObjective(FSTObjective):
     def __init__(self, alpha: float, scope: str, pred_input: np.ndarray, conf_input: np.ndarray,
                  suspects: list[int], confidence: float) -> None:  # fmt: skip
         super().__init__(alpha, scope=scope)
+        self.judge = GateJudge(pred_input, conf_input, suspects, confidence)
+
+    def val_right(self, module: OnnxModule, x: Any, y: Any) -> np.ndarray:
+        return self.judge.right(module, x, y)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "gate_first": self.judge.describe()}
+
+
+class GateJudge:
+    """What a copy in training answers through the gate: the input's answers, earlier copies' (``before``) and the
+    module's, behind ``suspects`` and the bar ``confidence``."""
+
+    def __init__(self, pred_input: np.ndarray, conf_input: np.ndarray, suspects: list[int], confidence: float,
+                 before: list[np.ndarray] | None = None) -> None:  # fmt: skip
         self.pred_input = pred_input
         self.conf_input = conf_input
         self.suspects = suspects
         self.confidence = confidence
+        self.before = before or []
 
-    def val_right(self, module: OnnxModule, x: Any, y: Any) -> np.ndarray:
+    def right(self, module: OnnxModule, x: Any, y: Any) -> np.ndarray:
         from onnxclp.defences.repair import predictions
         from onnxclp.methods._gate import gated_predictions
 
         pred_copy = predictions(module, x).cpu().numpy()
-        pred = gated_predictions(self.pred_input, pred_copy, self.suspects, self.conf_input, self.confidence)
+        pred = gated_predictions(self.pred_input, [*self.before, pred_copy], self.suspects, self.conf_input,
+                                 self.confidence)  # fmt: skip
         return pred == y.cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "gate_first": {"suspects": list(self.suspects), "confidence": self.confidence}}
+        return {"suspects": list(self.suspects), "confidence": self.confidence, "copies_before": len(self.before)}
 
 
 @register
@@ -120,6 +142,14 @@ class FSTGate(FST):
     def objective(self, state: State) -> Objective:  # pragma: no cover - decide builds the gated one
         raise NotImplementedError
 
+    # the gate's copies: fst-gate has FST's alone; a subclass adds a second (train_copy), consulted after the first
+    copies = 1
+
+    def train_copy(self, state: State, index: int, judge: GateJudge) -> tuple[Any, Any, Any, Any]:
+        """Train the gate's copy ``index`` (1-based beyond the first); returns (module, outcome, settings,
+        objective). ``judge`` is what the run's end is tested with: the gate's first candidate with this copy."""
+        raise NotImplementedError
+
     def decide(self, state: State) -> None:
         from onnxclp.defences.repair import finish, predictions, train
         from onnxclp.guard import SELECT_Z, paired_drop
@@ -135,28 +165,39 @@ class FSTGate(FST):
         pred_input = logits_input.reshape(len(logits_input), -1).argmax(1)
         probabilities = are_probabilities(logits_input)  # a Softmax at the end: the bar reads the output itself
         conf_input = softmax_top(logits_input, probabilities)
-        walk = candidates(len(order))
+        walk = candidates(len(order), self.copies)
         p = state.params
-        first_k, first_c = walk[0]
+        _, first_k, first_c = walk[0]
         objective = GateObjective(float(p["fst_alpha"]), str(p["fst_scope"]), pred_input, conf_input,
                                   order[:first_k], first_c)  # fmt: skip
         settings = self.settings(state)
         module, outcome = train(state, objective, settings)  # type: ignore[arg-type]
-        # the rest of the walk: the same copy behind gentler bars and wider suspect sets, in sequence after the run's
-        # end (or, with a selection part, the strongest within budget there)
+        trained = [(module, outcome, settings, objective)]
+        # the rest of the walk: the copies behind gentler bars and wider suspect sets, in sequence after the first
+        # run's end (or, with a selection part, the strongest within budget there); a further copy is trained when
+        # the walk reaches it
         right_before = clean.right_before_selection
         assert right_before is not None
         sequence_z = clean.sequence_z(state.guard)
         z = SELECT_Z if sequence_z is None else sequence_z
         budget = float(state.guard.budget)
-        pred_copy = predictions(module, x_val.to(next(module.parameters()).device)).cpu().numpy()
+
+        def predict(m: Any) -> np.ndarray:
+            return predictions(m, x_val.to(next(m.parameters()).device)).cpu().numpy()
+
+        preds = [predict(module)]
         ladder: list[dict[str, Any]] = []
         kept = 0
-        for i, (k, conf) in enumerate(walk):
-            right = gated_predictions(pred_input, pred_copy, order[:k], conf_input, conf) == y_val
+        for i, (n, k, conf) in enumerate(walk):
+            while len(preds) < n:
+                judge = GateJudge(pred_input, conf_input, order[:k], conf, before=list(preds))
+                extra = self.train_copy(state, len(preds), judge)
+                trained.append(extra)
+                preds.append(predict(extra[0]))
+            right = gated_predictions(pred_input, preds[:n], order[:k], conf_input, conf) == y_val
             d = paired_drop(right_before, right)
             within = d.bound(z) <= budget + 1e-9
-            ladder.append({"suspects": k, "confidence": conf, "classes": order[:k], "drop": d.drop,
+            ladder.append({"copies": n, "suspects": k, "confidence": conf, "classes": order[:k], "drop": d.drop,
                            "bound": d.bound(z), "within": within,
                            "changed": float(np.mean(right != right_before))})  # fmt: skip
             if i == 0:
@@ -167,26 +208,42 @@ class FSTGate(FST):
                 kept = i
             elif sequence_z is not None:
                 break
-        finish(state, module, outcome, settings, objective)
-        rewritten = dict(state.rewrites)
-        state.rewrites = {}  # the input's initializers stay; the copy gets the new values
-        k, confidence = walk[kept]
+        n, k, confidence = walk[kept]
+        notes = len(state.notes)
+        values: list[dict[str, np.ndarray]] = []
+        described: list[dict[str, Any]] = []
+        for j, (m, o, st, obj) in reversed(list(enumerate(trained))):  # the first copy's last: its record stays
+            finish(state, m, o, st, obj)
+            values.insert(0, dict(state.rewrites))
+            state.rewrites = {}  # the input's initializers stay; the copies get the new values
+            assert state.training is not None
+            if j > 0:
+                described.insert(0, {"copy": j + 1, "objective": obj.name, "settings": state.training["settings"],
+                                     "curve": state.training["curve"], "seconds": state.training["seconds"],
+                                     "copied": state.training["rewritten"], "used": j < n})  # fmt: skip
+        del state.notes[notes:]  # finish's notes say "rewritten": these values are the copies'
+        used = values[:n]
         suspects = order[:k]
         classes = len(order)
-        state.graph_edit = lambda st: compose(st.model, rewritten, suspects, classes, confidence, probabilities)
+        state.graph_edit = lambda st: compose(st.model, used, suspects, classes, confidence, probabilities)
         assert state.training is not None
-        # the input's initializers are not rewritten: the new values are the copy's (the report's ``rewritten``
-        # stays empty; ``training.copied`` lists them with their change from the input's)
+        # the input's initializers are not rewritten: the new values are the copies' (the report's ``rewritten``
+        # stays empty; ``training.copied`` lists the first copy's with their change from the input's)
         state.training["copied"] = state.training.pop("rewritten")
         state.training["rewritten"] = []
         state.training["gate"] = {"order": order, "anomaly_index": scores, "suspects": suspects,
-                                  "confidence": confidence, "ladder": ladder,
+                                  "confidence": confidence, "copies": n, "ladder": ladder,
                                   "part": clean.selection_name, "in_sequence": sequence_z is not None}  # fmt: skip
+        if described:
+            state.training["gate"]["further_copies"] = described
         state.decisions = []
         state.notes.append(
-            f"fst-gate: FST's copy answers where the input says one of classes {suspects} (of {classes}, ranked by "
-            f"the classifier's anomaly index)"
+            f"{state.params.method}: "
+            + ("FST's copy answers" if n == 1 else f"{n} copies answer (the first that disagrees)")
+            + f" where the input says one of classes {suspects} (of {classes}, ranked by the classifier's anomaly "
+            "index)"
             + (f" with a top probability above {confidence:g}" if confidence > 0 else "")
-            + f" and the copy disagrees; {len(rewritten)} initializers copied with new "
-            "values, the input's unchanged"
+            + f" and the copy disagrees; {sum(len(v) for v in used)} initializers copied with new values, the "
+            "input's unchanged"
+            + (f"; {len(trained) - n} further copy trained and not used (over budget)" if len(trained) > n else "")
         )

@@ -91,6 +91,7 @@ class SAUObjective:
         self.searched = 0  # images searched
         self.shared = 0  # of them, shared adversarial when the search ended
         self.unlearned = 0  # of them, counted in L_sar (the input model sent them to another class)
+        self.adversarial: list[int] = []  # of those, how many the input model sent to each class
 
     def prepare(self, module: OnnxModule, state: State) -> list[nn.Parameter]:
         from onnxclp.methods.ibau import PixelSpace
@@ -159,6 +160,8 @@ class SAUObjective:
             adv_ref = self._eval_logits(self.reference, xp).argmax(1)
         counted = (adv_ref != y) & (adv_ref != clean_ref)
         self.unlearned += int(counted.sum())
+        per_class = torch.bincount(adv_ref[counted], minlength=scores.shape[1]).tolist()
+        self.adversarial = [a + b for a, b in zip(per_class, self.adversarial or [0] * len(per_class), strict=False)]
         probs = self._eval_logits(module, xp).softmax(1)
         return clean + SHARED_WEIGHT * shared_loss(probs, adv_ref, counted)
 
@@ -168,7 +171,8 @@ class SAUObjective:
     def describe(self) -> dict[str, Any]:
         return {"sau_eps": self.eps, "sau_steps": self.steps, "perturbation_units": "L-infinity in [0, 1] pixels",
                 "beta_adv": BETA_ADV, "beta_share": BETA_SHARE, "shared_weight": SHARED_WEIGHT,
-                "searched": self.searched, "shared_at_end": self.shared, "unlearned": self.unlearned}  # fmt: skip
+                "searched": self.searched, "shared_at_end": self.shared, "unlearned": self.unlearned,
+                "unlearned_per_class": self.adversarial}  # fmt: skip
 
 
 @register
