@@ -481,12 +481,13 @@ def test_the_guard_refuses_what_a_huge_learning_rate_broke(backdoored, tmp_path)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method", ["ft-sam", "i-bau", "nc-unlearn", "sau", "npd", "fst-gate"])
+@pytest.mark.parametrize("method", ["ft-sam", "i-bau", "nc-unlearn", "sau", "npd", "fst-gate", "fst-sau-gate"])
 def test_a_fixed_batch_export_is_repaired(backdoored, tmp_path, method):
     import onnxclp
 
     out = tmp_path / f"{method}.onnx"
-    onnxclp.sanitize_file(backdoored[2], out, method=method, context=_ctx(backdoored[1]), epochs=1)
+    extra = {"sau_epochs": 1} if method == "fst-sau-gate" else {}
+    onnxclp.sanitize_file(backdoored[2], out, method=method, context=_ctx(backdoored[1]), epochs=1, **extra)
     assert _run(out, _images(1, 3)[0]).shape == (1, CLASSES)
 
 

@@ -133,10 +133,8 @@ class FSTGate(FST):
                    "adds a copy of the network.")  # fmt: skip
     paper = f"{FST.paper}; the target gate is onnxclp's"
     rewrites = "nodes"
-    # scan's next step names it (onnxclp.scanning.suggested_methods): of the methods that read BN-folded exports, the
-    # lowest average ASR under the guard at 500 clean images on the zoo, shared draw (46.6 %, AC 49.3 %) and each
-    # model its own images (36.5 %, AC 48.1 %); docs/results-repair.md. Its cost: the written model holds two networks
-    suggested = True
+    # scan's next step names fst-sau-gate since session 16 (lower ASR under the guard on both draws of the zoo)
+    suggested = False
     params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, ALPHA, SCOPE)
 
     def objective(self, state: State) -> Objective:  # pragma: no cover - decide builds the gated one
