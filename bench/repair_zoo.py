@@ -202,7 +202,7 @@ def main() -> None:
                             row["gate"] = {"suspects": gate["suspects"], "confidence": gate["confidence"],
                                            "copies": gate.get("copies", 1),
                                            "walk": [[s.get("copies", 1), s["suspects"], s["confidence"],
-                                                     s["within"], round(s["drop"], 2)]
+                                                     s["within"], None if s["drop"] is None else round(s["drop"], 2)]
                                                     for s in gate["ladder"]]}  # fmt: skip
                             for c in gate.get("further_copies", []):  # SAU's per-class count of its unlearnt
                                 row["gate"]["adversarial_classes"] = c["settings"].get("unlearned_per_class")

@@ -264,6 +264,7 @@ class GuardResult:
     data: str = ""
     notes: list[str] = field(default_factory=list)
     tuned: dict[str, Any] | None = None  # the method's strength chosen on the fit part (onnxclp.passes.tune)
+    unmeasured: str | None = None  # why the validation images cannot measure what the method changed (its own rule)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -312,27 +313,32 @@ def blind(result: GuardResult, right_before: np.ndarray, labels: np.ndarray, for
     lower bound at ``result.confidence`` (the mirror of the acceptance rule) is within the budget. Then no result
     can be certified on these images: :class:`Refused`, unless ``force`` (a note then, returned). None when the
     check can see such a collapse. Applies to agreement with the input model (``--clean-data synthetic``: the
-    labels are the input's own) under a budget below 100 points."""
-    if result.metric == "clean accuracy" or result.budget >= 100.0:
-        return None  # real labels: a near-constant input is a different problem; a budget of 100: nothing to check
-    k, share, d = collapse_drop(right_before, labels)
-    low = d.drop - z_of(result.confidence) * d.se
-    if low > result.budget + 1e-9:
-        return None
-    why = (
-        f"the validation images cannot show a model is not broken: {100 * share:.0f}% of them are labelled class "
-        f"{k}, so a model that answers {k} for everything would lose only {d.drop:.1f} points of {result.metric} "
-        f"there (budget --max-acc-drop {result.budget:g}); the input model puts most synthesized images in one "
-        "class, as a backdoor's target class can: stand-in images cannot check a repair of this model"
-    )
+    labels are the input's own) under a budget below 100 points. A method that found its own change unmeasurable
+    on these images (``result.unmeasured``: the target gate's classes, :mod:`onnxclp.methods.fst_gate`) is refused
+    the same way, whatever the labels."""
+    if result.unmeasured is not None and result.budget < 100.0:
+        why = result.unmeasured
+    else:
+        if result.metric == "clean accuracy" or result.budget >= 100.0:
+            return None  # real labels: a near-constant input is a different problem; a budget of 100: nothing to check
+        k, share, d = collapse_drop(right_before, labels)
+        low = d.drop - z_of(result.confidence) * d.se
+        if low > result.budget + 1e-9:
+            return None
+        why = (
+            f"the validation images cannot show a model is not broken: {100 * share:.0f}% of them are labelled class "
+            f"{k}, so a model that answers {k} for everything would lose only {d.drop:.1f} points of {result.metric} "
+            f"there (budget --max-acc-drop {result.budget:g}); the input model puts most synthesized images in one "
+            "class, as a backdoor's target class can: stand-in images cannot check a repair of this model"
+        )
     if force:
         result.forced = True
         result.accepted = False
         note = BLIND_NOTE + why
         result.notes.append(note)
         return note
-    raise Refused(f"refused: {why}; nothing written. Give real clean images (--clean-data CLEAN.npz), or --force "
-                  "to write it anyway")  # fmt: skip
+    raise Refused(f"refused: {why}; nothing written. Give (more) real clean images (--clean-data CLEAN.npz), or "
+                  "--force to write it anyway")  # fmt: skip
 
 
 def decide(result: GuardResult, drop: Drop, changed: float, force: bool) -> GuardResult:

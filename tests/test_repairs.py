@@ -978,6 +978,66 @@ def test_fst_gate_keeps_the_input_and_consults_the_copy_on_suspects(backdoored, 
     assert asr_out <= asr_in
 
 
+def _without_class(data: Path, cls: int, keep: int, folder: Path) -> Path:
+    """The clean images of ``data`` with all but ``keep`` of class ``cls`` left out."""
+    with np.load(data) as d:
+        x, y = d["x_test"], d["y_test"]
+    mask = (y != cls) | (np.cumsum(y == cls) <= keep)
+    out = folder / f"without{cls}.npz"
+    np.savez(out, x_test=x[mask], y_test=y[mask])
+    return out
+
+
+def _suspect_order(model: Path) -> list[int]:
+    """fst-gate's suspect order for ``model``, from its classifier weight (the test fixture's Gemm)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from onnxclp.detect.classifier import anomaly_index, class_excess
+
+    m = onnx.load(str(model))
+    gemm = next(n for n in m.graph.node if n.op_type == "Gemm")
+    w = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == gemm.input[1]))
+    a = anomaly_index(class_excess(w))
+    return [int(c) for c in np.argsort(-np.abs(a), kind="stable")]
+
+
+def test_the_gate_refuses_a_first_suspect_the_validation_images_barely_hold(backdoored, tmp_path):
+    """The gate changes answers only on images the input gives a suspect: with (almost) no validation images of
+    the first suspect the result is refused before any training (exit 5, the reason named); with --force it is
+    written, the guard's verdict refused with the blindness note."""
+    import onnxclp
+    from onnxclp.errors import EXIT_REFUSED, OnnxclpError
+    from onnxclp.guard import BLIND_NOTE
+
+    data = _without_class(backdoored[1], TARGET, 1, tmp_path)
+    out = tmp_path / "gate.onnx"
+    with pytest.raises(OnnxclpError) as exc:
+        onnxclp.sanitize_file(backdoored[0], out, method="fst-gate", context=_ctx(data, budget=3.0), epochs=1)
+    assert exc.value.exit_code == EXIT_REFUSED and f"first suspect, class {TARGET}" in exc.value.message
+    assert not out.exists()
+    rep = onnxclp.sanitize_file(backdoored[0], out, method="fst-gate", context=_ctx(data, budget=3.0), epochs=1,
+                                force=True)  # fmt: skip
+    assert out.exists() and rep.guard["accepted"] is False
+    assert any(n.startswith(BLIND_NOTE) and "first suspect" in n for n in rep.guard["notes"])
+
+
+def test_the_gate_walk_ends_before_a_suspect_set_it_cannot_measure(backdoored, tmp_path):
+    """A wider suspect set holding a class with too few validation images is not tested: the walk ends before it
+    (the ladder says which class), and the result keeps the narrower gate."""
+    import onnxclp
+
+    order = _suspect_order(backdoored[0])
+    assert order[0] == TARGET
+    data = _without_class(backdoored[1], order[1], 1, tmp_path)
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "gate.onnx", method="fst-gate", context=_ctx(data),
+                                epochs=1)  # fmt: skip
+    ladder = rep.training["gate"]["ladder"]
+    assert [e["suspects"] for e in ladder] == [1, 1, 1, 1, 2]
+    assert ladder[-1]["unmeasurable"] == [order[1]] and ladder[-1]["drop"] is None
+    assert rep.training["gate"]["suspects"] == [TARGET]
+
+
 def test_fst_sau_gate_walks_the_first_copy_then_both(backdoored, tmp_path):
     """fst-sau-gate on the planted backdoor, with a budget that lets the walk run: FST's copy alone behind the first
     suspect at the highest bar, then SAU's copy trained and both behind it at the four bars, then wider suspect sets; the written model

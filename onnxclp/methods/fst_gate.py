@@ -75,6 +75,9 @@ def suspects_of(state: State) -> tuple[list[int], list[float]]:
 # input is at least this sure of its answer (a backdoor's answers are sure ones; clean images the copy would move
 # are often not), the bar lowered step by step, then the suspects widened without a bar (module docstring).
 CONFIDENCES = (0.99, 0.9, 0.5, 0.0)
+# a suspect class is measurable when at least this share of a class's average count of validation images is labelled
+# with it (200 images, 10 classes: 10); on the zoo's real draws every class has 12 or more
+MIN_CLASS_SHARE = 0.5
 
 
 def candidates(classes: int, copies: int = 1) -> list[tuple[int, int, float]]:
@@ -164,6 +167,23 @@ class FSTGate(FST):
         probabilities = are_probabilities(logits_input)  # a Softmax at the end: the bar reads the output itself
         conf_input = softmax_top(logits_input, probabilities)
         walk = candidates(len(order), self.copies)
+        # the gate changes answers only on images the input gives a suspect: a suspect with few validation images
+        # labelled with it is a change the check cannot measure (synthesized stand-in images, labelled by the input,
+        # can hold none): the first suspect's refuses the result, a wider set's ends the walk before it
+        need = max(1, int(MIN_CLASS_SHARE * len(y_val) / len(order)))
+        counts = np.bincount(y_val.astype(np.int64), minlength=len(order))
+        first_short = [c for c in order[:1] if counts[c] < need]
+        if first_short:
+            from onnxclp.guard import blind
+
+            c = first_short[0]
+            state.guard.unmeasured = (
+                f"the target gate changes answers only where the input says a suspected class, and {counts[c]} of "
+                f"the {len(y_val)} validation images are labelled with its first suspect, class {c} (at least {need} "
+                f"needed: half a class's average share): what it does to that class cannot be measured"
+            )
+            if not state.options.force:
+                blind(state.guard, clean.right_before_selection, y_val, False)  # raises Refused
         p = state.params
         _, first_k, first_c = walk[0]
         objective = GateObjective(float(p["fst_alpha"]), str(p["fst_scope"]), pred_input, conf_input,
@@ -187,6 +207,11 @@ class FSTGate(FST):
         ladder: list[dict[str, Any]] = []
         kept = 0
         for i, (n, k, conf) in enumerate(walk):
+            if i > 0 and any(counts[c] < need for c in order[:k]):  # not measurable: the walk ends before it
+                ladder.append({"copies": n, "suspects": k, "confidence": conf, "classes": order[:k],
+                               "unmeasurable": [c for c in order[:k] if counts[c] < need], "within": False,
+                               "drop": None, "bound": None})  # fmt: skip
+                break
             while len(preds) < n:
                 judge = GateJudge(pred_input, conf_input, order[:k], conf, before=list(preds))
                 extra = self.train_copy(state, len(preds), judge)

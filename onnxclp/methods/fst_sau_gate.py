@@ -34,13 +34,13 @@ from onnxclp.methods import register
 from onnxclp.methods.base import ParamSpec
 from onnxclp.methods.fst_gate import FSTGate, GateJudge
 from onnxclp.methods.sau import EPS, STEPS, SAUObjective
+from onnxclp.methods.sau_ac import SAU_EPOCHS
 
 if TYPE_CHECKING:
     from onnxclp.pipeline import State
 
 SAU_LR = ParamSpec("sau_lr", float, 0.001, "SGD learning rate of fst-sau-gate's SAU copy (cosine schedule; no walk).",
                    minimum=1e-6, maximum=1.0)  # fmt: skip
-SAU_EPOCHS = ParamSpec("sau_epochs", int, 10, "Training epochs of fst-sau-gate's SAU copy.", minimum=1, maximum=1000)
 SAU_DISTILL = 1.0  # SAU's default weight of distillation from the input (methods/_repair.py DISTILL)
 
 

@@ -42,8 +42,8 @@ from onnxclp.methods.sau import EPS, SAU, STEPS
 if TYPE_CHECKING:
     from onnxclp.pipeline import State
 
-SAU_EPOCHS = ParamSpec("sau_epochs", int, 10, "sau-ac: training epochs of the SAU stage (--epochs is AC's).",
-                       minimum=1, maximum=1000)  # fmt: skip
+SAU_EPOCHS = ParamSpec("sau_epochs", int, 10, "Training epochs of SAU: sau-ac's first stage (--epochs is AC's) and "
+                       "fst-sau-gate's second copy (--epochs is FST's copy's).", minimum=1, maximum=1000)  # fmt: skip
 
 
 @register
