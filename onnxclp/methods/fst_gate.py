@@ -88,19 +88,26 @@ def candidates(classes: int, copies: int = 1) -> list[tuple[int, int, float]]:
     return walk + [(copies, k, 0.0) for k in range(2, classes + 1)]
 
 
-class GateObjective(FSTObjective):
-    """FST's objective, judged on the validation images through the gate's first candidate."""
+class Judged:
+    """Mixin (listed before the objective's class): the run's end judged on the validation images through the gate
+    (``self.judge``, a :class:`GateJudge`) rather than by the module's own answers; ``describe`` says how."""
 
-    def __init__(self, alpha: float, scope: str, pred_input: np.ndarray, conf_input: np.ndarray,
-                 suspects: list[int], confidence: float) -> None:  # fmt: skip
-        super().__init__(alpha, scope=scope)
-        self.judge = GateJudge(pred_input, conf_input, suspects, confidence)
+    judge: GateJudge
 
     def val_right(self, module: OnnxModule, x: Any, y: Any) -> np.ndarray:
         return self.judge.right(module, x, y)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "gate_first": self.judge.describe()}
+
+
+class GateObjective(Judged, FSTObjective):
+    """FST's objective, judged on the validation images through the gate's first candidate."""
+
+    def __init__(self, alpha: float, scope: str, pred_input: np.ndarray, conf_input: np.ndarray,
+                 suspects: list[int], confidence: float) -> None:  # fmt: skip
+        super().__init__(alpha, scope=scope)
+        self.judge = GateJudge(pred_input, conf_input, suspects, confidence)
 
 
 class GateJudge:
@@ -146,9 +153,9 @@ class FSTGate(FST):
     # the gate's copies: fst-gate has FST's alone; a subclass adds a second (train_copy), consulted after the first
     copies = 1
 
-    def train_copy(self, state: State, index: int, judge: GateJudge) -> tuple[Any, Any, Any, Any]:
-        """Train the gate's copy ``index`` (1-based beyond the first); returns (module, outcome, settings,
-        objective). ``judge`` is what the run's end is tested with: the gate's first candidate with this copy."""
+    def train_copy(self, state: State, judge: GateJudge) -> tuple[Any, Any, Any, Any]:
+        """Train the gate's next copy; returns (module, outcome, settings, objective). ``judge`` is what the run's
+        end is tested with: the gate's first candidate with this copy."""
         raise NotImplementedError
 
     def decide(self, state: State) -> None:
@@ -172,11 +179,10 @@ class FSTGate(FST):
         # can hold none): the first suspect's refuses the result, a wider set's ends the walk before it
         need = max(1, int(MIN_CLASS_SHARE * len(y_val) / len(order)))
         counts = np.bincount(y_val.astype(np.int64), minlength=len(order))
-        first_short = [c for c in order[:1] if counts[c] < need]
-        if first_short:
+        c = order[0]
+        if counts[c] < need:
             from onnxclp.guard import blind
 
-            c = first_short[0]
             state.guard.unmeasured = (
                 f"the target gate changes answers only where the input says a suspected class, and {counts[c]} of "
                 f"the {len(y_val)} validation images are labelled with its first suspect, class {c} (at least {need} "
@@ -214,7 +220,7 @@ class FSTGate(FST):
                 break
             while len(preds) < n:
                 judge = GateJudge(pred_input, conf_input, order[:k], conf, before=list(preds))
-                extra = self.train_copy(state, len(preds), judge)
+                extra = self.train_copy(state, judge)
                 trained.append(extra)
                 preds.append(predict(extra[0]))
             right = gated_predictions(pred_input, preds[:n], order[:k], conf_input, conf) == y_val

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from onnxclp.methods import register
 from onnxclp.methods.base import ParamSpec
-from onnxclp.methods.fst_gate import FSTGate, GateJudge
+from onnxclp.methods.fst_gate import FSTGate, GateJudge, Judged
 from onnxclp.methods.sau import EPS, STEPS, SAUObjective
 from onnxclp.methods.sau_ac import SAU_EPOCHS
 
@@ -44,18 +44,12 @@ SAU_LR = ParamSpec("sau_lr", float, 0.001, "SGD learning rate of fst-sau-gate's 
 SAU_DISTILL = 1.0  # SAU's default weight of distillation from the input (methods/_repair.py DISTILL)
 
 
-class GatedSAU(SAUObjective):
+class GatedSAU(Judged, SAUObjective):
     """SAU's objective, its run's end judged through the gate (the first candidate with this copy)."""
 
     def __init__(self, eps: float, steps: int, judge: GateJudge) -> None:
         super().__init__(eps, steps)
         self.judge = judge
-
-    def val_right(self, module: Any, x: Any, y: Any) -> Any:
-        return self.judge.right(module, x, y)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "gate_first": self.judge.describe()}
 
 
 @register
@@ -75,7 +69,7 @@ class FSTSAUGate(FSTGate):
     params = (*FSTGate.params, SAU_LR, SAU_EPOCHS, EPS, STEPS)
     copies = 2
 
-    def train_copy(self, state: State, index: int, judge: GateJudge) -> tuple[Any, Any, Any, Any]:
+    def train_copy(self, state: State, judge: GateJudge) -> tuple[Any, Any, Any, Any]:
         from dataclasses import replace
 
         from onnxclp.defences.repair import train

@@ -161,7 +161,7 @@ class SAUObjective:
         counted = (adv_ref != y) & (adv_ref != clean_ref)
         self.unlearned += int(counted.sum())
         per_class = torch.bincount(adv_ref[counted], minlength=scores.shape[1]).tolist()
-        self.adversarial = [a + b for a, b in zip(per_class, self.adversarial or [0] * len(per_class), strict=False)]
+        self.adversarial = [a + b for a, b in zip(self.adversarial or [0] * len(per_class), per_class, strict=True)]
         probs = self._eval_logits(module, xp).softmax(1)
         return clean + SHARED_WEIGHT * shared_loss(probs, adv_ref, counted)
 
