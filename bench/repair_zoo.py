@@ -203,7 +203,10 @@ def main() -> None:
                                            "copies": gate.get("copies", 1),
                                            "walk": [[s.get("copies", 1), s["suspects"], s["confidence"],
                                                      s["within"], None if s["drop"] is None else round(s["drop"], 2)]
+                                                    + ([s["sure_suspects"]] if s.get("sure_suspects") else [])
                                                     for s in gate["ladder"]]}  # fmt: skip
+                            if gate.get("sure_suspects"):  # the sure moves kept (fst-sau-gate, session 17)
+                                row["gate"]["sure_suspects"] = gate["sure_suspects"]
                             for c in gate.get("further_copies", []):  # SAU's per-class count of its unlearnt
                                 row["gate"]["adversarial_classes"] = c["settings"].get("unlearned_per_class")
                         if g.get("tuned"):  # the strength the guard chose on the fit images (passes/tune.py)

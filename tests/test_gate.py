@@ -189,3 +189,99 @@ def test_compose_with_two_copies_answers_with_the_first_that_disagrees(opset, ir
     assert {PREFIX + "w2", copy_prefix(1) + "w2"} <= set(after) and copy_prefix(1) != PREFIX
     meta = json.loads({p.key: p.value for p in model.metadata_props}["onnxclp.gate"])
     assert meta["copies"] == [PREFIX, copy_prefix(1)] and meta["rewritten"] == [1, 1]
+
+
+def _as_4d(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The MLP with its output reshaped to (N, 3, 1, 1), as a 1x1-convolution classifier writes it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    fc2 = next(n for n in model.graph.node if n.name == "fc2")
+    fc2.output[0] = "scores"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 3, 1, 1], dtype=np.int64), "shape4"))
+    model.graph.node.append(helper.make_node("Reshape", ["scores", "shape4"], ["logits"], name="to4d"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 1, 1]))
+    return model
+
+
+@pytest.mark.parametrize(("opset", "ir", "four_d"), [(18, 8, False), (13, 7, True), (9, 4, False), (8, 3, True)])
+def test_compose_with_sure_moves_adds_the_copies_sure_disagreements(opset, ir, four_d):
+    """``sure_suspects``: besides the bar's moves, a copy answers where the input says one of those classes at any
+    confidence and the copy gives that class less than ``sure_level`` of its softmax (Flatten, one-hot, ReduceSum
+    in the model's opset form; (N, C) and (N, C, 1, 1) outputs); the first copy that qualifies answers. onnxruntime
+    and numpy's :func:`gated_predictions` (with :func:`answer_probability`) agree on every row, and the sure moves
+    reach rows the bar alone leaves."""
+    from onnx import numpy_helper
+
+    from onnxclp.methods._gate import answer_probability, compose, gated_predictions, softmax_top
+
+    wrap = _as_4d if four_d else None
+    model, first, w2 = _pair(opset, ir, wrap)
+    second = _mlp(opset, ir)
+    if four_d:
+        second = _as_4d(second)
+    w2b = np.roll(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2")), 1, axis=1)
+    for t in second.graph.initializer:
+        if t.name == "w2":
+            t.CopyFrom(numpy_helper.from_array(w2b, "w2"))
+    x = (3 * np.random.default_rng(5).normal(size=(2000, 4))).astype(np.float32)
+    m, r1, r2 = _run(model, x), _run(first, x), _run(second, x)
+    compose(model, [{"w2": w2}, {"w2": w2b}], [0], 3, confidence=0.9, sure_suspects=[0, 2], sure_level=1 / 3)
+    onnx.checker.check_model(model)
+    out = _run(model, x)
+    assert out.shape == m.shape
+    m2, o2 = m.reshape(len(m), -1), out.reshape(len(out), -1)
+    pm, p1, p2 = m2.argmax(1), r1.reshape(len(r1), -1).argmax(1), r2.reshape(len(r2), -1).argmax(1)
+    pa = [answer_probability(r, pm) for r in (r1, r2)]
+    expected = gated_predictions(pm, [p1, p2], [0], softmax_top(m), 0.9, sure_suspects=[0, 2], p_answer=pa,
+                                 sure_level=1 / 3)  # fmt: skip
+    np.testing.assert_array_equal(o2.argmax(1), expected)
+    bar_only = gated_predictions(pm, [p1, p2], [0], softmax_top(m), 0.9)
+    moved_by_sure = expected != bar_only
+    assert moved_by_sure.any() and np.isin(pm[moved_by_sure], [0, 2]).all()
+    assert all((pa[0][i] < 1 / 3) or (pa[1][i] < 1 / 3) for i in np.flatnonzero(moved_by_sure))
+    # a copy that disagrees without being sure (its probability of the input's class at or above the level) and
+    # below the bar does not answer
+    unsure = np.isin(pm, [0, 2]) & (softmax_top(m) <= 0.9) & (p1 != pm) & (pa[0] >= 1 / 3) & (p2 == pm)
+    assert unsure.any() and (o2.argmax(1)[unsure] == pm[unsure]).all()
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["onnxclp.gate"])
+    assert meta["sure_suspects"] == [0, 2] and abs(meta["sure_level"] - 1 / 3) < 1e-12
+
+
+def test_gated_predictions_sure_moves_by_hand():
+    """Exact cases: the bar's move, a sure move below the bar, an unsure disagreement kept, the second copy
+    answering where the first is not sure, a class outside the sure suspects kept."""
+    from onnxclp.methods._gate import gated_predictions
+
+    pred_input = np.array([0, 0, 0, 0, 1])
+    conf = np.array([0.95, 0.6, 0.6, 0.6, 0.6])
+    c1, c2 = np.array([1, 2, 2, 2, 2]), np.array([2, 1, 1, 1, 0])
+    p1 = np.array([0.4, 0.05, 0.3, 0.3, 0.01])  # copy 1's probability of the input's class
+    p2 = np.array([0.4, 0.4, 0.05, 0.3, 0.01])
+    out = gated_predictions(pred_input, [c1, c2], [0], conf, 0.9, sure_suspects=[0], p_answer=[p1, p2], sure_level=0.1)
+    np.testing.assert_array_equal(out, [1, 2, 1, 0, 1])
+
+
+@pytest.mark.parametrize(("copies", "sure"), [(1, False), (2, False), (2, True)])
+def test_each_candidate_of_the_walk_moves_at_least_what_the_one_before_moved(copies, sure):
+    """The walk's order (fst_gate.candidates): on random answers of the input and the copies, every candidate's
+    moved rows include the previous candidate's (with the sure moves too), so stopping at the first over budget
+    keeps the most that passed."""
+    from onnxclp.methods.fst_gate import candidates, gated, sure_level
+
+    rng = np.random.default_rng(7)
+    classes, n = 5, 4000
+    pred_input = rng.integers(0, classes, n)
+    conf = rng.uniform(0.2, 1.0, n)
+    copies_ = [(rng.integers(0, classes, n), rng.uniform(0, 0.5, n)) for _ in range(copies)]
+    order = list(rng.permutation(classes))
+    walk = candidates(classes, copies, sure)
+    assert walk[0] == (1, 1, 0.99, 0) and walk[-1] == (copies, classes, 0.0, 0)
+    assert any(s for *_, s in walk) == sure
+    moved_before = np.zeros(n, dtype=bool)
+    for m, k, c, s in walk:
+        out = gated(pred_input, conf, copies_[:m], order[:k], c, order[:s], sure_level(classes))
+        moved = out != pred_input
+        assert (moved | ~moved_before).all() and moved.sum() >= moved_before.sum()
+        moved_before = moved
+    assert moved_before.sum() == sum((copies_[0][0] != pred_input) | (copies_[-1][0] != pred_input))

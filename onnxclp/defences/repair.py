@@ -355,13 +355,19 @@ class Outcome:
 
 
 @torch.no_grad()
-def predictions(module: OnnxModule, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """The class ``module`` (eval mode) gives each image of ``x``; the module's mode is restored."""
+def outputs(module: OnnxModule, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """``module``'s (eval mode) first output for each image of ``x`` as (N, classes), without gradients; the
+    module's mode is restored."""
     was = module.training
     module.eval()
-    preds = [logits_of(module(x[i : i + batch])).argmax(1) for i in range(0, len(x), batch)]
+    out = [logits_of(module(x[i : i + batch])) for i in range(0, len(x), batch)]
     module.train(was)
-    return torch.cat(preds)
+    return torch.cat(out)
+
+
+def predictions(module: OnnxModule, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The class ``module`` (eval mode) gives each image of ``x``; the module's mode is restored."""
+    return outputs(module, x, batch).argmax(1)
 
 
 def val_right(module: OnnxModule, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> np.ndarray:

@@ -41,21 +41,39 @@ METADATA_KEY = "onnxclp.gate"
 
 
 def gated_predictions(pred_input: np.ndarray, pred_copy: np.ndarray | Sequence[np.ndarray], suspects: Sequence[int],
-                      conf_input: np.ndarray | None = None, confidence: float = 0.0) -> np.ndarray:  # fmt: skip
+                      conf_input: np.ndarray | None = None, confidence: float = 0.0, sure_suspects: Sequence[int] = (),
+                      p_answer: Sequence[np.ndarray] | None = None, sure_level: float = 0.0) -> np.ndarray:  # fmt: skip
     """What the gated model answers, from the networks' answers: where the input's answer is a suspect and the
     input's top softmax probability ``conf_input`` is above ``confidence``, the first copy (of ``pred_copy``, one
     array or several, in order) whose answer differs; else the input's (the graph :func:`compose` writes, as
-    numpy)."""
+    numpy). With ``sure_suspects``, a copy also answers where the input's answer is one of those (at any
+    confidence), the copy's answer differs and the copy gives the input's answer less than ``sure_level`` of its
+    probability (``p_answer``: per copy, its softmax probability of the input's answer; :func:`answer_probability`):
+    the copy's sure disagreements."""
     copies = [pred_copy] if isinstance(pred_copy, np.ndarray) else list(pred_copy)
     open_ = np.isin(pred_input, np.asarray(list(suspects), dtype=np.int64))
     if confidence > 0:
         assert conf_input is not None
         open_ &= conf_input > confidence
+    sure_open = np.isin(pred_input, np.asarray(list(sure_suspects), dtype=np.int64))
+    if sure_open.any():
+        assert p_answer is not None and len(p_answer) >= len(copies)
     out = np.array(pred_input, copy=True)
-    for pred in copies:
-        use = open_ & (out == pred_input) & (pred != pred_input)  # not yet moved by an earlier copy
+    for i, pred in enumerate(copies):
+        gate = open_ | (sure_open & (np.asarray(p_answer[i]) < sure_level)) if sure_open.any() else open_  # type: ignore[index]
+        use = gate & (out == pred_input) & (pred != pred_input)  # not yet moved by an earlier copy
         out = np.where(use, pred, out)
     return out
+
+
+def answer_probability(outputs: np.ndarray, pred_input: np.ndarray, probabilities: bool = False) -> np.ndarray:
+    """A copy's softmax probability (its output itself, with ``probabilities``) of the class the input answers,
+    per row of ``outputs`` (N, C[, 1, 1])."""
+    z = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    if not probabilities:
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        z = z / z.sum(axis=1, keepdims=True)
+    return z[np.arange(len(z)), np.asarray(pred_input, dtype=np.int64)]
 
 
 def are_probabilities(outputs: np.ndarray) -> bool:
@@ -85,11 +103,13 @@ def copy_prefix(i: int) -> str:
 
 
 def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
-            suspects: Sequence[int], classes: int, confidence: float = 0.0,
-            probabilities: bool = False) -> list[str]:  # fmt: skip
+            suspects: Sequence[int], classes: int, confidence: float = 0.0, probabilities: bool = False,
+            sure_suspects: Sequence[int] = (), sure_level: float = 0.0) -> list[str]:  # fmt: skip
     """Add the repaired copies (``rewritten``: initializer name -> new value, one mapping per copy, the first
     consulted first) and the gate to ``model`` in place (module docstring); returns the names of the nodes added.
-    ``probabilities``: the output is already a softmax, and the bar reads it as it is."""
+    ``probabilities``: the output is already a softmax, and the bar reads it as it is. ``sure_suspects`` and
+    ``sure_level``: a copy also answers where the input says one of those classes and the copy gives that class
+    less than ``sure_level`` of its softmax probability (:func:`gated_predictions`)."""
     from onnx import helper, numpy_helper
 
     versions = [rewritten] if not isinstance(rewritten, (list, tuple)) else list(rewritten)
@@ -179,20 +199,23 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
         helper.make_node("Gather", [mask_name, a_in], [m], name=t("Gather_suspect"), axis=0),
         helper.make_node("Greater", [m, half], [sus], name=t("Greater_suspect")),
     ]
+
+    def softmax(y_name: str, tag: str) -> str:  # the output's softmax in float32 (the thresholds' type)
+        source = y_name
+        if elem not in (0, 1):
+            source = t(f"{tag}_float")
+            gate.append(helper.make_node("Cast", [y_name], [source], name=t(f"Cast_{tag}"), to=1))
+        if probabilities:
+            return source
+        prob = t(f"softmax_{tag}")
+        gate.append(helper.make_node("Softmax", [source], [prob], name=t(f"Softmax_{tag}"), axis=1))
+        return prob
+
     opened = sus
     if confidence > 0:  # and only where the input is sure of its answer: its top softmax probability
-        prob, top, thr, sure, both = t("softmax_input"), t("top_input"), t("confidence"), t("sure"), t("open")
+        top, thr, sure, both = t("top_input"), t("confidence"), t("sure"), t("open")
         graph.initializer.append(numpy_helper.from_array(np.array(confidence, dtype=np.float32), thr))
-        if elem not in (0, 1):  # the threshold is float32: compare in float32
-            cast = t("input_float")
-            gate.append(helper.make_node("Cast", [y_input], [cast], name=t("Cast_input"), to=1))
-            source = cast
-        else:
-            source = y_input
-        if probabilities:
-            prob = source
-        else:
-            gate.append(helper.make_node("Softmax", [source], [prob], name=t("Softmax_input"), axis=1))
+        prob = softmax(y_input, "input")
         if opset >= 18:
             axes = t("axes")
             graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
@@ -202,6 +225,35 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
         gate += [helper.make_node("Greater", [top, thr], [sure], name=t("Greater_sure")),
                  helper.make_node("And", [sus, sure], [both], name=t("And_sure"))]  # fmt: skip
         opened = both
+    sure_open: str | None = None
+    if len(sure_suspects):  # the sure moves: a mask of their suspects, and the input's class one-hot (N, C)
+        sure_mask = np.zeros(classes, dtype=np.float32)
+        sure_mask[list(sure_suspects)] = 1.0
+        sm, smask, sure_open = t("sure_suspects"), t("sure_mask"), t("sure_suspect")
+        level, class_ids, column = t("sure_level"), t("classes"), t("column")
+        a_flat, hot, onehot, shape_a = t("argmax_input_flat"), t("onehot_input"), t("onehot_input_float"), t("shape")
+        graph.initializer.extend([numpy_helper.from_array(sure_mask, sm),
+                                  numpy_helper.from_array(np.array(sure_level, dtype=np.float32), level),
+                                  numpy_helper.from_array(np.arange(classes, dtype=np.int64), class_ids),
+                                  numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), column)])  # fmt: skip
+        gate += [
+            helper.make_node("Gather", [sm, a_in], [smask], name=t("Gather_sure_suspect"), axis=0),
+            helper.make_node("Greater", [smask, half], [sure_open], name=t("Greater_sure_suspect")),
+            helper.make_node("Reshape", [a_in, column], [a_flat], name=t("Reshape_input")),  # Flatten: float only <9
+            helper.make_node("Equal", [a_flat, class_ids], [hot], name=t("Equal_onehot")),
+            helper.make_node("Cast", [hot], [onehot], name=t("Cast_onehot"), to=1),
+            helper.make_node("Shape", [a_in], [shape_a], name=t("Shape_input")),
+        ]
+
+        if opset >= 13:  # ReduceSum's axes are an input from opset 13
+            axes_sum = t("axes_sum")
+            graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes_sum))
+
+    def reduce_sum(x: str, y_: str, name: str) -> onnx.NodeProto:  # over axis 1, kept
+        if opset >= 13:
+            return helper.make_node("ReduceSum", [x, axes_sum], [y_], name=name, keepdims=1)
+        return helper.make_node("ReduceSum", [x], [y_], name=name, axes=[1], keepdims=1)
+
     uses: list[str] = []  # per copy: the gate is open, the copy disagrees, and no earlier copy was used
     taken_by: str | None = None  # the gate used an earlier copy
     for i, y_copy in enumerate(y_copies):
@@ -210,8 +262,24 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
             helper.make_node("ArgMax", [y_copy], [a_copy], name=nth("ArgMax_copy", i), axis=1, keepdims=1),
             helper.make_node("Equal", [a_in, a_copy], [eq], name=nth("Equal", i)),
             helper.make_node("Not", [eq], [ne], name=nth("Not", i)),
-            helper.make_node("And", [opened, ne], [use], name=nth("And", i)),
         ]
+        gate_i = opened
+        if sure_open is not None:  # or the input says a sure-move suspect and the copy gives it under the level
+            p_copy, flat, picked, p_ans, p_shaped, under, sure_i, either = (
+                softmax(y_copy, f"copy{'' if i == 0 else i + 1}"), nth("copy_flat", i), nth("picked", i),
+                nth("p_answer", i), nth("p_answer_shaped", i), nth("under", i), nth("sure_copy", i),
+                nth("either", i))  # fmt: skip
+            gate += [
+                helper.make_node("Flatten", [p_copy], [flat], name=nth("Flatten_copy", i), axis=1),
+                helper.make_node("Mul", [flat, onehot], [picked], name=nth("Mul_answer", i)),
+                reduce_sum(picked, p_ans, nth("ReduceSum_answer", i)),
+                helper.make_node("Reshape", [p_ans, shape_a], [p_shaped], name=nth("Reshape_answer", i)),
+                helper.make_node("Less", [p_shaped, level], [under], name=nth("Less_level", i)),
+                helper.make_node("And", [sure_open, under], [sure_i], name=nth("And_sure", i)),
+                helper.make_node("Or", [opened, sure_i], [either], name=nth("Or_sure", i)),
+            ]
+            gate_i = either
+        gate.append(helper.make_node("And", [gate_i, ne], [use], name=nth("And", i)))
         if taken_by is not None:
             free, only = nth("free", i), nth("use_only", i)
             gate += [helper.make_node("Not", [taken_by], [free], name=nth("Not_taken", i)),
@@ -255,6 +323,7 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
     record_added(model, added)
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps({
         "suspects": [int(s) for s in suspects], "confidence": confidence, "copy_prefix": PREFIX,
+        **({"sure_suspects": [int(s) for s in sure_suspects], "sure_level": sure_level} if len(sure_suspects) else {}),
         "copies": [copy_prefix(i) for i in range(len(versions))],
         "rewritten": len(versions[0]) if len(versions) == 1 else [len(v) for v in versions]}))  # fmt: skip
     return added

@@ -80,12 +80,31 @@ CONFIDENCES = (0.99, 0.9, 0.5, 0.0)
 MIN_CLASS_SHARE = 0.5
 
 
-def candidates(classes: int, copies: int = 1) -> list[tuple[int, int, float]]:
-    """The walk's (copies, number of suspects, confidence) triples, weakest first, each moving at least the answers
-    the one before moved: the first copy behind the first suspect at the highest bar; then every copy (one for
-    fst-gate) behind it at each bar from the highest; then every copy behind wider suspect sets."""
-    walk = [(1, 1, CONFIDENCES[0])] + [(copies, 1, c) for c in CONFIDENCES[1 if copies == 1 else 0 :]]
-    return walk + [(copies, k, 0.0) for k in range(2, classes + 1)]
+def candidates(classes: int, copies: int = 1, sure: bool = False) -> list[tuple[int, int, float, int]]:
+    """The walk's (copies, number of suspects, confidence, sure suspects) entries, weakest first, each moving at
+    least the answers the one before moved: the first copy behind the first suspect at the highest bar; then every
+    copy (one for fst-gate) behind it at each bar from the highest; then every copy behind wider suspect sets.
+
+    With ``sure`` (fst-sau-gate), the copies' sure disagreements come before the unsure ones they sit among: after
+    every copy at the highest bar, the same plus the sure moves on the first suspect (:func:`sure_level`), which the
+    lower bars keep; and before each wider suspect set, the set before it plus the sure moves on the wider one.
+    The last entry's number is 0 where the bar is 0 and the suspects cover it (nothing left to add)."""
+    if not sure:
+        walk = [(1, 1, CONFIDENCES[0], 0)] + [(copies, 1, c, 0) for c in CONFIDENCES[1 if copies == 1 else 0 :]]
+        return walk + [(copies, k, 0.0, 0) for k in range(2, classes + 1)]
+    walk = [(1, 1, CONFIDENCES[0], 0), (copies, 1, CONFIDENCES[0], 0)]
+    walk += [(copies, 1, c, 1 if c > 0 else 0) for c in CONFIDENCES]
+    for k in range(2, classes + 1):
+        walk += [(copies, k - 1, 0.0, k), (copies, k, 0.0, 0)]
+    return walk
+
+
+# a copy's disagreement is sure where it gives the input's answer less than a uniform guess would (1/C of its
+# softmax probability): on the zoo's clean validation images FST's copy gives the target less than 0.1 on 90-97 % of
+# the other classes' images, and 0.07-0.44 on the target images its moves would cost (results-repair-notes, s. 17)
+def sure_level(classes: int) -> float:
+    """The probability below which a copy's disagreement counts as sure: chance, 1/``classes``."""
+    return 1.0 / classes
 
 
 class Judged:
@@ -111,28 +130,49 @@ class GateObjective(Judged, FSTObjective):
 
 
 class GateJudge:
-    """What a copy in training answers through the gate: the input's answers, earlier copies' (``before``) and the
-    module's, behind ``suspects`` and the bar ``confidence``."""
+    """What a copy in training answers through the gate: the input's answers, earlier copies' (``before``: their
+    classes and, for the sure moves, their probabilities of the input's answer) and the module's, behind
+    ``suspects`` and the bar ``confidence`` (and the sure moves on ``sure_suspects`` below ``level``)."""
 
     def __init__(self, pred_input: np.ndarray, conf_input: np.ndarray, suspects: list[int], confidence: float,
-                 before: list[np.ndarray] | None = None) -> None:  # fmt: skip
+                 before: list[tuple[np.ndarray, np.ndarray]] | None = None, sure_suspects: list[int] | None = None,
+                 level: float = 0.0, probabilities: bool = False) -> None:  # fmt: skip
         self.pred_input = pred_input
         self.conf_input = conf_input
         self.suspects = suspects
         self.confidence = confidence
         self.before = before or []
+        self.sure_suspects = sure_suspects or []
+        self.level = level
+        self.probabilities = probabilities
 
     def right(self, module: OnnxModule, x: Any, y: Any) -> np.ndarray:
-        from onnxclp.defences.repair import predictions
-        from onnxclp.methods._gate import gated_predictions
+        from onnxclp.defences.repair import outputs
 
-        pred_copy = predictions(module, x).cpu().numpy()
-        pred = gated_predictions(self.pred_input, [*self.before, pred_copy], self.suspects, self.conf_input,
-                                 self.confidence)  # fmt: skip
+        pred = gated(self.pred_input, self.conf_input, [*self.before, answers(outputs(module, x), self.pred_input,
+                     self.probabilities)], self.suspects, self.confidence, self.sure_suspects, self.level)  # fmt: skip
         return pred == y.cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
-        return {"suspects": list(self.suspects), "confidence": self.confidence, "copies_before": len(self.before)}
+        return {"suspects": list(self.suspects), "confidence": self.confidence, "copies_before": len(self.before),
+                "sure_suspects": list(self.sure_suspects)}  # fmt: skip
+
+
+def answers(out: Any, pred_input: np.ndarray, probabilities: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A copy's classes and its probability of the input's answer, from its outputs (a torch tensor, N x C)."""
+    from onnxclp.methods._gate import answer_probability
+
+    z = out.detach().cpu().numpy()
+    return z.argmax(1), answer_probability(z, pred_input, probabilities)
+
+
+def gated(pred_input: np.ndarray, conf_input: np.ndarray, copies: list[tuple[np.ndarray, np.ndarray]],
+          suspects: list[int], confidence: float, sure_suspects: list[int], level: float) -> np.ndarray:  # fmt: skip
+    """The gated model's classes from the input's and the copies' (:func:`answers`) (``_gate.gated_predictions``)."""
+    from onnxclp.methods._gate import gated_predictions
+
+    return gated_predictions(pred_input, [c for c, _ in copies], suspects, conf_input, confidence, sure_suspects,
+                             [p for _, p in copies], level)  # fmt: skip
 
 
 @register
@@ -152,6 +192,8 @@ class FSTGate(FST):
 
     # the gate's copies: fst-gate has FST's alone; a subclass adds a second (train_copy), consulted after the first
     copies = 1
+    # whether the walk tests the copies' sure disagreements before the unsure ones (candidates; fst-sau-gate)
+    sure_walk = False
 
     def train_copy(self, state: State, judge: GateJudge) -> tuple[Any, Any, Any, Any]:
         """Train the gate's next copy; returns (module, outcome, settings, objective). ``judge`` is what the run's
@@ -159,9 +201,9 @@ class FSTGate(FST):
         raise NotImplementedError
 
     def decide(self, state: State) -> None:
-        from onnxclp.defences.repair import finish, predictions, train
+        from onnxclp.defences.repair import finish, outputs, train
         from onnxclp.guard import SELECT_Z, paired_drop
-        from onnxclp.methods._gate import are_probabilities, compose, gated_predictions, softmax_top
+        from onnxclp.methods._gate import are_probabilities, compose, softmax_top
         from onnxclp.passes.guard import scores as input_scores
 
         order, scores = suspects_of(state)
@@ -173,7 +215,8 @@ class FSTGate(FST):
         pred_input = logits_input.reshape(len(logits_input), -1).argmax(1)
         probabilities = are_probabilities(logits_input)  # a Softmax at the end: the bar reads the output itself
         conf_input = softmax_top(logits_input, probabilities)
-        walk = candidates(len(order), self.copies)
+        walk = candidates(len(order), self.copies, self.sure_walk)
+        level = sure_level(len(order))
         # the gate changes answers only on images the input gives a suspect: a suspect with few validation images
         # labelled with it is a change the check cannot measure (synthesized stand-in images, labelled by the input,
         # can hold none): the first suspect's refuses the result, a wider set's ends the walk before it
@@ -191,7 +234,7 @@ class FSTGate(FST):
             if not state.options.force:
                 blind(state.guard, clean.right_before_selection, y_val, False)  # raises Refused
         p = state.params
-        _, first_k, first_c = walk[0]
+        _, first_k, first_c, _ = walk[0]
         objective = GateObjective(float(p["fst_alpha"]), str(p["fst_scope"]), pred_input, conf_input,
                                   order[:first_k], first_c)  # fmt: skip
         settings = self.settings(state)
@@ -206,28 +249,28 @@ class FSTGate(FST):
         z = SELECT_Z if sequence_z is None else sequence_z
         budget = float(state.guard.budget)
 
-        def predict(m: Any) -> np.ndarray:
-            return predictions(m, x_val.to(next(m.parameters()).device)).cpu().numpy()
+        def predict(m: Any) -> tuple[np.ndarray, np.ndarray]:
+            return answers(outputs(m, x_val.to(next(m.parameters()).device)), pred_input, probabilities)
 
         preds = [predict(module)]
         ladder: list[dict[str, Any]] = []
         kept = 0
-        for i, (n, k, conf) in enumerate(walk):
-            if i > 0 and any(counts[c] < need for c in order[:k]):  # not measurable: the walk ends before it
-                ladder.append({"copies": n, "suspects": k, "confidence": conf, "classes": order[:k],
-                               "unmeasurable": [c for c in order[:k] if counts[c] < need], "within": False,
-                               "drop": None, "bound": None})  # fmt: skip
+        for i, (n, k, conf, s) in enumerate(walk):
+            entry = {"copies": n, "suspects": k, "confidence": conf, "classes": order[:k], "sure_suspects": s}
+            short = [c for c in order[: max(k, s)] if counts[c] < need]
+            if i > 0 and short:  # not measurable: the walk ends before it
+                ladder.append({**entry, "unmeasurable": short, "within": False, "drop": None, "bound": None})
                 break
             while len(preds) < n:
-                judge = GateJudge(pred_input, conf_input, order[:k], conf, before=list(preds))
+                judge = GateJudge(pred_input, conf_input, order[:k], conf, before=list(preds),
+                                  sure_suspects=order[:s], level=level, probabilities=probabilities)  # fmt: skip
                 extra = self.train_copy(state, judge)
                 trained.append(extra)
                 preds.append(predict(extra[0]))
-            right = gated_predictions(pred_input, preds[:n], order[:k], conf_input, conf) == y_val
+            right = gated(pred_input, conf_input, preds[:n], order[:k], conf, order[:s], level) == y_val
             d = paired_drop(right_before, right)
             within = d.bound(z) <= budget + 1e-9
-            ladder.append({"copies": n, "suspects": k, "confidence": conf, "classes": order[:k], "drop": d.drop,
-                           "bound": d.bound(z), "within": within,
+            ladder.append({**entry, "drop": d.drop, "bound": d.bound(z), "within": within,
                            "changed": float(np.mean(right != right_before))})  # fmt: skip
             if i == 0:
                 if not outcome.whole:  # the run's end, tested in train(): the sequence ends there
@@ -237,7 +280,8 @@ class FSTGate(FST):
                 kept = i
             elif sequence_z is not None:
                 break
-        n, k, confidence = walk[kept]
+        n, k, confidence, s = walk[kept]
+        sure_suspects = order[:s]
         notes = len(state.notes)
         values: list[dict[str, np.ndarray]] = []
         described: list[dict[str, Any]] = []
@@ -254,7 +298,8 @@ class FSTGate(FST):
         used = values[:n]
         suspects = order[:k]
         classes = len(order)
-        state.graph_edit = lambda st: compose(st.model, used, suspects, classes, confidence, probabilities)
+        state.graph_edit = lambda st: compose(st.model, used, suspects, classes, confidence, probabilities,
+                                              sure_suspects, level)  # fmt: skip
         assert state.training is not None
         # the input's initializers are not rewritten: the new values are the copies' (the report's ``rewritten``
         # stays empty; ``training.copied`` lists the first copy's with their change from the input's)
@@ -262,6 +307,7 @@ class FSTGate(FST):
         state.training["rewritten"] = []
         state.training["gate"] = {"order": order, "anomaly_index": scores, "suspects": suspects,
                                   "confidence": confidence, "copies": n, "ladder": ladder,
+                                  "sure_suspects": sure_suspects, "sure_level": level if s else None,
                                   "part": clean.selection_name, "in_sequence": sequence_z is not None}  # fmt: skip
         if described:
             state.training["gate"]["further_copies"] = described
@@ -272,7 +318,14 @@ class FSTGate(FST):
             + f" where the input says one of classes {suspects} (of {classes}, ranked by the classifier's anomaly "
             "index)"
             + (f" with a top probability above {confidence:g}" if confidence > 0 else "")
-            + f" and the copy disagrees; {sum(len(v) for v in used)} initializers copied with new values, the "
+            + " and the copy disagrees"
+            + (
+                f" (and, where it says one of classes {sure_suspects} at any probability, where a copy gives that "
+                f"class less than {level:.3g} of its probability)"
+                if s
+                else ""
+            )
+            + f"; {sum(len(v) for v in used)} initializers copied with new values, the "
             "input's unchanged"
             + (f"; {len(trained) - n} further copy trained and not used (over budget)" if len(trained) > n else "")
         )

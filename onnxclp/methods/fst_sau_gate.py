@@ -10,10 +10,15 @@ the bar), the written model answers with the first copy that disagrees, FST's, e
 triggered image keeps the target only where *both* copies keep it.
 
 **The candidates**, one fixed sequence on the validation images, each moving at least the answers the one before
-moved: FST's copy alone behind the first suspect where the input's top probability is above 0.99 (fst-gate's
-first candidate, the run's end of FST's training); then both copies behind the first suspect at the bars 0.99,
-0.9, 0.5 and 0; then both behind the first two, three, ... suspects. SAU's copy is trained only when FST's first
-candidate is within the budget. A model gets the copies of the last candidate within.
+moved (:func:`onnxclp.methods.fst_gate.candidates` with ``sure``): FST's copy alone behind the first suspect where
+the input's top probability is above 0.99 (fst-gate's first candidate, the run's end of FST's training); both
+copies there; the same plus the copies' *sure* moves on the first suspect (at any confidence of the input, where a
+copy disagrees and gives the input's answer less than 1/C of its probability: a copy that has unlearnt a trigger
+gives the target little, while the clean target images a copy gets wrong mostly keep 0.1-0.4 of it); both copies
+behind the first suspect at the bars 0.9, 0.5 and 0 with those sure moves; then, for k = 2, 3, ..., the first k-1
+suspects with the sure moves on the first k, then the first k. SAU's copy is trained only when FST's first
+candidate is within the budget. A model gets the copies of the last candidate within. The sure moves were added
+in session 17 (written down before measuring: docs/results-repair-notes.md).
 
 **The copies.** FST's as fst-gate's (``--lr``, ``--epochs``, ``--distill``, ``--distill-mix``). SAU's at one
 rate, ``--sau-lr`` (default 0.001, the first of the repairs' walk: the rate at which SAU's zoo results in
@@ -68,6 +73,7 @@ class FSTSAUGate(FSTGate):
     suggested = True
     params = (*FSTGate.params, SAU_LR, SAU_EPOCHS, EPS, STEPS)
     copies = 2
+    sure_walk = True
 
     def train_copy(self, state: State, judge: GateJudge) -> tuple[Any, Any, Any, Any]:
         from dataclasses import replace
