@@ -17,7 +17,10 @@ input's unchanged ones; then ``ArgMax`` of both, the suspect mask (a ``Gather`` 
 input's class), ``Equal``/``Not``/``And``, and ``Where`` (opset 9 on; before it, ``input * (not use) + copy * use``),
 which writes the output under its own name. With several copies (``fst-sau-gate``) each has its own prefix
 (``onnxclp.gate2/``...) and the first that disagrees with the input answers: ``Where`` nested, the first copy's
-outermost. The model's other outputs, opsets, metadata and doc strings are kept; ``onnxclp.added_nodes`` lists the
+outermost. With sure moves (``sure_suspects``, fst-sau-gate's walk), a copy also answers where the input says one of
+those classes at any confidence and the copy gives that class less than the level of its softmax: ``Softmax`` of
+the copy, ``Equal`` of the input's class with the class indices (one-hot), ``ReduceSum`` of their product, ``Less``,
+``Or`` with the bar's gate. The model's other outputs, opsets, metadata and doc strings are kept; ``onnxclp.added_nodes`` lists the
 nodes added and ``onnxclp.gate`` records the suspects and the copies.
 """
 

@@ -68,8 +68,8 @@ class FSTSAUGate(FSTGate):
         "onnxclp's"
     )
     # scan's next step names it (onnxclp.scanning.suggested_methods): the lowest average ASR under the guard at 500
-    # clean images on the zoo, BN-folded exports, on both draws (shared: 7.9 % at 0.7 points; each model its own
-    # images: 5.7 % at 1.2; fst-gate 32.5 % and 22.4 %; docs/results-repair.md). Its cost: three networks
+    # clean images on the zoo, BN-folded exports, on both draws (shared: 5.1 % at 0.6 points; each model its own
+    # images: 5.2 % at 1.3; fst-gate 32.5 % and 22.4 %; docs/results-repair.md). Its cost: three networks
     suggested = True
     params = (*FSTGate.params, SAU_LR, SAU_EPOCHS, EPS, STEPS)
     copies = 2
