@@ -203,10 +203,13 @@ def main() -> None:
                                            "copies": gate.get("copies", 1),
                                            "walk": [[s.get("copies", 1), s["suspects"], s["confidence"],
                                                      s["within"], None if s["drop"] is None else round(s["drop"], 2)]
-                                                    + ([s["sure_suspects"]] if s.get("sure_suspects") else [])
+                                                    + ([s["sure_suspects"], s.get("joint_suspects", 0),
+                                                        s.get("joint_confidence", 0.0)]
+                                                       if s.get("sure_suspects") or s.get("joint_suspects") else [])
                                                     for s in gate["ladder"]]}  # fmt: skip
-                            if gate.get("sure_suspects"):  # the sure moves kept (fst-sau-gate, session 17)
-                                row["gate"]["sure_suspects"] = gate["sure_suspects"]
+                            for kept in ("sure_suspects", "joint_suspects", "joint_confidence"):  # session 17
+                                if gate.get(kept):  # the sure and joint moves kept (fst-sau-gate)
+                                    row["gate"][kept] = gate[kept]
                             for c in gate.get("further_copies", []):  # SAU's per-class count of its unlearnt
                                 row["gate"]["adversarial_classes"] = c["settings"].get("unlearned_per_class")
                         if g.get("tuned"):  # the strength the guard chose on the fit images (passes/tune.py)

@@ -265,8 +265,8 @@ def test_gated_predictions_sure_moves_by_hand():
 @pytest.mark.parametrize(("copies", "sure"), [(1, False), (2, False), (2, True)])
 def test_each_candidate_of_the_walk_moves_at_least_what_the_one_before_moved(copies, sure):
     """The walk's order (fst_gate.candidates): on random answers of the input and the copies, every candidate's
-    moved rows include the previous candidate's (with the sure moves too), so stopping at the first over budget
-    keeps the most that passed."""
+    moved rows include the previous candidate's (with the sure and joint moves too), so stopping at the first over
+    budget keeps the most that passed."""
     from onnxclp.methods.fst_gate import candidates, gated, sure_level
 
     rng = np.random.default_rng(7)
@@ -276,12 +276,53 @@ def test_each_candidate_of_the_walk_moves_at_least_what_the_one_before_moved(cop
     copies_ = [(rng.integers(0, classes, n), rng.uniform(0, 0.5, n)) for _ in range(copies)]
     order = list(rng.permutation(classes))
     walk = candidates(classes, copies, sure)
-    assert walk[0] == (1, 1, 0.99, 0) and walk[-1] == (copies, classes, 0.0, 0)
-    assert any(s for *_, s in walk) == sure
+    assert walk[0] == (1, 1, 0.99, 0, 0, 0.0) and walk[-1] == (copies, classes, 0.0, 0, 0, 0.0)
+    assert any(c.sure or c.joint for c in walk) == sure
     moved_before = np.zeros(n, dtype=bool)
-    for m, k, c, s in walk:
-        out = gated(pred_input, conf, copies_[:m], order[:k], c, order[:s], sure_level(classes))
+    for m, k, c, s, a, b in walk:
+        out = gated(pred_input, conf, copies_[:m], order[:k], c, order[:s], sure_level(classes), order[:a], b)
         moved = out != pred_input
         assert (moved | ~moved_before).all() and moved.sum() >= moved_before.sum()
         moved_before = moved
     assert moved_before.sum() == sum((copies_[0][0] != pred_input) | (copies_[-1][0] != pred_input))
+
+
+@pytest.mark.parametrize(("opset", "ir", "four_d"), [(18, 8, True), (13, 7, False), (9, 4, True), (8, 3, False)])
+@pytest.mark.parametrize("joint_confidence", [0.0, 0.6])
+def test_compose_with_joint_moves_moves_where_every_copy_disagrees(opset, ir, four_d, joint_confidence):
+    """``joint_suspects``: the first copy also answers where the input says one of those classes (above
+    ``joint_confidence``) and every copy disagrees, on top of the bar's and the sure moves; onnxruntime and numpy's
+    :func:`gated_predictions` agree on every row; a row where only one copy disagrees, below the bar and unsure,
+    keeps the input's answer."""
+    from onnx import numpy_helper
+
+    from onnxclp.methods._gate import answer_probability, compose, gated_predictions, softmax_top
+
+    wrap = _as_4d if four_d else None
+    model, first, w2 = _pair(opset, ir, wrap)
+    second = _as_4d(_mlp(opset, ir)) if four_d else _mlp(opset, ir)
+    w2b = np.roll(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2")), 1, axis=1)
+    for t in second.graph.initializer:
+        if t.name == "w2":
+            t.CopyFrom(numpy_helper.from_array(w2b, "w2"))
+    x = (3 * np.random.default_rng(6).normal(size=(3000, 4))).astype(np.float32)
+    m, r1, r2 = _run(model, x), _run(first, x), _run(second, x)
+    compose(model, [{"w2": w2}, {"w2": w2b}], [0], 3, confidence=0.95, sure_suspects=[0], sure_level=0.05,
+            joint_suspects=[0, 1], joint_confidence=joint_confidence)  # fmt: skip
+    onnx.checker.check_model(model)
+    out = _run(model, x).reshape(len(x), -1)
+    m2 = m.reshape(len(m), -1)
+    pm, p1, p2 = m2.argmax(1), r1.reshape(len(x), -1).argmax(1), r2.reshape(len(x), -1).argmax(1)
+    conf, pa = softmax_top(m), [answer_probability(r, pm) for r in (r1, r2)]
+    expected = gated_predictions(pm, [p1, p2], [0], conf, 0.95, [0], pa, 0.05, [0, 1], joint_confidence)
+    np.testing.assert_array_equal(out.argmax(1), expected)
+    without = gated_predictions(pm, [p1, p2], [0], conf, 0.95, [0], pa, 0.05)
+    joint_rows = expected != without
+    assert joint_rows.any() and ((p1 != pm) & (p2 != pm))[joint_rows].all()
+    assert (expected[joint_rows] == p1[joint_rows]).all() and np.isin(pm[joint_rows], [0, 1]).all()
+    if joint_confidence > 0:
+        assert (conf[joint_rows] > joint_confidence).all()
+    lone = np.isin(pm, [0, 1]) & (conf <= 0.95) & (p1 != pm) & (p2 == pm) & (pa[0] >= 0.05)
+    assert lone.any() and (out.argmax(1)[lone] == pm[lone]).all()
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["onnxclp.gate"])
+    assert meta["joint_suspects"] == [0, 1] and meta["joint_confidence"] == joint_confidence

@@ -1041,22 +1041,27 @@ def test_the_gate_walk_ends_before_a_suspect_set_it_cannot_measure(backdoored, t
 def test_fst_sau_gate_walks_the_first_copy_then_both(backdoored, tmp_path):
     """fst-sau-gate on the planted backdoor, with a budget that lets the walk run: FST's copy alone behind the first
     suspect at the highest bar, then SAU's copy trained and both behind it, the sure moves on the first suspect
-    added, the lower bars, then wider suspect sets each preceded by its sure moves; the written model holds both
+    added, the joint moves at falling bars, the lower bars, then wider suspect sets each preceded by its sure and
+    joint moves; the written model holds both
     copies (each under its prefix), answers as the input where the input's class is not a kept suspect, and the
     report records SAU's copy and its per-class count of unlearnt images."""
     import onnx
 
     import onnxclp
     from onnxclp.methods._gate import PREFIX, copy_prefix
+    from onnxclp.methods.fst_gate import candidates
 
     src, out = backdoored[0], tmp_path / "gate2.onnx"
     rep = onnxclp.sanitize_file(src, out, method="fst-sau-gate", context=_ctx(backdoored[1]), epochs=2,
                                 sau_epochs=1)  # fmt: skip
     gate = rep.training["gate"]
-    walk = [(s["copies"], s["suspects"], s["confidence"], s["sure_suspects"]) for s in gate["ladder"]]
-    assert walk == [(1, 1, 0.99, 0), (2, 1, 0.99, 0), (2, 1, 0.99, 1), (2, 1, 0.9, 1), (2, 1, 0.5, 1), (2, 1, 0.0, 0),
-                    (2, 1, 0.0, 2), (2, 2, 0.0, 0), (2, 2, 0.0, 3), (2, 3, 0.0, 0), (2, 3, 0.0, 4),
-                    (2, 4, 0.0, 0)]  # fmt: skip
+    walk = [(s["copies"], s["suspects"], s["confidence"], s["sure_suspects"], s["joint_suspects"],
+             s["joint_confidence"]) for s in gate["ladder"]]  # fmt: skip
+    assert walk == [tuple(c) for c in candidates(CLASSES, 2, sure=True)]
+    assert walk[:6] == [(1, 1, 0.99, 0, 0, 0.0), (2, 1, 0.99, 0, 0, 0.0), (2, 1, 0.99, 1, 0, 0.0),
+                        (2, 1, 0.99, 1, 1, 0.9), (2, 1, 0.99, 1, 1, 0.5), (2, 1, 0.99, 1, 1, 0.0)]  # fmt: skip
+    assert walk[6:9] == [(2, 1, 0.9, 1, 1, 0.0), (2, 1, 0.5, 1, 1, 0.0), (2, 1, 0.0, 0, 0, 0.0)]
+    assert walk[9:11] == [(2, 1, 0.0, 2, 2, 0.0), (2, 2, 0.0, 0, 0, 0.0)] and walk[-1] == (2, CLASSES, 0.0, 0, 0, 0.0)
     assert gate["copies"] == 2 and gate["suspects"] == gate["order"]
     (sau,) = gate["further_copies"]
     assert sau["objective"] == "sau" and sau["used"] and sau["copied"]

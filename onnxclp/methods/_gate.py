@@ -45,14 +45,17 @@ METADATA_KEY = "onnxclp.gate"
 
 def gated_predictions(pred_input: np.ndarray, pred_copy: np.ndarray | Sequence[np.ndarray], suspects: Sequence[int],
                       conf_input: np.ndarray | None = None, confidence: float = 0.0, sure_suspects: Sequence[int] = (),
-                      p_answer: Sequence[np.ndarray] | None = None, sure_level: float = 0.0) -> np.ndarray:  # fmt: skip
+                      p_answer: Sequence[np.ndarray] | None = None, sure_level: float = 0.0,
+                      joint_suspects: Sequence[int] = (), joint_confidence: float = 0.0) -> np.ndarray:  # fmt: skip
     """What the gated model answers, from the networks' answers: where the input's answer is a suspect and the
     input's top softmax probability ``conf_input`` is above ``confidence``, the first copy (of ``pred_copy``, one
     array or several, in order) whose answer differs; else the input's (the graph :func:`compose` writes, as
     numpy). With ``sure_suspects``, a copy also answers where the input's answer is one of those (at any
     confidence), the copy's answer differs and the copy gives the input's answer less than ``sure_level`` of its
     probability (``p_answer``: per copy, its softmax probability of the input's answer; :func:`answer_probability`):
-    the copy's sure disagreements."""
+    the copy's sure disagreements. With ``joint_suspects``, the first copy also answers where the input's answer
+    is one of those (above ``joint_confidence``) and *every* copy's answer differs: the copies' joint
+    disagreements."""
     copies = [pred_copy] if isinstance(pred_copy, np.ndarray) else list(pred_copy)
     open_ = np.isin(pred_input, np.asarray(list(suspects), dtype=np.int64))
     if confidence > 0:
@@ -61,9 +64,16 @@ def gated_predictions(pred_input: np.ndarray, pred_copy: np.ndarray | Sequence[n
     sure_open = np.isin(pred_input, np.asarray(list(sure_suspects), dtype=np.int64))
     if sure_open.any():
         assert p_answer is not None and len(p_answer) >= len(copies)
+    joint = np.isin(pred_input, np.asarray(list(joint_suspects), dtype=np.int64))
+    if joint_confidence > 0:
+        assert conf_input is not None
+        joint &= conf_input > joint_confidence
+    for pred in copies:
+        joint &= pred != pred_input
     out = np.array(pred_input, copy=True)
     for i, pred in enumerate(copies):
         gate = open_ | (sure_open & (np.asarray(p_answer[i]) < sure_level)) if sure_open.any() else open_  # type: ignore[index]
+        gate = gate | joint
         use = gate & (out == pred_input) & (pred != pred_input)  # not yet moved by an earlier copy
         out = np.where(use, pred, out)
     return out
@@ -107,12 +117,15 @@ def copy_prefix(i: int) -> str:
 
 def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
             suspects: Sequence[int], classes: int, confidence: float = 0.0, probabilities: bool = False,
-            sure_suspects: Sequence[int] = (), sure_level: float = 0.0) -> list[str]:  # fmt: skip
+            sure_suspects: Sequence[int] = (), sure_level: float = 0.0, joint_suspects: Sequence[int] = (),
+            joint_confidence: float = 0.0) -> list[str]:  # fmt: skip
     """Add the repaired copies (``rewritten``: initializer name -> new value, one mapping per copy, the first
     consulted first) and the gate to ``model`` in place (module docstring); returns the names of the nodes added.
     ``probabilities``: the output is already a softmax, and the bar reads it as it is. ``sure_suspects`` and
     ``sure_level``: a copy also answers where the input says one of those classes and the copy gives that class
-    less than ``sure_level`` of its softmax probability (:func:`gated_predictions`)."""
+    less than ``sure_level`` of its softmax probability; ``joint_suspects`` and ``joint_confidence``: the first copy
+    also answers where the input says one of those classes above that bar and every copy disagrees
+    (:func:`gated_predictions`)."""
     from onnx import helper, numpy_helper
 
     versions = [rewritten] if not isinstance(rewritten, (list, tuple)) else list(rewritten)
@@ -214,20 +227,34 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
         gate.append(helper.make_node("Softmax", [source], [prob], name=t(f"Softmax_{tag}"), axis=1))
         return prob
 
+    tops: list[str] = []
+
+    def top_input() -> str:  # the input's top softmax probability (N, 1[, ...]), built once
+        if not tops:
+            top = t("top_input")
+            prob = softmax(y_input, "input")
+            if opset >= 18:
+                axes = t("axes")
+                graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
+                gate.append(helper.make_node("ReduceMax", [prob, axes], [top], name=t("ReduceMax_input"), keepdims=1))
+            else:
+                gate.append(helper.make_node("ReduceMax", [prob], [top], name=t("ReduceMax_input"), axes=[1],
+                                             keepdims=1))  # fmt: skip
+            tops.append(top)
+        return tops[0]
+
+    def above(suspect: str, bar: float, tag: str) -> str:  # the suspect mask where the input is above the bar
+        # the bar's tensors: "confidence", "sure", "open" for the gate's own (the names since session 15)
+        prefix = "" if tag == "confidence" else tag + "_"
+        thr, sure, both = t(tag), t(prefix + "sure"), t(prefix + "open")
+        graph.initializer.append(numpy_helper.from_array(np.array(bar, dtype=np.float32), thr))
+        gate.extend([helper.make_node("Greater", [top_input(), thr], [sure], name=t(f"Greater_{tag}")),
+                     helper.make_node("And", [suspect, sure], [both], name=t(f"And_{tag}"))])  # fmt: skip
+        return both
+
     opened = sus
     if confidence > 0:  # and only where the input is sure of its answer: its top softmax probability
-        top, thr, sure, both = t("top_input"), t("confidence"), t("sure"), t("open")
-        graph.initializer.append(numpy_helper.from_array(np.array(confidence, dtype=np.float32), thr))
-        prob = softmax(y_input, "input")
-        if opset >= 18:
-            axes = t("axes")
-            graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
-            gate.append(helper.make_node("ReduceMax", [prob, axes], [top], name=t("ReduceMax_input"), keepdims=1))
-        else:
-            gate.append(helper.make_node("ReduceMax", [prob], [top], name=t("ReduceMax_input"), axes=[1], keepdims=1))
-        gate += [helper.make_node("Greater", [top, thr], [sure], name=t("Greater_sure")),
-                 helper.make_node("And", [sus, sure], [both], name=t("And_sure"))]  # fmt: skip
-        opened = both
+        opened = above(sus, confidence, "confidence")
     sure_open: str | None = None
     if len(sure_suspects):  # the sure moves: a mask of their suspects, and the input's class one-hot (N, C)
         sure_mask = np.zeros(classes, dtype=np.float32)
@@ -257,15 +284,35 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
             return helper.make_node("ReduceSum", [x, axes_sum], [y_], name=name, keepdims=1)
         return helper.make_node("ReduceSum", [x], [y_], name=name, axes=[1], keepdims=1)
 
-    uses: list[str] = []  # per copy: the gate is open, the copy disagrees, and no earlier copy was used
-    taken_by: str | None = None  # the gate used an earlier copy
+    differs: list[str] = []  # per copy: its class differs from the input's
     for i, y_copy in enumerate(y_copies):
-        a_copy, eq, ne, use = nth("argmax_copy", i), nth("agree", i), nth("differ", i), nth("use_copy", i)
+        a_copy, eq, ne = nth("argmax_copy", i), nth("agree", i), nth("differ", i)
         gate += [
             helper.make_node("ArgMax", [y_copy], [a_copy], name=nth("ArgMax_copy", i), axis=1, keepdims=1),
             helper.make_node("Equal", [a_in, a_copy], [eq], name=nth("Equal", i)),
             helper.make_node("Not", [eq], [ne], name=nth("Not", i)),
         ]
+        differs.append(ne)
+    joint: str | None = None
+    if len(joint_suspects):  # the joint moves: a joint suspect (above its bar) where every copy disagrees
+        joint_mask = np.zeros(classes, dtype=np.float32)
+        joint_mask[list(joint_suspects)] = 1.0
+        jm, jmask, jsus = t("joint_suspects"), t("joint_mask"), t("joint_suspect")
+        graph.initializer.append(numpy_helper.from_array(joint_mask, jm))
+        gate += [helper.make_node("Gather", [jm, a_in], [jmask], name=t("Gather_joint_suspect"), axis=0),
+                 helper.make_node("Greater", [jmask, half], [jsus], name=t("Greater_joint_suspect"))]  # fmt: skip
+        jopen = above(jsus, joint_confidence, "joint_confidence") if joint_confidence > 0 else jsus
+        every = differs[0]
+        for i in range(1, len(differs)):
+            both_ne = nth("every_differs", i)
+            gate.append(helper.make_node("And", [every, differs[i]], [both_ne], name=nth("And_every", i)))
+            every = both_ne
+        joint = t("joint")
+        gate.append(helper.make_node("And", [jopen, every], [joint], name=t("And_joint")))
+    uses: list[str] = []  # per copy: the gate is open, the copy disagrees, and no earlier copy was used
+    taken_by: str | None = None  # the gate used an earlier copy
+    for i, y_copy in enumerate(y_copies):
+        ne, use = differs[i], nth("use_copy", i)
         gate_i = opened
         if sure_open is not None:  # or the input says a sure-move suspect and the copy gives it under the level
             p_copy, flat, picked, p_ans, p_shaped, under, sure_i, either = (
@@ -282,6 +329,10 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
                 helper.make_node("Or", [opened, sure_i], [either], name=nth("Or_sure", i)),
             ]
             gate_i = either
+        if joint is not None:  # or every copy disagrees behind the joint suspects (then the first answers)
+            with_joint = nth("or_joint", i)
+            gate.append(helper.make_node("Or", [gate_i, joint], [with_joint], name=nth("Or_joint", i)))
+            gate_i = with_joint
         gate.append(helper.make_node("And", [gate_i, ne], [use], name=nth("And", i)))
         if taken_by is not None:
             free, only = nth("free", i), nth("use_only", i)
@@ -327,6 +378,8 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps({
         "suspects": [int(s) for s in suspects], "confidence": confidence, "copy_prefix": PREFIX,
         **({"sure_suspects": [int(s) for s in sure_suspects], "sure_level": sure_level} if len(sure_suspects) else {}),
+        **({"joint_suspects": [int(s) for s in joint_suspects], "joint_confidence": joint_confidence}
+           if len(joint_suspects) else {}),
         "copies": [copy_prefix(i) for i in range(len(versions))],
         "rewritten": len(versions[0]) if len(versions) == 1 else [len(v) for v in versions]}))  # fmt: skip
     return added

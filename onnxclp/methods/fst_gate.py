@@ -33,7 +33,7 @@ the gate's nodes (:mod:`onnxclp.methods._gate`); the report's ``added_nodes``, `
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -80,22 +80,38 @@ CONFIDENCES = (0.99, 0.9, 0.5, 0.0)
 MIN_CLASS_SHARE = 0.5
 
 
-def candidates(classes: int, copies: int = 1, sure: bool = False) -> list[tuple[int, int, float, int]]:
-    """The walk's (copies, number of suspects, confidence, sure suspects) entries, weakest first, each moving at
-    least the answers the one before moved: the first copy behind the first suspect at the highest bar; then every
-    copy (one for fst-gate) behind it at each bar from the highest; then every copy behind wider suspect sets.
+class Candidate(NamedTuple):
+    """One step of the gate's walk: ``copies`` consulted; where the input says one of the first ``suspects``
+    classes above ``confidence``, the first copy that disagrees answers; where it says one of the first ``sure``
+    (at any confidence), a copy that disagrees and gives the input's answer less than :func:`sure_level`; where it
+    says one of the first ``joint`` above ``joint_confidence``, the first copy if every copy disagrees."""
 
-    With ``sure`` (fst-sau-gate), the copies' sure disagreements come before the unsure ones they sit among: after
-    every copy at the highest bar, the same plus the sure moves on the first suspect (:func:`sure_level`), which the
-    lower bars keep; and before each wider suspect set, the set before it plus the sure moves on the wider one.
-    The last entry's number is 0 where the bar is 0 and the suspects cover it (nothing left to add)."""
+    copies: int
+    suspects: int
+    confidence: float
+    sure: int = 0
+    joint: int = 0
+    joint_confidence: float = 0.0
+
+
+def candidates(classes: int, copies: int = 1, sure: bool = False) -> list[Candidate]:
+    """The walk, weakest first, each candidate moving at least the answers the one before moved: the first copy
+    behind the first suspect at the highest bar; then every copy (one for fst-gate) behind it at each bar from the
+    highest; then every copy behind wider suspect sets.
+
+    With ``sure`` (fst-sau-gate), the moves with more evidence come before those with less (session 17): after
+    every copy at the highest bar, the copies' sure moves on the first suspect; then their joint moves (every copy
+    disagrees) on it above 0.9, 0.5 and 0; then the moves of either copy above 0.9, 0.5 and 0; and before each wider
+    suspect set, the set before it plus the sure and joint moves on the wider one."""
+    top = CONFIDENCES[0]
     if not sure:
-        walk = [(1, 1, CONFIDENCES[0], 0)] + [(copies, 1, c, 0) for c in CONFIDENCES[1 if copies == 1 else 0 :]]
-        return walk + [(copies, k, 0.0, 0) for k in range(2, classes + 1)]
-    walk = [(1, 1, CONFIDENCES[0], 0), (copies, 1, CONFIDENCES[0], 0)]
-    walk += [(copies, 1, c, 1 if c > 0 else 0) for c in CONFIDENCES]
+        walk = [Candidate(1, 1, top)] + [Candidate(copies, 1, c) for c in CONFIDENCES[1 if copies == 1 else 0 :]]
+        return walk + [Candidate(copies, k, 0.0) for k in range(2, classes + 1)]
+    walk = [Candidate(1, 1, top), Candidate(copies, 1, top), Candidate(copies, 1, top, 1)]
+    walk += [Candidate(copies, 1, top, 1, 1, b) for b in CONFIDENCES[1:]]
+    walk += [Candidate(copies, 1, c, 1, 1, 0.0) for c in CONFIDENCES[1:-1]] + [Candidate(copies, 1, 0.0)]
     for k in range(2, classes + 1):
-        walk += [(copies, k - 1, 0.0, k), (copies, k, 0.0, 0)]
+        walk += [Candidate(copies, k - 1, 0.0, k, k, 0.0), Candidate(copies, k, 0.0)]
     return walk
 
 
@@ -136,7 +152,8 @@ class GateJudge:
 
     def __init__(self, pred_input: np.ndarray, conf_input: np.ndarray, suspects: list[int], confidence: float,
                  before: list[tuple[np.ndarray, np.ndarray]] | None = None, sure_suspects: list[int] | None = None,
-                 level: float = 0.0, probabilities: bool = False) -> None:  # fmt: skip
+                 level: float = 0.0, probabilities: bool = False, joint_suspects: list[int] | None = None,
+                 joint_confidence: float = 0.0) -> None:  # fmt: skip
         self.pred_input = pred_input
         self.conf_input = conf_input
         self.suspects = suspects
@@ -145,17 +162,21 @@ class GateJudge:
         self.sure_suspects = sure_suspects or []
         self.level = level
         self.probabilities = probabilities
+        self.joint_suspects = joint_suspects or []
+        self.joint_confidence = joint_confidence
 
     def right(self, module: OnnxModule, x: Any, y: Any) -> np.ndarray:
         from onnxclp.defences.repair import outputs
 
         pred = gated(self.pred_input, self.conf_input, [*self.before, answers(outputs(module, x), self.pred_input,
-                     self.probabilities)], self.suspects, self.confidence, self.sure_suspects, self.level)  # fmt: skip
+                     self.probabilities)], self.suspects, self.confidence, self.sure_suspects, self.level,
+                     self.joint_suspects, self.joint_confidence)  # fmt: skip
         return pred == y.cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         return {"suspects": list(self.suspects), "confidence": self.confidence, "copies_before": len(self.before),
-                "sure_suspects": list(self.sure_suspects)}  # fmt: skip
+                "sure_suspects": list(self.sure_suspects), "joint_suspects": list(self.joint_suspects),
+                "joint_confidence": self.joint_confidence}  # fmt: skip
 
 
 def answers(out: Any, pred_input: np.ndarray, probabilities: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -167,12 +188,13 @@ def answers(out: Any, pred_input: np.ndarray, probabilities: bool) -> tuple[np.n
 
 
 def gated(pred_input: np.ndarray, conf_input: np.ndarray, copies: list[tuple[np.ndarray, np.ndarray]],
-          suspects: list[int], confidence: float, sure_suspects: list[int], level: float) -> np.ndarray:  # fmt: skip
+          suspects: list[int], confidence: float, sure_suspects: list[int], level: float,
+          joint_suspects: list[int] | None = None, joint_confidence: float = 0.0) -> np.ndarray:  # fmt: skip
     """The gated model's classes from the input's and the copies' (:func:`answers`) (``_gate.gated_predictions``)."""
     from onnxclp.methods._gate import gated_predictions
 
     return gated_predictions(pred_input, [c for c, _ in copies], suspects, conf_input, confidence, sure_suspects,
-                             [p for _, p in copies], level)  # fmt: skip
+                             [p for _, p in copies], level, joint_suspects or [], joint_confidence)  # fmt: skip
 
 
 @register
@@ -234,7 +256,7 @@ class FSTGate(FST):
             if not state.options.force:
                 blind(state.guard, clean.right_before_selection, y_val, False)  # raises Refused
         p = state.params
-        _, first_k, first_c, _ = walk[0]
+        first_k, first_c = walk[0].suspects, walk[0].confidence
         objective = GateObjective(float(p["fst_alpha"]), str(p["fst_scope"]), pred_input, conf_input,
                                   order[:first_k], first_c)  # fmt: skip
         settings = self.settings(state)
@@ -255,19 +277,21 @@ class FSTGate(FST):
         preds = [predict(module)]
         ladder: list[dict[str, Any]] = []
         kept = 0
-        for i, (n, k, conf, s) in enumerate(walk):
-            entry = {"copies": n, "suspects": k, "confidence": conf, "classes": order[:k], "sure_suspects": s}
-            short = [c for c in order[: max(k, s)] if counts[c] < need]
+        for i, (n, k, conf, s, a, b) in enumerate(walk):
+            entry = {"copies": n, "suspects": k, "confidence": conf, "classes": order[:k], "sure_suspects": s,
+                     "joint_suspects": a, "joint_confidence": b}  # fmt: skip
+            short = [c for c in order[: max(k, s, a)] if counts[c] < need]
             if i > 0 and short:  # not measurable: the walk ends before it
                 ladder.append({**entry, "unmeasurable": short, "within": False, "drop": None, "bound": None})
                 break
             while len(preds) < n:
                 judge = GateJudge(pred_input, conf_input, order[:k], conf, before=list(preds),
-                                  sure_suspects=order[:s], level=level, probabilities=probabilities)  # fmt: skip
+                                  sure_suspects=order[:s], level=level, probabilities=probabilities,
+                                  joint_suspects=order[:a], joint_confidence=b)  # fmt: skip
                 extra = self.train_copy(state, judge)
                 trained.append(extra)
                 preds.append(predict(extra[0]))
-            right = gated(pred_input, conf_input, preds[:n], order[:k], conf, order[:s], level) == y_val
+            right = gated(pred_input, conf_input, preds[:n], order[:k], conf, order[:s], level, order[:a], b) == y_val
             d = paired_drop(right_before, right)
             within = d.bound(z) <= budget + 1e-9
             ladder.append({**entry, "drop": d.drop, "bound": d.bound(z), "within": within,
@@ -280,8 +304,8 @@ class FSTGate(FST):
                 kept = i
             elif sequence_z is not None:
                 break
-        n, k, confidence, s = walk[kept]
-        sure_suspects = order[:s]
+        n, k, confidence, s, a, joint_confidence = walk[kept]
+        sure_suspects, joint_suspects = order[:s], order[:a]
         notes = len(state.notes)
         values: list[dict[str, np.ndarray]] = []
         described: list[dict[str, Any]] = []
@@ -299,7 +323,7 @@ class FSTGate(FST):
         suspects = order[:k]
         classes = len(order)
         state.graph_edit = lambda st: compose(st.model, used, suspects, classes, confidence, probabilities,
-                                              sure_suspects, level)  # fmt: skip
+                                              sure_suspects, level, joint_suspects, joint_confidence)  # fmt: skip
         assert state.training is not None
         # the input's initializers are not rewritten: the new values are the copies' (the report's ``rewritten``
         # stays empty; ``training.copied`` lists the first copy's with their change from the input's)
@@ -308,6 +332,7 @@ class FSTGate(FST):
         state.training["gate"] = {"order": order, "anomaly_index": scores, "suspects": suspects,
                                   "confidence": confidence, "copies": n, "ladder": ladder,
                                   "sure_suspects": sure_suspects, "sure_level": level if s else None,
+                                  "joint_suspects": joint_suspects, "joint_confidence": joint_confidence,
                                   "part": clean.selection_name, "in_sequence": sequence_z is not None}  # fmt: skip
         if described:
             state.training["gate"]["further_copies"] = described
@@ -323,6 +348,13 @@ class FSTGate(FST):
                 f" (and, where it says one of classes {sure_suspects} at any probability, where a copy gives that "
                 f"class less than {level:.3g} of its probability)"
                 if s
+                else ""
+            )
+            + (
+                f" (and, where it says one of classes {joint_suspects}"
+                + (f" above {joint_confidence:g}" if joint_confidence > 0 else "")
+                + ", where every copy disagrees)"
+                if a
                 else ""
             )
             + f"; {sum(len(v) for v in used)} initializers copied with new values, the "
