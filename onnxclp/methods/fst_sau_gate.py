@@ -14,11 +14,12 @@ moved (:func:`onnxclp.methods.fst_gate.candidates` with ``sure``): FST's copy al
 the input's top probability is above 0.99 (fst-gate's first candidate, the run's end of FST's training); both
 copies there; the same plus the copies' *sure* moves on the first suspect (at any confidence of the input, where a
 copy disagrees and gives the input's answer less than 1/C of its probability: a copy that has unlearnt a trigger
-gives the target little, while the clean target images a copy gets wrong mostly keep 0.1-0.4 of it); both copies
-behind the first suspect at the bars 0.9, 0.5 and 0 with those sure moves; then, for k = 2, 3, ..., the first k-1
-suspects with the sure moves on the first k, then the first k. SAU's copy is trained only when FST's first
-candidate is within the budget. A model gets the copies of the last candidate within. The sure moves were added
-in session 17 (written down before measuring: docs/results-repair-notes.md).
+gives the target little, while the clean target images a copy gets wrong mostly keep 0.1-0.4 of it); plus the
+copies' *joint* moves on the first suspect (where every copy disagrees) above 0.9, 0.5 and 0; then either copy's
+moves above 0.9, 0.5 and 0; then, for k = 2, 3, ..., the first k-1 suspects with the sure and joint moves on the
+first k, then the first k. SAU's copy is trained only when FST's first candidate is within the budget. A model
+gets the copies of the last candidate within. The sure and joint moves were added in session 17 (each written
+down before measuring it: docs/results-repair-notes.md).
 
 **The copies.** FST's as fst-gate's (``--lr``, ``--epochs``, ``--distill``, ``--distill-mix``). SAU's at one
 rate, ``--sau-lr`` (default 0.001, the first of the repairs' walk: the rate at which SAU's zoo results in
@@ -68,8 +69,8 @@ class FSTSAUGate(FSTGate):
         "onnxclp's"
     )
     # scan's next step names it (onnxclp.scanning.suggested_methods): the lowest average ASR under the guard at 500
-    # clean images on the zoo, BN-folded exports, on both draws (shared: 5.1 % at 0.6 points; each model its own
-    # images: 5.2 % at 1.3; fst-gate 32.5 % and 22.4 %; docs/results-repair.md). Its cost: three networks
+    # clean images on the zoo, BN-folded exports, on both draws (shared: 4.8 % at 0.6 points; each model its own
+    # images: 5.2 % at 1.4; fst-gate 32.5 % and 22.4 %; docs/results-repair.md). Its cost: three networks
     suggested = True
     params = (*FSTGate.params, SAU_LR, SAU_EPOCHS, EPS, STEPS)
     copies = 2
