@@ -204,6 +204,20 @@ def _as_4d(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _two_copies(opset: int, ir: int, four_d: bool = False):
+    """The MLP (output (N, 3) or (N, 3, 1, 1)), its two "repaired copies" (``w2`` reversed; ``w2`` rolled) and
+    their new ``w2``s."""
+    from onnx import numpy_helper
+
+    model, first, w2 = _pair(opset, ir, _as_4d if four_d else None)
+    second = _as_4d(_mlp(opset, ir)) if four_d else _mlp(opset, ir)
+    w2b = np.roll(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2")), 1, axis=1)
+    for t in second.graph.initializer:
+        if t.name == "w2":
+            t.CopyFrom(numpy_helper.from_array(w2b, "w2"))
+    return model, first, second, w2, w2b
+
+
 @pytest.mark.parametrize(("opset", "ir", "four_d"), [(18, 8, False), (13, 7, True), (9, 4, False), (8, 3, True)])
 def test_compose_with_sure_moves_adds_the_copies_sure_disagreements(opset, ir, four_d):
     """``sure_suspects``: besides the bar's moves, a copy answers where the input says one of those classes at any
@@ -211,19 +225,10 @@ def test_compose_with_sure_moves_adds_the_copies_sure_disagreements(opset, ir, f
     in the model's opset form; (N, C) and (N, C, 1, 1) outputs); the first copy that qualifies answers. onnxruntime
     and numpy's :func:`gated_predictions` (with :func:`answer_probability`) agree on every row, and the sure moves
     reach rows the bar alone leaves."""
-    from onnx import numpy_helper
 
     from onnxclp.methods._gate import answer_probability, compose, gated_predictions, softmax_top
 
-    wrap = _as_4d if four_d else None
-    model, first, w2 = _pair(opset, ir, wrap)
-    second = _mlp(opset, ir)
-    if four_d:
-        second = _as_4d(second)
-    w2b = np.roll(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2")), 1, axis=1)
-    for t in second.graph.initializer:
-        if t.name == "w2":
-            t.CopyFrom(numpy_helper.from_array(w2b, "w2"))
+    model, first, second, w2, w2b = _two_copies(opset, ir, four_d)
     x = (3 * np.random.default_rng(5).normal(size=(2000, 4))).astype(np.float32)
     m, r1, r2 = _run(model, x), _run(first, x), _run(second, x)
     compose(model, [{"w2": w2}, {"w2": w2b}], [0], 3, confidence=0.9, sure_suspects=[0, 2], sure_level=1 / 3)
@@ -294,17 +299,10 @@ def test_compose_with_joint_moves_moves_where_every_copy_disagrees(opset, ir, fo
     ``joint_confidence``) and every copy disagrees, on top of the bar's and the sure moves; onnxruntime and numpy's
     :func:`gated_predictions` agree on every row; a row where only one copy disagrees, below the bar and unsure,
     keeps the input's answer."""
-    from onnx import numpy_helper
 
     from onnxclp.methods._gate import answer_probability, compose, gated_predictions, softmax_top
 
-    wrap = _as_4d if four_d else None
-    model, first, w2 = _pair(opset, ir, wrap)
-    second = _as_4d(_mlp(opset, ir)) if four_d else _mlp(opset, ir)
-    w2b = np.roll(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2")), 1, axis=1)
-    for t in second.graph.initializer:
-        if t.name == "w2":
-            t.CopyFrom(numpy_helper.from_array(w2b, "w2"))
+    model, first, second, w2, w2b = _two_copies(opset, ir, four_d)
     x = (3 * np.random.default_rng(6).normal(size=(3000, 4))).astype(np.float32)
     m, r1, r2 = _run(model, x), _run(first, x), _run(second, x)
     compose(model, [{"w2": w2}, {"w2": w2b}], [0], 3, confidence=0.95, sure_suspects=[0], sure_level=0.05,
