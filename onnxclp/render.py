@@ -138,8 +138,27 @@ def coupled_notes(coupled: list[Any], names: dict[str, str] | None = None) -> li
     return out
 
 
+def _repair(method: str) -> bool:
+    """Whether ``method`` is a repair that scores no channels (fine-tuning, the gates, NPD): its report has no layer
+    table, and fully connected layers are not "not scored" by it."""
+    from onnxclp import methods
+
+    try:
+        m = methods.get(method)
+    except Exception:  # a report of a method this version does not have
+        return False
+    return getattr(m, "rewrites", None) is not None and m.score is None
+
+
 def _summary(report: Report) -> str:
     t = report.totals()
+    if not report.layers and _repair(report.method):
+        changed = [f"{len(report.rewritten)} initializers rewritten"] if report.rewritten else []
+        changed += [f"{len(report.added_nodes)} nodes added"] if report.added_nodes else []
+        return (
+            f"{report.method}: no channel scored or pruned (a repair); {', '.join(changed) or 'nothing changed'} in "
+            + (f"{report.time_s:.2f} s")
+        )
     return (
         f"{t['scored_layers']} layers scored, {t['skipped_layers']} skipped; "
         f"{t['pruned_channels']} of {t['channels']} channels pruned"
@@ -264,7 +283,10 @@ def _tail(report: Report, names: dict[str, str]) -> list[str]:
 
 
 def _skipped_rows(report: Report, names: dict[str, str]) -> list[list[str]]:
-    return [[names.get(s.node, s.node), s.op, s.reason] for s in report.skipped]
+    # a repair that scored no channel: its fully connected layers' "not scored" says nothing (the JSON keeps them)
+    repair = not report.layers and _repair(report.method)
+    return [[names.get(s.node, s.node), s.op, s.reason] for s in report.skipped
+            if not (repair and s.reason.startswith("fully connected: not scored"))]  # fmt: skip
 
 
 def render_plain(report: Report, verbose: bool = False) -> str:
@@ -274,6 +296,8 @@ def render_plain(report: Report, verbose: bool = False) -> str:
     cols, rows, hidden = _rows(report, verbose, names, None, ",")
     lines = [report_title(report)]
     table = [[c for c, _ in cols], *[[_printable(x) for x in row] for row in rows]]
+    if not rows and _repair(report.method):  # no layer table for a repair
+        table = []
     widths = _natural(cols, rows)
     last = len(cols) - 1
     for r in table:
@@ -332,13 +356,17 @@ def print_report(report: Report, console=None, verbose: bool = False) -> None:
     if sum(_natural(cols, rows)) + _GAP * (len(cols) - 1) > console.width and any(c == "affine" for c, _ in cols):
         cols, rows, hidden = _rows(report, verbose, names, limit, ", ", affine="mark")  # too narrow for the names
         mark = True
-    console.print(_table(report_title(report), cols, rows, console.width))
+    if rows or not _repair(report.method):
+        console.print(_table(report_title(report), cols, rows, console.width))
+    else:  # a repair: no layer table
+        console.print(_text(report_title(report)), overflow="fold")
     if mark:
         console.print(_text(AFFINE_NOTE), overflow="fold")
     if hidden:
         console.print(_hidden_line(hidden))
-    if report.skipped:
+    skipped_rows = _skipped_rows(report, names)
+    if skipped_rows:
         skipped = [("layer", False), ("op", False), ("reason", False)]
-        console.print(_table("skipped", skipped, _skipped_rows(report, names), console.width))
+        console.print(_table("skipped", skipped, skipped_rows, console.width))
     for line in _tail(report, names):
         console.print(_text(line), overflow="fold")

@@ -7,6 +7,7 @@ The framework they share (BatchNorm round trip, FT, fixed-batch exports) is test
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -966,6 +967,17 @@ def test_fst_gate_keeps_the_input_and_consults_the_copy_on_suspects(backdoored, 
     assert {n.name for n in before.graph.node} <= {n.name for n in after.graph.node}
     copied = [k for k in new if k.startswith(PREFIX) and k[len(PREFIX) :] in old]
     assert copied and not rep.rewritten and len(rep.added_nodes) > len(before.graph.node)
+    # the terminal: no empty layer table and no "not scored" line for a repair; the totals say what it changed
+    from rich.console import Console
+
+    from onnxclp.render import print_report, render_plain
+
+    out_rich = io.StringIO()
+    print_report(rep, Console(file=out_rich, width=100, highlight=False))
+    for text in (render_plain(rep), out_rich.getvalue()):
+        assert f"no channel scored or pruned (a repair); {len(rep.added_nodes)} nodes added" in text
+        assert "not scored by" not in text and "pruned  " not in text and "mean" not in text
+    assert any(s.reason.startswith("fully connected: not scored") for s in rep.skipped)  # the JSON keeps them
     assert {c["name"] for c in rep.training["copied"]} == {k[len(PREFIX) :] for k in copied}
     assert [o.name for o in after.graph.output] == [o.name for o in before.graph.output]
     x = _images(40, 9)[0]
