@@ -138,16 +138,21 @@ def coupled_notes(coupled: list[Any], names: dict[str, str] | None = None) -> li
     return out
 
 
-def _repair(method: str) -> bool:
-    """Whether ``method`` is a repair that scores no channels (fine-tuning, the gates, NPD): its report has no layer
-    table, and fully connected layers are not "not scored" by it."""
+def _method(name: str) -> Any:
+    """The registered method class of a report's method; None for one this version does not have."""
     from onnxclp import methods
 
     try:
-        m = methods.get(method)
+        return methods.get(name)
     except Exception:  # a report of a method this version does not have
-        return False
-    return getattr(m, "rewrites", None) is not None and m.score is None
+        return None
+
+
+def _repair(method: str) -> bool:
+    """Whether ``method`` is a repair that scores no channels (fine-tuning, the gates, NPD): its report has no layer
+    table, and fully connected layers are not "not scored" by it."""
+    m = _method(method)
+    return m is not None and getattr(m, "rewrites", None) is not None and m.score is None
 
 
 def _summary(report: Report) -> str:
@@ -169,12 +174,8 @@ def _summary(report: Report) -> str:
 
 
 def _rescales(method: str) -> bool:
-    from onnxclp import methods
-
-    try:
-        return bool(methods.get(method).rescales)
-    except Exception:  # a report of a method this version does not have
-        return False
+    m = _method(method)
+    return m is not None and bool(m.rescales)
 
 
 Columns = list[tuple[str, bool]]  # (header, right-aligned)

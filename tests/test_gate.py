@@ -272,7 +272,7 @@ def test_each_candidate_of_the_walk_moves_at_least_what_the_one_before_moved(cop
     """The walk's order (fst_gate.candidates): on random answers of the input and the copies, every candidate's
     moved rows include the previous candidate's (with the sure and joint moves too), so stopping at the first over
     budget keeps the most that passed."""
-    from onnxclp.methods.fst_gate import candidates, gated, sure_level
+    from onnxclp.methods.fst_gate import candidates, gated
 
     rng = np.random.default_rng(7)
     classes, n = 5, 4000
@@ -284,8 +284,8 @@ def test_each_candidate_of_the_walk_moves_at_least_what_the_one_before_moved(cop
     assert walk[0] == (1, 1, 0.99, 0, 0, 0.0) and walk[-1] == (copies, classes, 0.0, 0, 0, 0.0)
     assert any(c.sure or c.joint for c in walk) == sure
     moved_before = np.zeros(n, dtype=bool)
-    for m, k, c, s, a, b in walk:
-        out = gated(pred_input, conf, copies_[:m], order[:k], c, order[:s], sure_level(classes), order[:a], b)
+    for candidate in walk:
+        out = gated(pred_input, conf, copies_, order, candidate)
         moved = out != pred_input
         assert (moved | ~moved_before).all() and moved.sum() >= moved_before.sum()
         moved_before = moved

@@ -204,17 +204,20 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
     def nth(name: str, i: int) -> str:  # the i-th copy's gate tensors and nodes: the first copy's names unsuffixed
         return t(name if i == 0 else f"{name}_{i + 1}")
 
-    mask = np.zeros(classes, dtype=np.float32)
-    mask[list(suspects)] = 1.0
-    mask_name, half = t("suspects"), t("half")
-    graph.initializer.extend([numpy_helper.from_array(mask, mask_name),
-                              numpy_helper.from_array(np.array(0.5, dtype=np.float32), half)])  # fmt: skip
-    a_in, m, sus = t("argmax_input"), t("mask"), t("suspect")
-    gate = [
-        helper.make_node("ArgMax", [y_input], [a_in], name=t("ArgMax_input"), axis=1, keepdims=1),
-        helper.make_node("Gather", [mask_name, a_in], [m], name=t("Gather_suspect"), axis=0),
-        helper.make_node("Greater", [m, half], [sus], name=t("Greater_suspect")),
-    ]
+    half, a_in = t("half"), t("argmax_input")
+    graph.initializer.append(numpy_helper.from_array(np.array(0.5, dtype=np.float32), half))
+    gate = [helper.make_node("ArgMax", [y_input], [a_in], name=t("ArgMax_input"), axis=1, keepdims=1)]
+
+    def one_of(listed: Sequence[int], kind: str = "") -> str:  # where the input's class is one of ``listed``
+        mask = np.zeros(classes, dtype=np.float32)  # a 0/1 vector over the classes, gathered by the input's class
+        mask[list(listed)] = 1.0
+        values, gathered, out_ = t(kind + "suspects"), t(kind + "mask"), t(kind + "suspect")
+        graph.initializer.append(numpy_helper.from_array(mask, values))
+        gate.extend([helper.make_node("Gather", [values, a_in], [gathered], name=t(f"Gather_{kind}suspect"), axis=0),
+                     helper.make_node("Greater", [gathered, half], [out_], name=t(f"Greater_{kind}suspect"))])  # fmt: skip
+        return out_
+
+    sus = one_of(suspects)
 
     def softmax(y_name: str, tag: str) -> str:  # the output's softmax in float32 (the thresholds' type)
         source = y_name
@@ -257,18 +260,13 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
         opened = above(sus, confidence, "confidence")
     sure_open: str | None = None
     if len(sure_suspects):  # the sure moves: a mask of their suspects, and the input's class one-hot (N, C)
-        sure_mask = np.zeros(classes, dtype=np.float32)
-        sure_mask[list(sure_suspects)] = 1.0
-        sm, smask, sure_open = t("sure_suspects"), t("sure_mask"), t("sure_suspect")
+        sure_open = one_of(sure_suspects, "sure_")
         level, class_ids, column = t("sure_level"), t("classes"), t("column")
         a_flat, hot, onehot, shape_a = t("argmax_input_flat"), t("onehot_input"), t("onehot_input_float"), t("shape")
-        graph.initializer.extend([numpy_helper.from_array(sure_mask, sm),
-                                  numpy_helper.from_array(np.array(sure_level, dtype=np.float32), level),
+        graph.initializer.extend([numpy_helper.from_array(np.array(sure_level, dtype=np.float32), level),
                                   numpy_helper.from_array(np.arange(classes, dtype=np.int64), class_ids),
                                   numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), column)])  # fmt: skip
         gate += [
-            helper.make_node("Gather", [sm, a_in], [smask], name=t("Gather_sure_suspect"), axis=0),
-            helper.make_node("Greater", [smask, half], [sure_open], name=t("Greater_sure_suspect")),
             helper.make_node("Reshape", [a_in, column], [a_flat], name=t("Reshape_input")),  # Flatten: float only <9
             helper.make_node("Equal", [a_flat, class_ids], [hot], name=t("Equal_onehot")),
             helper.make_node("Cast", [hot], [onehot], name=t("Cast_onehot"), to=1),
@@ -295,12 +293,7 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
         differs.append(ne)
     joint: str | None = None
     if len(joint_suspects):  # the joint moves: a joint suspect (above its bar) where every copy disagrees
-        joint_mask = np.zeros(classes, dtype=np.float32)
-        joint_mask[list(joint_suspects)] = 1.0
-        jm, jmask, jsus = t("joint_suspects"), t("joint_mask"), t("joint_suspect")
-        graph.initializer.append(numpy_helper.from_array(joint_mask, jm))
-        gate += [helper.make_node("Gather", [jm, a_in], [jmask], name=t("Gather_joint_suspect"), axis=0),
-                 helper.make_node("Greater", [jmask, half], [jsus], name=t("Greater_joint_suspect"))]  # fmt: skip
+        jsus = one_of(joint_suspects, "joint_")
         jopen = above(jsus, joint_confidence, "joint_confidence") if joint_confidence > 0 else jsus
         every = differs[0]
         for i in range(1, len(differs)):

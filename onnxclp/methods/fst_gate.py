@@ -139,44 +139,36 @@ class Judged:
 class GateObjective(Judged, FSTObjective):
     """FST's objective, judged on the validation images through the gate's first candidate."""
 
-    def __init__(self, alpha: float, scope: str, pred_input: np.ndarray, conf_input: np.ndarray,
-                 suspects: list[int], confidence: float) -> None:  # fmt: skip
+    def __init__(self, alpha: float, scope: str, judge: GateJudge) -> None:
         super().__init__(alpha, scope=scope)
-        self.judge = GateJudge(pred_input, conf_input, suspects, confidence)
+        self.judge = judge
 
 
 class GateJudge:
-    """What a copy in training answers through the gate: the input's answers, earlier copies' (``before``: their
-    classes and, for the sure moves, their probabilities of the input's answer) and the module's, behind
-    ``suspects`` and the bar ``confidence`` (and the sure moves on ``sure_suspects`` below ``level``)."""
+    """What a copy in training answers through the gate at ``candidate`` (suspects ranked ``order``): the input's
+    answers, earlier copies' (``before``: :func:`answers`) and the module's."""
 
-    def __init__(self, pred_input: np.ndarray, conf_input: np.ndarray, suspects: list[int], confidence: float,
-                 before: list[tuple[np.ndarray, np.ndarray]] | None = None, sure_suspects: list[int] | None = None,
-                 level: float = 0.0, probabilities: bool = False, joint_suspects: list[int] | None = None,
-                 joint_confidence: float = 0.0) -> None:  # fmt: skip
+    def __init__(self, pred_input: np.ndarray, conf_input: np.ndarray, order: list[int], candidate: Candidate,
+                 probabilities: bool, before: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:  # fmt: skip
         self.pred_input = pred_input
         self.conf_input = conf_input
-        self.suspects = suspects
-        self.confidence = confidence
-        self.before = before or []
-        self.sure_suspects = sure_suspects or []
-        self.level = level
+        self.order = order
+        self.candidate = candidate
         self.probabilities = probabilities
-        self.joint_suspects = joint_suspects or []
-        self.joint_confidence = joint_confidence
+        self.before = before or []
 
     def right(self, module: OnnxModule, x: Any, y: Any) -> np.ndarray:
         from onnxclp.defences.repair import outputs
 
-        pred = gated(self.pred_input, self.conf_input, [*self.before, answers(outputs(module, x), self.pred_input,
-                     self.probabilities)], self.suspects, self.confidence, self.sure_suspects, self.level,
-                     self.joint_suspects, self.joint_confidence)  # fmt: skip
+        mine = answers(outputs(module, x), self.pred_input, self.probabilities)
+        pred = gated(self.pred_input, self.conf_input, [*self.before, mine], self.order, self.candidate)
         return pred == y.cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
-        return {"suspects": list(self.suspects), "confidence": self.confidence, "copies_before": len(self.before),
-                "sure_suspects": list(self.sure_suspects), "joint_suspects": list(self.joint_suspects),
-                "joint_confidence": self.joint_confidence}  # fmt: skip
+        _, k, confidence, s, a, b = self.candidate
+        return {"suspects": self.order[:k], "confidence": confidence, "copies_before": len(self.before),
+                "sure_suspects": self.order[:s], "joint_suspects": self.order[:a],
+                "joint_confidence": b}  # fmt: skip
 
 
 def answers(out: Any, pred_input: np.ndarray, probabilities: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -188,13 +180,15 @@ def answers(out: Any, pred_input: np.ndarray, probabilities: bool) -> tuple[np.n
 
 
 def gated(pred_input: np.ndarray, conf_input: np.ndarray, copies: list[tuple[np.ndarray, np.ndarray]],
-          suspects: list[int], confidence: float, sure_suspects: list[int], level: float,
-          joint_suspects: list[int] | None = None, joint_confidence: float = 0.0) -> np.ndarray:  # fmt: skip
-    """The gated model's classes from the input's and the copies' (:func:`answers`) (``_gate.gated_predictions``)."""
+          order: list[int], candidate: Candidate) -> np.ndarray:  # fmt: skip
+    """The gated model's classes at ``candidate``, the suspects ranked ``order``, from the input's and its first
+    ``candidate.copies`` copies' (:func:`answers`) (``_gate.gated_predictions``)."""
     from onnxclp.methods._gate import gated_predictions
 
-    return gated_predictions(pred_input, [c for c, _ in copies], suspects, conf_input, confidence, sure_suspects,
-                             [p for _, p in copies], level, joint_suspects or [], joint_confidence)  # fmt: skip
+    n, k, confidence, s, a, b = candidate
+    used = copies[:n]
+    return gated_predictions(pred_input, [c for c, _ in used], order[:k], conf_input, confidence, order[:s],
+                             [p for _, p in used], sure_level(len(order)), order[:a], b)  # fmt: skip
 
 
 @register
@@ -256,9 +250,8 @@ class FSTGate(FST):
             if not state.options.force:
                 blind(state.guard, clean.right_before_selection, y_val, False)  # raises Refused
         p = state.params
-        first_k, first_c = walk[0].suspects, walk[0].confidence
-        objective = GateObjective(float(p["fst_alpha"]), str(p["fst_scope"]), pred_input, conf_input,
-                                  order[:first_k], first_c)  # fmt: skip
+        objective = GateObjective(float(p["fst_alpha"]), str(p["fst_scope"]),
+                                  GateJudge(pred_input, conf_input, order, walk[0], probabilities))  # fmt: skip
         settings = self.settings(state)
         module, outcome = train(state, objective, settings)  # type: ignore[arg-type]
         trained = [(module, outcome, settings, objective)]
@@ -277,7 +270,8 @@ class FSTGate(FST):
         preds = [predict(module)]
         ladder: list[dict[str, Any]] = []
         kept = 0
-        for i, (n, k, conf, s, a, b) in enumerate(walk):
+        for i, candidate in enumerate(walk):
+            n, k, conf, s, a, b = candidate
             entry = {"copies": n, "suspects": k, "confidence": conf, "classes": order[:k], "sure_suspects": s,
                      "joint_suspects": a, "joint_confidence": b}  # fmt: skip
             short = [c for c in order[: max(k, s, a)] if counts[c] < need]
@@ -285,13 +279,11 @@ class FSTGate(FST):
                 ladder.append({**entry, "unmeasurable": short, "within": False, "drop": None, "bound": None})
                 break
             while len(preds) < n:
-                judge = GateJudge(pred_input, conf_input, order[:k], conf, before=list(preds),
-                                  sure_suspects=order[:s], level=level, probabilities=probabilities,
-                                  joint_suspects=order[:a], joint_confidence=b)  # fmt: skip
+                judge = GateJudge(pred_input, conf_input, order, candidate, probabilities, before=list(preds))
                 extra = self.train_copy(state, judge)
                 trained.append(extra)
                 preds.append(predict(extra[0]))
-            right = gated(pred_input, conf_input, preds[:n], order[:k], conf, order[:s], level, order[:a], b) == y_val
+            right = gated(pred_input, conf_input, preds, order, candidate) == y_val
             d = paired_drop(right_before, right)
             within = d.bound(z) <= budget + 1e-9
             ladder.append({**entry, "drop": d.drop, "bound": d.bound(z), "within": within,
