@@ -1050,6 +1050,76 @@ def test_the_gate_walk_ends_before_a_suspect_set_it_cannot_measure(backdoored, t
     assert rep.training["gate"]["suspects"] == [TARGET]
 
 
+@pytest.fixture(scope="module")
+def allconv(tmp_path_factory) -> Path:
+    """The planted backdoor in an all-convolutional network: the logits are a 3x3 convolution's class maps,
+    globally pooled (no layer the classifier detector reads as the classifier: it reads a fully connected layer
+    or a 1x1 convolution)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0 = nn.Conv2d(3, 12, 3, padding=1)
+            self.c1 = nn.Conv2d(12, 16, 3, stride=2, padding=1)
+            self.head = nn.Conv2d(16, CLASSES, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.c1(F.relu(self.c0(x))))
+            return F.adaptive_avg_pool2d(self.head(h), 1).flatten(1)
+
+    torch.manual_seed(0)
+    x, y = _images(480, 1)
+    xs = torch.tensor(np.concatenate([x, _trigger(x[:80])]))
+    ys = torch.tensor(np.concatenate([y, np.full(80, TARGET)]))
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(8):
+        perm = torch.randperm(len(xs))
+        for i in range(0, len(xs), 64):
+            idx = perm[i : i + 64]
+            loss = F.cross_entropy(net(xs[idx]), ys[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path = tmp_path_factory.mktemp("allconv") / "allconv.onnx"
+    torch.onnx.export(net.eval(), torch.rand(2, 3, SIZE, SIZE), path, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})  # fmt: skip
+    return path
+
+
+def test_the_gate_ranks_by_mmbd_where_the_classifier_cannot_be_read(allconv, backdoored, tmp_path):
+    """An all-convolutional head (a 3x3 Conv to the classes, global pool) has no classifier layer the weight ranking reads: the
+    gate ranks the suspects by MM-BD's margins instead (the report says so and why), and the result answers as
+    the input wherever the input's class is not a kept suspect; ``--suspects-from classifier`` refuses it (exit 3,
+    naming the other ranking); on the planted backdoor MM-BD ranks the target first."""
+    import onnxclp
+    from onnxclp.errors import OnnxclpError
+
+    with pytest.raises(OnnxclpError) as exc:
+        onnxclp.sanitize_file(allconv, tmp_path / "no.onnx", method="fst-gate", context=_ctx(backdoored[1]),
+                              epochs=1, suspects_from="classifier")  # fmt: skip
+    assert exc.value.exit_code == 3 and "--suspects-from mmbd" in exc.value.message
+    out = tmp_path / "gate.onnx"
+    rep = onnxclp.sanitize_file(allconv, out, method="fst-gate", context=_ctx(backdoored[1]), epochs=1)
+    gate = rep.training["gate"]
+    assert gate["ranked_by"] == "mmbd" and "anomaly_index" not in gate
+    assert "classifier layer cannot be read" in gate["ranking_fallback"]
+    assert sorted(gate["order"]) == list(range(CLASSES)) and gate["margins"] == sorted(gate["margins"])[::-1]
+    assert any("MM-BD's maximum margins: the classifier layer cannot be read" in n for n in rep.notes)
+    x = _images(40, 9)[0]
+    m, g = _run(allconv, x), _run(out, x)
+    assert _run(out, x[:3]).shape == (3, CLASSES)
+    moved = (m != g).any(axis=1)
+    assert np.isin(m.argmax(1)[moved], gate["suspects"]).all()
+    rep = onnxclp.sanitize_file(backdoored[0], tmp_path / "mm.onnx", method="fst-gate", context=_ctx(backdoored[1]),
+                                epochs=1, suspects_from="mmbd")  # fmt: skip
+    gate = rep.training["gate"]
+    assert gate["ranked_by"] == "mmbd" and gate["order"][0] == TARGET and "ranking_fallback" not in gate
+
+
 def test_fst_sau_gate_walks_the_first_copy_then_both(backdoored, tmp_path):
     """fst-sau-gate on the planted backdoor, with a budget that lets the walk run: FST's copy alone behind the first
     suspect at the highest bar, then SAU's copy trained and both behind it, the sure moves on the first suspect

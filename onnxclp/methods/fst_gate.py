@@ -8,10 +8,13 @@ answers of its target class, so the written model answers as the input does exce
 suspected target and FST's copy disagrees. Clean images of other classes keep the input's answer, which is what
 lets the guard's validation images certify it.
 
-**The suspects** come from the weights alone, before any image is read: the classes ranked by the size of the
-``classifier`` detector's anomaly index, either sign (the excess of a class's row of the classifier layer over the
-others', :mod:`onnxclp.detect.classifier`), most anomalous first. A model whose classifier layer that detector cannot read
-is refused (exit 3, with its reason).
+**The suspects** come from the model alone, before any clean image is read (``--suspects-from``): the classes
+ranked by the size of the ``classifier`` detector's anomaly index, either sign (the excess of a class's row of the
+classifier layer over the others', :mod:`onnxclp.detect.classifier`), most anomalous first; where that detector
+cannot read the classifier layer (class maps from a 3x3 convolution, globally pooled, as in all-convolutional
+nets; several output layers), by MM-BD's per-class maximum logit margin on optimised images (Wang et al., IEEE
+S&P 2024, section III; :mod:`onnxclp.detect.mmbd`'s search budget), largest first. The report says which ranking
+was used and why.
 
 **The candidates**, tested in one fixed sequence on the validation images (docs/algorithms.md, "Testing
 candidates in sequence"): the gate with the first suspect alone where the input's top softmax probability is
@@ -57,18 +60,58 @@ DISTILL_MIX = ParamSpec("distill_mix", float, 2.0, "Weight of distillation on mi
                         "(function matching; repairs; 0 = off).", minimum=0.0)  # fmt: skip
 
 
-def suspects_of(state: State) -> tuple[list[int], list[float]]:
-    """The classes, most suspect first, and their anomaly indices (:func:`onnxclp.detect.classifier.class_anomaly`):
-    ranked by the index's size, either sign (a poisoned-label backdoor raises its target's row above the others'; the
-    zoo's clean-label SIG model has its target's the lowest, -3.2, docs/algorithms.md "The target gate")."""
+SUSPECTS_FROM = ParamSpec(
+    "suspects_from",
+    str,
+    "auto",
+    "How the gate ranks the suspected target classes: classifier (the classifier layer's anomaly index, either "
+    "sign; weights only), mmbd (MM-BD's per-class maximum margin on optimised images, largest first), auto "
+    "(classifier where that layer can be read, else mmbd).",
+    choices=("auto", "classifier", "mmbd"),
+)
+
+
+class Suspects(NamedTuple):
+    """The gate's ranking: ``order`` (most suspect first), each class's ``scores`` in that order, the ranking
+    used (``by``: ``classifier`` or ``mmbd``) and, where ``auto`` fell back to MM-BD, ``why``."""
+
+    order: list[int]
+    scores: list[float]
+    by: str
+    why: str | None = None
+
+
+def suspects_of(state: State) -> Suspects:
+    """The classes, most suspect first (module docstring, ``--suspects-from``).
+
+    ``classifier``: the anomaly indices of :func:`onnxclp.detect.classifier.class_anomaly`, ranked by size, either
+    sign (a poisoned-label backdoor raises its target's row above the others'; the zoo's clean-label SIG model has
+    its target's the lowest, -3.2, docs/algorithms.md "The target gate"). ``mmbd``: MM-BD's maximum margins
+    (:func:`onnxclp.detect.mmbd.measure`), largest first: a backdoor's target is the class an image can be pushed
+    furthest into (Wang et al., IEEE S&P 2024, section III). Exit 3 when the chosen ranking cannot run."""
     from onnxclp.detect.classifier import class_anomaly
 
-    a = class_anomaly(state)
-    if isinstance(a, str):
-        raise OnnxclpError(f"--method {state.params.method} ranks the suspected target classes from the classifier "
-                           f"layer, and cannot use this model's: {a}", 3)  # fmt: skip
-    order = [int(c) for c in np.argsort(-np.abs(a), kind="stable")]
-    return order, [float(a[c]) for c in order]
+    method, how = state.params.method, str(state.params["suspects_from"])
+    why = None
+    if how in ("auto", "classifier"):
+        a = class_anomaly(state)
+        if not isinstance(a, str):
+            order = [int(c) for c in np.argsort(-np.abs(a), kind="stable")]
+            return Suspects(order, [float(a[c]) for c in order], "classifier")
+        if how == "classifier":
+            raise OnnxclpError(f"--method {method} --suspects-from classifier ranks the suspected target classes "
+                               f"from the classifier layer, and cannot use this model's: {a} (try --suspects-from "
+                               "mmbd)", 3)  # fmt: skip
+        why = f"the classifier layer cannot be read ({a})"
+    from onnxclp.detect.mmbd import measure
+
+    out = measure(state)
+    if isinstance(out, str):
+        raise OnnxclpError(f"--method {method} ranks the suspected target classes with MM-BD"
+                           + (f" because {why}" if why else "") + f", which cannot run: {out}", 3)  # fmt: skip
+    margins = np.asarray(out[0].margins, dtype=np.float64)
+    order = [int(c) for c in np.argsort(-margins, kind="stable")]
+    return Suspects(order, [float(margins[c]) for c in order], "mmbd", why)
 
 
 # The gate's candidates, in the order they are tested: (suspects, confidence). The first suspect alone, where the
@@ -201,7 +244,7 @@ class FSTGate(FST):
     rewrites = "nodes"
     # scan's next step names fst-sau-gate since session 16 (lower ASR under the guard on both draws of the zoo)
     suggested = False
-    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, ALPHA, SCOPE)
+    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, ALPHA, SCOPE, SUSPECTS_FROM)
 
     def objective(self, state: State) -> Objective:  # pragma: no cover - decide builds the gated one
         raise NotImplementedError
@@ -222,7 +265,8 @@ class FSTGate(FST):
         from onnxclp.methods._gate import are_probabilities, compose, softmax_top
         from onnxclp.passes.guard import scores as input_scores
 
-        order, scores = suspects_of(state)
+        ranked = suspects_of(state)
+        order = ranked.order
         clean = state.clean
         assert clean is not None and state.guard is not None
         device = str(state.options.context.get("device") or "auto")
@@ -321,19 +365,27 @@ class FSTGate(FST):
         # stays empty; ``training.copied`` lists the first copy's with their change from the input's)
         state.training["copied"] = state.training.pop("rewritten")
         state.training["rewritten"] = []
-        state.training["gate"] = {"order": order, "anomaly_index": scores, "suspects": suspects,
+        state.training["gate"] = {"order": order, "ranked_by": ranked.by,
+                                  ("anomaly_index" if ranked.by == "classifier" else "margins"): ranked.scores,
+                                  "suspects": suspects,
                                   "confidence": confidence, "copies": n, "ladder": ladder,
                                   "sure_suspects": sure_suspects, "sure_level": level if s else None,
                                   "joint_suspects": joint_suspects, "joint_confidence": joint_confidence,
                                   "part": clean.selection_name, "in_sequence": sequence_z is not None}  # fmt: skip
         if described:
             state.training["gate"]["further_copies"] = described
+        if ranked.why:
+            state.training["gate"]["ranking_fallback"] = ranked.why
         state.decisions = []
         state.notes.append(
             f"{state.params.method}: "
             + ("FST's copy answers" if n == 1 else f"{n} copies answer (the first that disagrees)")
-            + f" where the input says one of classes {suspects} (of {classes}, ranked by the classifier's anomaly "
-            "index)"
+            + f" where the input says one of classes {suspects} (of {classes}, ranked by "
+            + (
+                "the classifier's anomaly index)"
+                if ranked.by == "classifier"
+                else "MM-BD's maximum margins" + (f": {ranked.why})" if ranked.why else ")")
+            )
             + (f" with a top probability above {confidence:g}" if confidence > 0 else "")
             + " and the copy disagrees"
             + (
