@@ -91,6 +91,53 @@ def test_compose_answers_as_the_input_but_where_a_suspect_meets_a_disagreeing_co
     assert json.loads(meta["onnxclp.added_nodes"]) == added
 
 
+def _with_outputs(model: onnx.ModelProto, first_softmax: bool) -> onnx.ModelProto:
+    """The MLP returning its softmax and its class beside its logits (logits first), or its softmax first and the
+    logits beside it (``first_softmax``)."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    g.node.extend([helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1)])
+    probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])
+    logits = g.output[0]
+    if first_softmax:
+        del g.output[:]
+        g.output.extend([probs, logits])
+        return model
+    g.node.extend([helper.make_node("ArgMax", ["logits"], ["label"], name="argmax", axis=1, keepdims=0)])
+    g.output.extend([probs, helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])])
+    return model
+
+
+@pytest.mark.parametrize(("opset", "ir"), [(13, 7), (8, 3)])
+def test_compose_gates_the_outputs_computed_from_the_first(opset, ir):
+    """A model returning its softmax and its class beside its logits: both follow the gated logits (the input's
+    Softmax and ArgMax read the gated output, moved after the gate; names and order of the outputs kept). With the
+    softmax first and the logits beside it, the logits output is not computed from the gated one: it stays the
+    input's, and ungated_outputs names it."""
+    from onnxclp.methods._gate import compose, gated_predictions, ungated_outputs
+
+    model, copy_model, copy_w2 = _pair(opset, ir, wrap=lambda m: _with_outputs(m, False))
+    assert ungated_outputs(model) == []
+    x = np.random.default_rng(1).normal(size=(300, 4)).astype(np.float32)
+    m_logits, r_logits = _run(model, x), _run(copy_model, x)
+    compose(model, {"w2": copy_w2}, [1], 3)
+    onnx.checker.check_model(model)
+    assert [o.name for o in model.graph.output] == ["logits", "probs", "label"]
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out, probs, label = s.run(None, {"x": x})
+    expected = gated_predictions(m_logits.argmax(1), r_logits.argmax(1), [1])
+    assert (expected != m_logits.argmax(1)).any()
+    np.testing.assert_array_equal(out.argmax(1), expected)
+    np.testing.assert_array_equal(label, expected)
+    e = np.exp(out - out.max(1, keepdims=True))
+    np.testing.assert_allclose(probs, e / e.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
+    assert [n.name for n in model.graph.node][-2:] == ["softmax", "argmax"]
+
+    model = _with_outputs(_mlp(opset, ir), True)
+    assert ungated_outputs(model) == ["logits"]
+
+
 def test_compose_refuses_what_it_cannot_copy():
     from onnx import helper
 
@@ -267,12 +314,13 @@ def test_gated_predictions_sure_moves_by_hand():
     np.testing.assert_array_equal(out, [1, 2, 1, 0, 1])
 
 
-@pytest.mark.parametrize(("copies", "sure"), [(1, False), (2, False), (2, True)])
-def test_each_candidate_of_the_walk_moves_at_least_what_the_one_before_moved(copies, sure):
+@pytest.mark.parametrize(("copies", "sure", "fine"), [(1, False, False), (2, False, False), (2, True, False),
+                                                     (2, True, True)])  # fmt: skip
+def test_each_candidate_of_the_walk_moves_at_least_what_the_one_before_moved(copies, sure, fine):
     """The walk's order (fst_gate.candidates): on random answers of the input and the copies, every candidate's
     moved rows include the previous candidate's (with the sure and joint moves too), so stopping at the first over
     budget keeps the most that passed."""
-    from onnxclp.methods.fst_gate import candidates, gated
+    from onnxclp.methods.fst_gate import CONFIDENCES, FINE_CONFIDENCES, candidates, gated
 
     rng = np.random.default_rng(7)
     classes, n = 5, 4000
@@ -280,7 +328,9 @@ def test_each_candidate_of_the_walk_moves_at_least_what_the_one_before_moved(cop
     conf = rng.uniform(0.2, 1.0, n)
     copies_ = [(rng.integers(0, classes, n), rng.uniform(0, 0.5, n)) for _ in range(copies)]
     order = list(rng.permutation(classes))
-    walk = candidates(classes, copies, sure)
+    bars = FINE_CONFIDENCES if fine else CONFIDENCES
+    walk = candidates(classes, copies, sure, bars)
+    assert {c.confidence for c in walk} | {c.joint_confidence for c in walk if c.joint} == set(bars)
     assert walk[0] == (1, 1, 0.99, 0, 0, 0.0) and walk[-1] == (copies, classes, 0.0, 0, 0, 0.0)
     assert any(c.sure or c.joint for c in walk) == sure
     moved_before = np.zeros(n, dtype=bool)

@@ -1120,6 +1120,40 @@ def test_the_gate_ranks_by_mmbd_where_the_classifier_cannot_be_read(allconv, bac
     assert gate["ranked_by"] == "mmbd" and gate["order"][0] == TARGET and "ranking_fallback" not in gate
 
 
+@pytest.mark.parametrize("softmax_first", [False, True])
+def test_the_gate_on_a_model_that_returns_logits_and_softmax(backdoored, tmp_path, softmax_first):
+    """The planted backdoor exported with its softmax beside its logits. Logits first: the softmax output follows
+    the gated logits. Softmax first: the gate reads and writes the softmax, and the notes say the logits output
+    stays the input network's."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import onnxclp
+
+    m = onnx.load(str(backdoored[0]))
+    (y,) = m.graph.output
+    m.graph.node.append(helper.make_node("Softmax", [y.name], ["probs"], name="softmax", axis=1))
+    probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", CLASSES])
+    outputs = [probs, y] if softmax_first else [y, probs]
+    del m.graph.output[:]
+    m.graph.output.extend(outputs)
+    src, out = tmp_path / "two.onnx", tmp_path / "gate.onnx"
+    onnx.save(m, src)
+    rep = onnxclp.sanitize_file(src, out, method="fst-gate", context=_ctx(backdoored[1]), epochs=1)
+    import onnxruntime as ort
+
+    x = _images(60, 9)[0].astype(np.float32)
+    first, second = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    ungated = [n for n in rep.notes if "stay the input network's" in n]
+    if softmax_first:
+        assert ungated and repr([y.name]) in ungated[0]
+        np.testing.assert_allclose(first.sum(1), 1.0, rtol=1e-5)
+    else:
+        assert not ungated
+        e = np.exp(first - first.max(1, keepdims=True))
+        np.testing.assert_allclose(second, e / e.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
 def test_fst_sau_gate_walks_the_first_copy_then_both(backdoored, tmp_path):
     """fst-sau-gate on the planted backdoor, with a budget that lets the walk run: FST's copy alone behind the first
     suspect at the highest bar, then SAU's copy trained and both behind it, the sure moves on the first suspect
@@ -1131,7 +1165,7 @@ def test_fst_sau_gate_walks_the_first_copy_then_both(backdoored, tmp_path):
 
     import onnxclp
     from onnxclp.methods._gate import PREFIX, copy_prefix
-    from onnxclp.methods.fst_gate import candidates
+    from onnxclp.methods.fst_gate import FINE_CONFIDENCES, candidates
 
     src, out = backdoored[0], tmp_path / "gate2.onnx"
     rep = onnxclp.sanitize_file(src, out, method="fst-sau-gate", context=_ctx(backdoored[1]), epochs=2,
@@ -1139,11 +1173,21 @@ def test_fst_sau_gate_walks_the_first_copy_then_both(backdoored, tmp_path):
     gate = rep.training["gate"]
     walk = [(s["copies"], s["suspects"], s["confidence"], s["sure_suspects"], s["joint_suspects"],
              s["joint_confidence"]) for s in gate["ladder"]]  # fmt: skip
-    assert walk == [tuple(c) for c in candidates(CLASSES, 2, sure=True)]
-    assert walk[:6] == [(1, 1, 0.99, 0, 0, 0.0), (2, 1, 0.99, 0, 0, 0.0), (2, 1, 0.99, 1, 0, 0.0),
-                        (2, 1, 0.99, 1, 1, 0.9), (2, 1, 0.99, 1, 1, 0.5), (2, 1, 0.99, 1, 1, 0.0)]  # fmt: skip
-    assert walk[6:9] == [(2, 1, 0.9, 1, 1, 0.0), (2, 1, 0.5, 1, 1, 0.0), (2, 1, 0.0, 0, 0, 0.0)]
-    assert walk[9:11] == [(2, 1, 0.0, 2, 2, 0.0), (2, 2, 0.0, 0, 0, 0.0)] and walk[-1] == (2, CLASSES, 0.0, 0, 0, 0.0)
+    assert walk == [tuple(c) for c in candidates(CLASSES, 2, sure=True, bars=FINE_CONFIDENCES)]
+    lower = FINE_CONFIDENCES[1:]  # 0.98 ... 0.5, 0
+    assert walk[:3] == [(1, 1, 0.99, 0, 0, 0.0), (2, 1, 0.99, 0, 0, 0.0), (2, 1, 0.99, 1, 0, 0.0)]
+    assert walk[3 : 3 + len(lower)] == [(2, 1, 0.99, 1, 1, b) for b in lower]
+    i = 3 + len(lower)
+    assert walk[i : i + len(lower)] == [(2, 1, c, 1, 1, 0.0) for c in lower[:-1]] + [(2, 1, 0.0, 0, 0, 0.0)]
+    i += len(lower)
+    assert walk[i : i + 2] == [(2, 1, 0.0, 2, 2, 0.0), (2, 2, 0.0, 0, 0, 0.0)] and walk[-1] == (
+        2,
+        CLASSES,
+        0.0,
+        0,
+        0,
+        0.0,
+    )
     assert gate["copies"] == 2 and gate["suspects"] == gate["order"]
     (sau,) = gate["further_copies"]
     assert sau["objective"] == "sau" and sau["used"] and sau["copied"]

@@ -20,7 +20,10 @@ which writes the output under its own name. With several copies (``fst-sau-gate`
 outermost. With sure moves (``sure_suspects``, fst-sau-gate's walk), a copy also answers where the input says one of
 those classes at any confidence and the copy gives that class less than the level of its softmax: ``Softmax`` of
 the copy, ``Equal`` of the input's class with the class indices (one-hot), ``ReduceSum`` of their product, ``Less``,
-``Or`` with the bar's gate. The model's other outputs, opsets, metadata and doc strings are kept; ``onnxclp.added_nodes`` lists the
+``Or`` with the bar's gate. The input's nodes that read its first output (a Softmax or an ArgMax writing another
+model output) read the gated one, so those outputs follow the gate; an output not computed from the first (logits
+returned beside a softmax that comes first) stays the input network's, and the method's notes say so
+(:func:`ungated_outputs`). Opsets, metadata and doc strings are kept; ``onnxclp.added_nodes`` lists the
 nodes added and ``onnxclp.gate`` records the suspects and the copies.
 """
 
@@ -77,6 +80,28 @@ def gated_predictions(pred_input: np.ndarray, pred_copy: np.ndarray | Sequence[n
         use = gate & (out == pred_input) & (pred != pred_input)  # not yet moved by an earlier copy
         out = np.where(use, pred, out)
     return out
+
+
+def downstream(nodes: Sequence[onnx.NodeProto], name: str) -> set[int]:
+    """ids of the ``nodes`` that read the tensor ``name`` or anything computed from it."""
+    reached, found = {name}, set()
+    for n in nodes:  # a graph's nodes are in topological order (the checker's rule)
+        if any(i in reached for i in n.input):
+            found.add(id(n))
+            reached.update(o for o in n.output if o)
+    return found
+
+
+def ungated_outputs(model: onnx.ModelProto) -> list[str]:
+    """The model outputs after the first that are not computed from it: the target gate writes the first, so these
+    stay the input network's (a network that returns its logits beside its softmax, the softmax first)."""
+    graph = model.graph
+    if len(graph.output) < 2:
+        return []
+    nodes = list(graph.node)
+    after = downstream(nodes, graph.output[0].name)
+    made = {o for n in nodes if id(n) in after for o in n.output}
+    return [o.name for o in graph.output[1:] if o.name not in made]
 
 
 def answer_probability(outputs: np.ndarray, pred_input: np.ndarray, probabilities: bool = False) -> np.ndarray:
@@ -185,12 +210,11 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
             copies.append(c)
         y_copies.append(renamed[y])
 
-    # the input's own first output is renamed, and the gate writes the output's name
+    # the input's own first output is renamed, and the gate writes the output's name; the input's nodes after it (a
+    # Softmax or an ArgMax writing another model output) read the gated output, and are moved after the gate
     y_input = unique(f"{y}.input", taken)
+    after = downstream(originals, y)
     for n in originals:
-        for j, name in enumerate(n.input):
-            if name == y:
-                n.input[j] = y_input
         for j, name in enumerate(n.output):
             if name == y:
                 n.output[j] = y_input
@@ -361,7 +385,16 @@ def compose(model: onnx.ModelProto, rewritten: Mapping[str, np.ndarray] | Sequen
                 helper.make_node("Add", [acc, moved], [target], name=nth("Add", i)),
             ]
             acc = target
-    graph.node.extend(copies + gate)
+    if after:
+        moved = [n for n in originals if id(n) in after]
+        ordered = [n for n in originals if id(n) not in after] + copies + gate + moved
+        kept = [type(n)() for n in ordered]
+        for k, n in zip(kept, ordered, strict=True):
+            k.CopyFrom(n)
+        del graph.node[:]
+        graph.node.extend(kept)
+    else:
+        graph.node.extend(copies + gate)
     if model.ir_version < 4:  # IR 3: every initializer is also a graph input
         listed = {i.name for i in graph.input}
         graph.input.extend(helper.make_tensor_value_info(x.name, x.data_type, list(x.dims))

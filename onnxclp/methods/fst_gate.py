@@ -118,6 +118,9 @@ def suspects_of(state: State) -> Suspects:
 # input is at least this sure of its answer (a backdoor's answers are sure ones; clean images the copy would move
 # are often not), the bar lowered step by step, then the suspects widened without a bar (module docstring).
 CONFIDENCES = (0.99, 0.9, 0.5, 0.0)
+# fst-sau-gate's bars since session 18: the same walk in smaller steps, so that it stops nearer the budget (the
+# sequence still ends at the first candidate over it; docs/results-repair-notes.md, session 18)
+FINE_CONFIDENCES = (0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.0)
 # a suspect class is measurable when at least this share of a class's average count of validation images is labelled
 # with it (200 images, 10 classes: 10); on the zoo's real draws every class has 12 or more
 MIN_CLASS_SHARE = 0.5
@@ -137,22 +140,24 @@ class Candidate(NamedTuple):
     joint_confidence: float = 0.0
 
 
-def candidates(classes: int, copies: int = 1, sure: bool = False) -> list[Candidate]:
+def candidates(classes: int, copies: int = 1, sure: bool = False,
+               bars: tuple[float, ...] = CONFIDENCES) -> list[Candidate]:  # fmt: skip
     """The walk, weakest first, each candidate moving at least the answers the one before moved: the first copy
     behind the first suspect at the highest bar; then every copy (one for fst-gate) behind it at each bar from the
     highest; then every copy behind wider suspect sets.
 
     With ``sure`` (fst-sau-gate), the moves with more evidence come before those with less (session 17): after
     every copy at the highest bar, the copies' sure moves on the first suspect; then their joint moves (every copy
-    disagrees) on it above 0.9, 0.5 and 0; then the moves of either copy above 0.9, 0.5 and 0; and before each wider
-    suspect set, the set before it plus the sure and joint moves on the wider one."""
-    top = CONFIDENCES[0]
+    disagrees) on it above each lower bar; then the moves of either copy above each lower bar; and before each wider
+    suspect set, the set before it plus the sure and joint moves on the wider one. ``bars``: the confidence bars,
+    highest first, ending at 0 (:data:`CONFIDENCES`; fst-sau-gate's :data:`FINE_CONFIDENCES`)."""
+    top = bars[0]
     if not sure:
-        walk = [Candidate(1, 1, top)] + [Candidate(copies, 1, c) for c in CONFIDENCES[1 if copies == 1 else 0 :]]
+        walk = [Candidate(1, 1, top)] + [Candidate(copies, 1, c) for c in bars[1 if copies == 1 else 0 :]]
         return walk + [Candidate(copies, k, 0.0) for k in range(2, classes + 1)]
     walk = [Candidate(1, 1, top), Candidate(copies, 1, top), Candidate(copies, 1, top, 1)]
-    walk += [Candidate(copies, 1, top, 1, 1, b) for b in CONFIDENCES[1:]]
-    walk += [Candidate(copies, 1, c, 1, 1, 0.0) for c in CONFIDENCES[1:-1]] + [Candidate(copies, 1, 0.0)]
+    walk += [Candidate(copies, 1, top, 1, 1, b) for b in bars[1:]]
+    walk += [Candidate(copies, 1, c, 1, 1, 0.0) for c in bars[1:-1]] + [Candidate(copies, 1, 0.0)]
     for k in range(2, classes + 1):
         walk += [Candidate(copies, k - 1, 0.0, k, k, 0.0), Candidate(copies, k, 0.0)]
     return walk
@@ -253,6 +258,8 @@ class FSTGate(FST):
     copies = 1
     # whether the walk tests the copies' sure disagreements before the unsure ones (candidates; fst-sau-gate)
     sure_walk = False
+    # the walk's confidence bars, highest first (candidates)
+    bars: tuple[float, ...] = CONFIDENCES
 
     def train_copy(self, state: State, judge: GateJudge) -> tuple[Any, Any, Any, Any]:
         """Train the gate's next copy; returns (module, outcome, settings, objective). ``judge`` is what the run's
@@ -275,7 +282,7 @@ class FSTGate(FST):
         pred_input = logits_input.reshape(len(logits_input), -1).argmax(1)
         probabilities = are_probabilities(logits_input)  # a Softmax at the end: the bar reads the output itself
         conf_input = softmax_top(logits_input, probabilities)
-        walk = candidates(len(order), self.copies, self.sure_walk)
+        walk = candidates(len(order), self.copies, self.sure_walk, self.bars)
         level = sure_level(len(order))
         # the gate changes answers only on images the input gives a suspect: a suspect with few validation images
         # labelled with it is a change the check cannot measure (synthesized stand-in images, labelled by the input,
@@ -377,6 +384,13 @@ class FSTGate(FST):
         if ranked.why:
             state.training["gate"]["ranking_fallback"] = ranked.why
         state.decisions = []
+        from onnxclp.methods._gate import ungated_outputs
+
+        others = ungated_outputs(state.model)
+        if others:
+            state.notes.append(f"{state.params.method}: the model outputs {others} are not computed from its first "
+                               "output, which the gate writes: they stay the input network's (ungated); read the "
+                               "first")  # fmt: skip
         state.notes.append(
             f"{state.params.method}: "
             + ("FST's copy answers" if n == 1 else f"{n} copies answer (the first that disagrees)")

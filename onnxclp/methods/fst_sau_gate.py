@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from onnxclp.methods import register
 from onnxclp.methods.base import ParamSpec
-from onnxclp.methods.fst_gate import FSTGate, GateJudge, Judged
+from onnxclp.methods.fst_gate import FINE_CONFIDENCES, FSTGate, GateJudge, Judged
 from onnxclp.methods.sau import EPS, STEPS, SAUObjective
 from onnxclp.methods.sau_ac import SAU_EPOCHS
 
@@ -69,12 +69,13 @@ class FSTSAUGate(FSTGate):
         "onnxclp's"
     )
     # scan's next step names it (onnxclp.scanning.suggested_methods): the lowest average ASR under the guard at 500
-    # clean images on the zoo, BN-folded exports, on both draws (shared: 4.8 % at 0.6 points; each model its own
-    # images: 5.2 % at 1.4; fst-gate 32.5 % and 22.4 %; docs/results-repair.md). Its cost: three networks
+    # clean images on the zoo, BN-folded exports, on both draws (shared: 4.6 % at 0.6 points; each model its own
+    # images: 5.2 % at 1.5; fst-gate 32.5 % and 22.4 %; docs/results-repair.md). Its cost: three networks
     suggested = True
     params = (*FSTGate.params, SAU_LR, SAU_EPOCHS, EPS, STEPS)
     copies = 2
     sure_walk = True
+    bars = FINE_CONFIDENCES  # session 18 (docs/results-repair-notes.md)
 
     def train_copy(self, state: State, judge: GateJudge) -> tuple[Any, Any, Any, Any]:
         from dataclasses import replace
