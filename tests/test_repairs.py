@@ -1200,3 +1200,70 @@ def test_fst_sau_gate_walks_the_first_copy_then_both(backdoored, tmp_path):
     m, g = _run(src, x), _run(out, x)
     moved = (m != g).any(axis=1)
     assert np.isin(m.argmax(1)[moved], gate["suspects"]).all()
+
+
+def _labelled_by(model_path: Path, n: int, folder: Path) -> tuple[Path, np.ndarray, str, bool]:
+    """``n`` random uint8 images of the model's input size, labelled with the model's own answers (onnxruntime,
+    one image at a time for a graph fixed at batch 1); the npz, the float images as fed, the input's name and
+    whether the input is NHWC."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(model_path))
+    weights = {t.name for t in m.graph.initializer}
+    (data,) = [i for i in m.graph.input if i.name not in weights]
+    shape = [d.dim_value for d in data.type.tensor_type.shape.dim]
+    nhwc = shape[-1] in (1, 3) and shape[1] not in (1, 3)
+    h, w, c = shape[1:] if nhwc else (shape[2], shape[3], shape[1])
+    x = np.random.default_rng(0).integers(0, 256, (n, h, w, c), dtype=np.uint8)
+    xf = x.astype(np.float32) / 255 if nhwc else x.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    s = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    y = np.concatenate([s.run(None, {data.name: xf[i : i + 1]})[0].reshape(1, -1).argmax(1) for i in range(n)])
+    out = folder / "clean.npz"
+    np.savez(out, x_test=x, y_test=y)
+    return out, xf, data.name, nhwc
+
+
+@pytest.mark.parametrize("which", ["squeezenet", "keras"])
+def test_the_gate_on_a_model_zoo_classic_and_a_keras_export(which, tmp_path):
+    """fst-gate end to end on the ONNX Model Zoo's SqueezeNet as the onnx package ships it (opset 9, IR version 3,
+    every initializer a graph input, a batch fixed at 1; random weights) and on tf2onnx's Keras CNN (NHWC input, a
+    Transpose first, opset 17 with the ai.onnx.ml domain): the written model passes onnx's full check, keeps the
+    IR version, opsets and input, declares its new initializers as graph inputs where IR 3 requires it, runs in
+    onnxruntime, and answers as the input wherever the input's class is not a kept suspect."""
+    import glob
+    import os
+
+    import onnx
+    import onnxruntime as ort
+
+    import onnxclp
+
+    if which == "squeezenet":
+        from test_compat_opsets import _LIGHT, realize
+
+        found = glob.glob(os.path.join(_LIGHT, "light_squeezenet.onnx"))
+        if not found:
+            pytest.skip("this onnx package ships no light test models")
+        src = tmp_path / "squeezenet.onnx"
+        onnx.save(realize(found[0]), src)
+    else:
+        src = Path(__file__).parent / "models" / "keras_cnn.onnx"
+    data, x, name, nhwc = _labelled_by(src, 140, tmp_path)
+    out = tmp_path / "gate.onnx"
+    ctx = {"clean_data": data, "clean_n": 140, "max_acc_drop": 100.0, "quiet": True}
+    rep = onnxclp.sanitize_file(src, out, method="fst-gate", context=ctx, epochs=1, force=True)
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    onnx.checker.check_model(after, full_check=True)
+    assert after.ir_version == before.ir_version and list(after.opset_import) == list(before.opset_import)
+    assert after.graph.input[0] == before.graph.input[0] and nhwc == (which == "keras")
+    if after.ir_version < 4:
+        assert {t.name for t in after.graph.initializer} <= {i.name for i in after.graph.input}
+    gate = rep.training["gate"]
+    a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for i in range(4):  # one image at a time: SqueezeNet's graph is fixed at batch 1
+        m, g = a.run(None, {name: x[i : i + 1]})[0], b.run(None, {name: x[i : i + 1]})[0]
+        assert g.shape == m.shape
+        if m.reshape(1, -1).argmax(1)[0] not in gate["suspects"]:
+            np.testing.assert_array_equal(g, m)
