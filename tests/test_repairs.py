@@ -1267,3 +1267,34 @@ def test_the_gate_on_a_model_zoo_classic_and_a_keras_export(which, tmp_path):
         assert g.shape == m.shape
         if m.reshape(1, -1).argmax(1)[0] not in gate["suspects"]:
             np.testing.assert_array_equal(g, m)
+
+
+def test_the_gate_on_a_binary_classifier(backdoored, tmp_path):
+    """Two classes: the classifier ranking needs three, so the gate ranks by MM-BD's two margins (no null is
+    fitted to one margin: the result says so) and writes a model that answers as the input outside the suspects."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    import onnxclp
+
+    m = onnx.load(str(backdoored[0]))
+    gemm = next(n for n in m.graph.node if n.op_type == "Gemm")
+    for t in m.graph.initializer:
+        if t.name in gemm.input[1:]:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t)[:2].copy(), t.name))
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 2
+    src = tmp_path / "binary.onnx"
+    onnx.save(m, src)
+    data, x, name, _ = _labelled_by(src, 160, tmp_path)
+    out = tmp_path / "gate.onnx"
+    rep = onnxclp.sanitize_file(src, out, method="fst-gate", context=_ctx(data), epochs=1)
+    gate = rep.training["gate"]
+    assert gate["ranked_by"] == "mmbd" and "2 classes (need 3)" in gate["ranking_fallback"]
+    assert sorted(gate["order"]) == [0, 1]
+    a, g = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {name: x})[0] for p in (src, out)
+    )
+    assert g.shape == (len(x), 2)
+    keep = ~np.isin(a.argmax(1), gate["suspects"])
+    np.testing.assert_array_equal(g[keep], a[keep])

@@ -243,7 +243,11 @@ def mmbd(
             p.requires_grad_(g)
         module.train(was_training)
     margins = best.reshape(num_classes, restarts).amax(dim=1).double().numpy()
-    p_value, target, null, fit = gamma_null_pvalue(margins)
+    if margins.size < 3:  # no null to fit beside the largest: the margins and the ranking alone (the gates' suspects)
+        p_value, target, fit = math.nan, int(np.argmax(margins)), "none: fewer than 3 classes"
+        null = (math.nan, math.nan, math.nan)
+    else:
+        p_value, target, null, fit = gamma_null_pvalue(margins)
     return MMBDResult(
         margins=margins,
         statistic=float(margins[target]),
