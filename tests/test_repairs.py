@@ -40,6 +40,27 @@ def _trigger(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _planted(net, epochs: int):
+    """``net`` trained with Adam on 480 images of :func:`_images` and 80 of them carrying the trigger, relabelled to
+    the target; returned in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y = _images(480, 1)
+    xs = torch.tensor(np.concatenate([x, _trigger(x[:80])]))
+    ys = torch.tensor(np.concatenate([y, np.full(80, TARGET)]))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xs))
+        for i in range(0, len(xs), 64):
+            idx = perm[i : i + 64]
+            loss = F.cross_entropy(net(xs[idx]), ys[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread for this file's small models (two threads on a busy 2-core machine spend most of their
@@ -81,20 +102,7 @@ def backdoored(tmp_path_factory) -> tuple[Path, Path, Path]:
 
     folder = tmp_path_factory.mktemp("repairs")
     torch.manual_seed(0)
-    x, y = _images(480, 1)
-    xs = torch.tensor(np.concatenate([x, _trigger(x[:80])]))
-    ys = torch.tensor(np.concatenate([y, np.full(80, TARGET)]))
-    net = Net()
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(6):
-        perm = torch.randperm(len(xs))
-        for i in range(0, len(xs), 64):
-            idx = perm[i : i + 64]
-            loss = F.cross_entropy(net(xs[idx]), ys[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
+    net = _planted(Net(), 6)
     path = folder / "backdoored.onnx"
     torch.onnx.export(net, torch.rand(2, 3, SIZE, SIZE), path, dynamo=False, input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})  # fmt: skip
@@ -1071,21 +1079,9 @@ def allconv(tmp_path_factory) -> Path:
             return F.adaptive_avg_pool2d(self.head(h), 1).flatten(1)
 
     torch.manual_seed(0)
-    x, y = _images(480, 1)
-    xs = torch.tensor(np.concatenate([x, _trigger(x[:80])]))
-    ys = torch.tensor(np.concatenate([y, np.full(80, TARGET)]))
-    net = Net()
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(8):
-        perm = torch.randperm(len(xs))
-        for i in range(0, len(xs), 64):
-            idx = perm[i : i + 64]
-            loss = F.cross_entropy(net(xs[idx]), ys[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    net = _planted(Net(), 8)
     path = tmp_path_factory.mktemp("allconv") / "allconv.onnx"
-    torch.onnx.export(net.eval(), torch.rand(2, 3, SIZE, SIZE), path, dynamo=False, input_names=["x"],
+    torch.onnx.export(net, torch.rand(2, 3, SIZE, SIZE), path, dynamo=False, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})  # fmt: skip
     return path
 
