@@ -269,7 +269,7 @@ class FSTGate(FST):
     def decide(self, state: State) -> None:
         from onnxclp.defences.repair import finish, outputs, train
         from onnxclp.guard import SELECT_Z, paired_drop
-        from onnxclp.methods._gate import are_probabilities, compose, softmax_top
+        from onnxclp.methods._gate import are_probabilities, compose, softmax_top, ungated_outputs
         from onnxclp.passes.guard import scores as input_scores
 
         ranked = suspects_of(state)
@@ -384,8 +384,6 @@ class FSTGate(FST):
         if ranked.why:
             state.training["gate"]["ranking_fallback"] = ranked.why
         state.decisions = []
-        from onnxclp.methods._gate import ungated_outputs
-
         others = ungated_outputs(state.model)
         if others:
             state.notes.append(f"{state.params.method}: the model outputs {others} are not computed from its first "
