@@ -1,6 +1,6 @@
 """Probes for a few-shot backdoor detector (issue 20): do clean images plus a small perturbation reveal the target?
 
-Three probes on a few clean images of each model's task, through the torch bridge (docs/detect.md, "Few-shot
+Probes on a few clean images of each model's task, through the torch bridge (docs/detect.md, "Few-shot
 detectors tried"):
 
 - ``uap``: one untargeted universal additive perturbation (L-inf ``eps`` in pixel space, signed-gradient ascent on
@@ -9,6 +9,10 @@ detectors tried"):
   bias multiplied by ``1 + delta``, ``|delta| <= eps``, delta maximising the loss; which class the model collapses to;
 - ``targeted``: per class, the share of images a small neuron perturbation sends to it, and the MAD z-score of the
   largest share;
+- ``stimulation``: Artificial Brain Stimulation's first step (Liu et al., "ABS: Scanning Neural Networks for
+  Back-doors by Artificial Brain Stimulation", CCS 2019, section 4): each channel of every ReLU output set to
+  ``eps`` times its largest value on the clean images, everywhere in the map; per class, how many channels send at
+  least 90 % of the other classes' images to it;
 - ``nc``: Neural Cleanse's trigger reverse-engineering (Wang et al., IEEE S&P 2019, section IV;
   :mod:`onnxclp.defences.cleanse`, the ``nc`` detector's code): per class the smallest mask (L1) that, with its
   pattern, sends the clean images of the other classes to that class; the anomaly index of the smallest.
@@ -72,6 +76,53 @@ def uap(module, x, y, mean, std, eps: float, steps: int = 40):  # -> predictions
         return logits(module(((x + d).clamp(0, 1) - mean) / std)).argmax(1)
 
 
+def stimulation(module, x, y, scales: list[float]) -> dict:
+    """Per scale, per class: the number of ReLU channels that, set to ``scale`` x their largest value on ``x``,
+    send at least 90 % of the images not labelled with the class to it (``stimulation`` probe)."""
+    import torch
+
+    relus = [outs[0] for op, _, outs, _ in module._plan if op == "Relu"]
+    peak: dict[str, torch.Tensor] = {}
+
+    class Peak(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, v):  # the largest value per channel
+            if v.dim() == 4:
+                peak[self.name] = v.detach().amax(dim=(0, 2, 3))
+            return v
+
+    class Set(torch.nn.Module):
+        channel, value = 0, 0.0
+
+        def forward(self, v):
+            v = v.clone()
+            v[:, self.channel] = self.value
+            return v
+
+    for r in relus:
+        module.set_tap(r, Peak(r))
+    with torch.no_grad():
+        k = int(logits(module(x)).shape[1])
+    for r in relus:
+        module.remove_tap(r)
+    counts = {s: np.zeros(k, dtype=int) for s in scales}
+    for r, top in peak.items():
+        tap = Set()
+        module.set_tap(r, tap)
+        for ch in range(len(top)):
+            for s in scales:
+                tap.channel, tap.value = ch, float(top[ch]) * s
+                with torch.no_grad():
+                    pred = logits(module(x)).argmax(1)
+                for c in range(k):
+                    counts[s][c] += float((pred[y != c] == c).float().mean()) >= 0.9
+        module.remove_tap(r)
+    return {f"scale {s:g}": {"channels": counts[s].tolist(), "top": int(counts[s].argmax())} for s in scales}
+
+
 def neuron_attack(module, x, y, eps: float, steps: int, target: int | None = None):  # -> predictions
     """Multiplicative per-channel perturbation of every 4-D weight and every 1-D parameter; ascent on the loss
     (``target`` None) or descent towards ``target``."""
@@ -107,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", nargs="*", default=[])
     ap.add_argument("--null", nargs="*", default=[])
-    ap.add_argument("--probe", choices=("uap", "anp", "targeted", "nc"), required=True)
+    ap.add_argument("--probe", choices=("uap", "anp", "targeted", "nc", "stimulation"), required=True)
     ap.add_argument("--eps", type=float, nargs="+")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--cifar", default=str(REPO.parent / "shared" / "data" / "cifar10.npz"))
@@ -116,9 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     data = dict(np.load(a.cifar))
     eps_list = (
         a.eps
-        or {"uap": [2 / 255, 4 / 255, 8 / 255], "anp": [0.05, 0.1, 0.2, 0.4], "targeted": [0.01, 0.02], "nc": [200]}[
-            a.probe
-        ]
+        or {
+            "uap": [2 / 255, 4 / 255, 8 / 255],
+            "anp": [0.05, 0.1, 0.2, 0.4],
+            "targeted": [0.01, 0.02],
+            "nc": [200],
+            "stimulation": [1.0, 1.5, 2.0],
+        }[a.probe]
     )
     folders = [REPO / "zoo" / m for m in a.zoo] + [REPO / "zoo-null" / m for m in a.null]
     for folder in folders:
@@ -132,7 +187,12 @@ def main(argv: list[str] | None = None) -> None:
             before = logits(module(xn)).argmax(1)
         k = int(logits(module(xn[:1])).shape[1])
         row: dict = {"model": f"{folder.parent.name}/{folder.name}", "target": target, "probe": a.probe}
-        for eps in eps_list:
+        if a.probe == "stimulation":  # eps: the stimulation scales
+            row.update(stimulation(module, xn, y, eps_list))
+            eps_list_run: list[float] = []
+        else:
+            eps_list_run = eps_list
+        for eps in eps_list_run:
             if a.probe == "nc":  # eps: the optimisation steps per class
                 from onnxclp.defences.cleanse import cleanse
 

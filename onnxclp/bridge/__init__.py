@@ -487,9 +487,50 @@ class OnnxModule(nn.Module):
         for name, value in zip(self.input_names, inputs, strict=True):
             tap = taps.get(name)
             env[name] = value if tap is None else tap(value)
+        return self._run(env, 0, inputs[0] if inputs else None, taps)
+
+    def cuts(self) -> list[str]:
+        """The tensors that separate the graph, in execution order: after the node producing one, nothing
+        computed earlier (the graph inputs included) is read again, so the rest of the graph depends on the
+        input only through it (a residual network's block outputs, a plain network's activations). Graph
+        outputs are not cuts; a branch read across the whole graph (``Shape`` of the input feeding a late
+        ``Reshape``) leaves none behind it. :meth:`forward_from` runs the graph from one."""
+        last: dict[str, int] = {}
+        for i, (_, ins, _, _) in enumerate(self._plan):
+            for x in ins:
+                if x:
+                    last[x] = i
+        outputs = set(self.output_names)
+        for o in outputs:  # a graph output is needed to the end
+            last[o] = len(self._plan)
+        live = {x for x in self.input_names if x in last}
+        found: list[str] = []
+        for i, (_, _, outs, _) in enumerate(self._plan):
+            live = {x for x in live if last.get(x, -1) > i}
+            live.update(o for o in outs if o and last.get(o, -1) > i)
+            if len(live) == 1 and not any(o in outputs for o in outs):
+                (name,) = live
+                if name in outs:
+                    found.append(name)
+        return found
+
+    def forward_from(self, tensor_name: str, value: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the graph's nodes after the one producing ``tensor_name`` (one of :meth:`cuts`) with ``value`` in
+        its place: the network's tail on an intermediate representation (FreeEagle's inspected layer). The
+        fixed-batch rule reads the batch from ``value``; taps after the cut still apply."""
+        if tensor_name not in self.cuts():
+            raise KeyError(f"{tensor_name!r} does not separate the graph (see OnnxModule.cuts)")
+        taps = self.taps_by_name() if self._tap_key else {}
+        return self._run({tensor_name: value}, self._producer[tensor_name] + 1, value, taps)
+
+    def _run(
+        self, env: dict[str, torch.Tensor], start: int, first: torch.Tensor | None, taps: dict[str, nn.Module]
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         b0 = self.fixed_batch
-        b = int(inputs[0].shape[0]) if b0 is not None and inputs[0].dim() > 0 else None
+        b = int(first.shape[0]) if b0 is not None and first is not None and first.dim() > 0 else None
         for i, ((op_type, ins, outs, attrs), free) in enumerate(zip(self._plan, self._free, strict=True)):
+            if i < start:
+                continue
             args = [self._value(env, x) for x in ins]
             try:
                 if b0 is not None and b is not None and b != b0 and i in self._batch_rule:
