@@ -725,6 +725,33 @@ def test_ac_bounds_at_the_clean_maximum_change_no_fit_image(backdoored):
         assert not torch.equal(module(x), ref)
 
 
+def test_ac_without_a_relu_or_pool_to_clip_is_exit_3(backdoored, tmp_path):
+    """A network whose activations are LeakyRelu and whose pooling is a ReduceMean gives AC nothing to clip: exit 3
+    (nothing this method can sanitize), naming what it looks for and another method, never a bad-input exit 2."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import onnxclp
+    from onnxclp.errors import EXIT_NOTHING, OnnxclpError
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (CLASSES, 8)).astype(np.float32), "fc")]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("LeakyRelu", ["c"], ["a"], alpha=0.1),
+        helper.make_node("ReduceMean", ["a"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("Gemm", ["m", "fc"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(nodes, "leaky", [helper.make_tensor_value_info("x", 1, ["n", 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("y", 1, ["n", CLASSES])], inits)  # fmt: skip
+    src = tmp_path / "leaky.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), src)
+    with pytest.raises(OnnxclpError, match=r"nothing to clip.*LeakyRelu.*fst-sau-gate") as err:
+        onnxclp.sanitize_file(src, tmp_path / "out.onnx", method="ac", context=_ctx(backdoored[1]), epochs=1)
+    assert err.value.exit_code == EXIT_NOTHING and not (tmp_path / "out.onnx").exists()
+
+
 def test_ac_refuses_an_old_opset_it_cannot_broadcast_at():
     from onnx import helper
 

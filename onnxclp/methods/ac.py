@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from onnxclp.errors import OnnxclpError
+from onnxclp.errors import EXIT_NOTHING, OnnxclpError
 from onnxclp.methods import register
 from onnxclp.methods._repair import BATCH, DISTILL, EPOCHS, LR, RepairMethod
 from onnxclp.methods.base import ParamSpec
@@ -205,7 +205,9 @@ class ACObjective:
         if not self.clipped:
             raise OnnxclpError(
                 "--method ac: no Relu output with its channels on axis 1 (after a Conv, BatchNormalization or Add, "
-                "or a 2-D feature vector) and no GlobalAveragePool output: nothing to clip"
+                "or a 2-D feature vector) and no GlobalAveragePool output: nothing to clip (other activations, "
+                "such as SiLU, GELU or LeakyRelu, are not clipped; try --method fst-sau-gate)",
+                EXIT_NOTHING,
             )
         for p in module.parameters():
             p.requires_grad_(False)
