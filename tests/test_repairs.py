@@ -752,6 +752,29 @@ def test_ac_without_a_relu_or_pool_to_clip_is_exit_3(backdoored, tmp_path):
     assert err.value.exit_code == EXIT_NOTHING and not (tmp_path / "out.onnx").exists()
 
 
+def test_a_model_whose_scores_are_not_finite_is_named_not_blamed_on_the_rate(backdoored, tmp_path):
+    """Logits multiplied by inf (as a broken export or the wrong normalisation can give): the loss is not finite
+    before any update, and the error says the input's scores are, instead of suggesting a smaller --lr."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import onnxclp
+    from onnxclp.errors import OnnxclpError
+
+    m = onnx.load(str(backdoored[0]))
+    out = m.graph.output[0].name
+    for node in m.graph.node:
+        node.output[:] = [f"{o}.pre" if o == out else o for o in node.output]
+    m.graph.initializer.append(numpy_helper.from_array(np.array([np.inf], np.float32), "inf"))
+    m.graph.node.append(helper.make_node("Mul", [f"{out}.pre", "inf"], [out]))
+    src = tmp_path / "inf.onnx"
+    onnx.save(m, src)
+    with pytest.raises(OnnxclpError, match=r"before any update: .* inf or NaN; check the images") as err:
+        onnxclp.sanitize_file(src, tmp_path / "out.onnx", method="ft", context=_ctx(backdoored[1]), epochs=1,
+                              force=True)  # fmt: skip
+    assert err.value.exit_code == 3 and "smaller --lr will not help" in err.value.message
+
+
 def test_ac_refuses_an_old_opset_it_cannot_broadcast_at():
     from onnx import helper
 

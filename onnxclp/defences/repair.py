@@ -426,6 +426,7 @@ def train(state: State, objective: Objective, settings: Settings,
     outcome = Outcome(inserted=len(inserted), sequential=sequential)
     progress = progress_for(state)
     kept: dict[str, torch.Tensor] | None = None
+    updates = [0]  # optimiser steps taken (a non-finite loss before the first is the input's, not the rate's)
     for epoch in range(1, settings.epochs + 1):
         module.train()
         perm = torch.randperm(len(x_fit), generator=gen)
@@ -454,6 +455,14 @@ def train(state: State, objective: Objective, settings: Settings,
                 if t_mix is not None:
                     loss = loss + settings.distill_mix * kd_loss(logits_of(module(xm)), t_mix, settings.temperature)
                 if not torch.isfinite(loss):
+                    bad = int((~torch.isfinite(scores)).sum())
+                    if updates[0] == 0 and bad:  # nothing trained yet: the input model's own scores are not finite
+                        raise OnnxclpError(
+                            f"--method {state.params.method}: the training loss is {loss.item()} before any update: "
+                            f"{bad} of the input model's {scores.numel()} scores on a batch of the clean images are "
+                            "inf or NaN; check the images and --mean/--std (a smaller --lr will not help)",
+                            3,
+                        )
                     raise OnnxclpError(
                         f"--method {state.params.method}: the training loss became {loss.item()} at epoch {epoch}; "
                         "try a smaller --lr",
@@ -468,6 +477,7 @@ def train(state: State, objective: Objective, settings: Settings,
                 opt.step()
             else:
                 loss = custom_step(module, params, closure, opt)
+            updates[0] += 1
             travelled += opt.param_groups[0]["lr"] / steps_per_epoch
             sched.step()
             objective.after_step(module)
