@@ -263,6 +263,34 @@ class _Double(nn.Module):
         return x * self.k
 
 
+def test_a_half_precision_graph_is_computed_in_float32():
+    """float16 initializers, a float16 input and a Cast to float16 inside: the bridge reads them as float32 (fed
+    float32), gives onnxruntime's answers to float16's precision, and writes values back as float16."""
+    from onnx import TensorProto
+
+    model = _conv_bn_model()
+    model.graph.node.pop(1)  # no Cast of var: every float initializer is float16
+    model.graph.node[1].input[4] = "var"
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    model.graph.node.insert(0, helper.make_node("Cast", ["x16"], ["x"], to=TensorProto.FLOAT16))
+    model.graph.input[0].name = "x16"
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["n", 4]))
+    onnx.checker.check_model(model, full_check=True)
+    module = _module(model).eval()
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    x = R.random((2, 3, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        got = module(torch.from_numpy(x))
+    assert got.dtype == torch.float32
+    ref = _ort(model, {"x16": x})[0]
+    assert ref.dtype == np.float16 and np.allclose(got.numpy(), ref.astype(np.float32), rtol=1e-2, atol=1e-2)
+    state = module.state_to_onnx()
+    assert state and all(v.dtype == np.float16 for v in state.values())
+    assert module.buffer_values()["var"].dtype == np.float16
+
+
 def test_taps():
     module = _module(_conv_bn_model()).eval()
     x = torch.rand(2, 3, 6, 6)

@@ -689,6 +689,50 @@ def test_ac_adds_one_min_per_relu_and_pool_and_records_the_walk(backdoored, tmp_
     assert _run(out, xs[:1]).shape == (1, CLASSES) and _run(out, xs).shape == (5, CLASSES)
 
 
+def _half(src: Path, dst: Path) -> Path:
+    """``src`` as a float16 graph (what ``model.half()`` exports): float initializers, input and output in float16."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    m = onnx.load(str(src))
+    for t in m.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for vi in (*m.graph.input, *m.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del m.graph.value_info[:]
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, dst)
+    return dst
+
+
+@pytest.mark.parametrize(("method", "params"), [("npd", {}), ("ac", {"ac_weight": 4.0}), ("ft", {})])
+def test_a_float16_graph_is_trained_in_float32_and_written_in_float16(backdoored, tmp_path, method, params):
+    """A half-precision export (issue 18: every model a user brings): the bridge computes it in float32, and what
+    the method writes back (rewritten weights, NPD's polarizer, AC's bounds) is float16 like the graph, so the result
+    passes the full check and runs in onnxruntime at any batch. Before, the bridge failed on the first Conv (float
+    input, half bias) and NPD wrote a float32 Conv into a float16 graph."""
+    import onnx
+    from onnx import TensorProto
+
+    import onnxclp
+
+    src = _half(backdoored[0], tmp_path / "half.onnx")
+    out = tmp_path / f"{method}.onnx"
+    rep = onnxclp.sanitize_file(src, out, method=method, context=_ctx(backdoored[1]), epochs=1, **params)
+    after = onnx.load(str(out))
+    onnx.checker.check_model(after, full_check=True)
+    before = {t.name for t in onnx.load(str(src)).graph.initializer}
+    rewritten = {r["name"] for r in rep.rewritten}
+    written = [t for t in after.graph.initializer if t.name not in before or t.name in rewritten]
+    assert written and all(t.data_type == TensorProto.FLOAT16 for t in written)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    xs = _images(5, 3)[0].astype(np.float16)
+    assert sess.run(None, {"x": xs})[0].shape == (5, CLASSES)
+
+
 def test_ac_weight_given_is_not_walked(backdoored, tmp_path):
     import onnxclp
 

@@ -16,6 +16,13 @@ never touched here. A graph exported with a fixed batch runs at any batch (the f
 docs/bridge.md); taps (:meth:`OnnxModule.set_tap`) insert modules after any computed tensor; an op that fails
 while running is an :class:`~onnxclp.errors.OnnxclpError` with exit code 3 naming the node. Tensor values are read through
 :class:`onnxclp.io.TensorStore`, so external data goes through the same safety checks as everywhere else.
+
+Half precision: a float16 or bfloat16 graph (``model.half()`` exports, float16 conversions) is computed in float32.
+Its float16/bfloat16 initializers and constants become float32 tensors, a ``Cast`` to either type gives float32, and
+the caller feeds float32 inputs; :meth:`OnnxModule.state_to_onnx` writes values back in each initializer's own dtype
+(a value past float16's range comes back as inf for the writer to refuse). Training and optimising inputs in float16
+on a CPU is neither supported by every torch kernel nor stable, and onnxruntime's answers, which the guard measures,
+stay those of the file.
 """
 
 from __future__ import annotations
@@ -71,8 +78,8 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     # (np.ascontiguousarray would turn a 0-d array into a 1-d one: a scalar Gather index must stay 0-d)
-    if arr.dtype.name == "bfloat16":
-        return torch.from_numpy(arr.astype(np.float32, order="C")).to(torch.bfloat16)
+    if arr.dtype.name == "bfloat16" or arr.dtype == np.float16:  # computed in float32 (module docstring)
+        return torch.from_numpy(arr.astype(np.float32, order="C"))
     if arr.dtype in (np.uint16, np.uint32, np.uint64):
         arr = arr.astype(np.int64)
     if not arr.flags.c_contiguous or not arr.flags.writeable or not arr.dtype.isnative:

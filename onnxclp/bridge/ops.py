@@ -43,6 +43,11 @@ TORCH_DTYPE: dict[int, torch.dtype] = {
 }
 
 
+# The bridge computes half-precision graphs in float32 (onnxclp.bridge, "Half precision"): a Cast to one of these
+# gives float32, and float16/bfloat16 initializers and constants are read as float32.
+HALF = (torch.float16, torch.bfloat16)
+
+
 def op(*names: str) -> Callable[[OpFn], OpFn]:
     """Register a function as the implementation of the ONNX operator(s) ``names``."""
 
@@ -872,7 +877,8 @@ def cast(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
     """Cast-1 names the target type as a string (``"FLOAT"``); from Cast-6 on it is a TensorProto enum."""
     assert x[0] is not None
     to = a["to"]
-    return x[0].to(TORCH_DTYPE[TensorProto.DataType.Value(to.upper()) if isinstance(to, str) else int(to)])
+    dtype = TORCH_DTYPE[TensorProto.DataType.Value(to.upper()) if isinstance(to, str) else int(to)]
+    return x[0].to(torch.float32 if dtype in HALF else dtype)  # half precision is computed in float32
 
 
 @op("CastLike")

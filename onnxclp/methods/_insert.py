@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from onnxclp.errors import OnnxclpError
+
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
 
 METADATA_KEY = "onnxclp.added_nodes"
@@ -36,6 +39,44 @@ def unique(base: str, taken: set[str]) -> str:
         name = f"{base}_{i}"
     taken.add(name)
     return name
+
+
+def file_dtype(model: onnx.ModelProto, tensor: str) -> np.dtype | None:
+    """The element type ``tensor`` has in the file, as a numpy dtype: from the graph's declarations (inputs,
+    outputs, value_info), else from onnx's type inference on the model; None when neither says. The torch bridge
+    computes half-precision graphs in float32 (:mod:`onnxclp.bridge`), so a value written into such a graph must
+    take the file's type, not the one it was trained in."""
+    import onnx
+    from onnx import helper
+
+    def declared(graph: onnx.GraphProto) -> int:
+        for vi in (*graph.input, *graph.output, *graph.value_info):
+            if vi.name == tensor and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                return int(vi.type.tensor_type.elem_type)
+        return 0
+
+    elem = declared(model.graph)
+    if not elem:
+        try:
+            elem = declared(onnx.shape_inference.infer_shapes(model).graph)
+        except Exception:  # inference is a convenience here: None sends the caller to its own type
+            return None
+    return helper.tensor_dtype_to_np_dtype(elem) if elem else None
+
+
+def as_file_dtype(model: onnx.ModelProto, tensor: str, values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` in the element type ``tensor`` has in the file (:func:`file_dtype`; unchanged when it is not
+    known); an error naming ``what`` when a value does not fit that type (a float16 graph's range ends at 65504)."""
+    import numpy as np
+
+    dtype = file_dtype(model, tensor)
+    if dtype is None or dtype == values.dtype:
+        return values
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = values.astype(dtype)
+    if np.issubdtype(dtype, np.floating) and not np.isfinite(out).all() and np.isfinite(values).all():
+        raise OnnxclpError(f"{what}: its values do not fit the graph's {dtype} (largest {np.abs(values).max():g})", 3)
+    return out
 
 
 def rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
