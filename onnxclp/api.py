@@ -74,6 +74,30 @@ def _state(model_or_path: onnx.ModelProto | str | os.PathLike[str], params: Para
     return State(model, store, methods.get(params.method), params, options, path)
 
 
+def _recorded_normalization(state: State) -> str | None:
+    """Real clean images given without ``mean``/``std``: the normalisation the model records in its metadata
+    (:mod:`onnxclp.eval.normalize`), as ``evaluate`` and ``scan`` read it, goes into the context, so the repair
+    trains and the guard measures on the images the model was trained on; returns the report's note (None when
+    nothing was read). Before, sanitize fed such a model raw [0, 1] pixels while evaluate normalised them."""
+    ctx = state.options.context
+    data = ctx.get("clean_data") if ctx.get("clean_arrays") is None else ctx["clean_arrays"][2]
+    if data is None or str(data).strip().lower().startswith("synthetic"):
+        return None
+    if ctx.get("mean") is not None or ctx.get("std") is not None or not isinstance(ctx, dict):
+        return None
+    from onnxclp.eval.normalize import read_normalization
+
+    found = read_normalization({p.key: p.value for p in state.model.metadata_props})
+    if found is None:
+        return None
+    mean, std, key = found
+    ctx["mean"], ctx["std"] = list(mean), list(std)
+    return (
+        f"normalisation of the clean images: mean {','.join(f'{v:g}' for v in mean)} std "
+        f"{','.join(f'{v:g}' for v in std)}, recorded in the model's metadata ({key}); --mean/--std override it"
+    )
+
+
 def _check_risk(params: Params, options: Options) -> list[str]:
     """Risky parameter values (below a parameter's ``risky_below``) need ``force``; returns the report notes."""
     risky = methods.get(params.method).risky(params.values)
@@ -107,6 +131,9 @@ def run_method(
         notes.append(f"WARNING: {experimental}")
     state = _state(model_or_path, params, options, base_dir)
     state.notes.extend(notes)
+    recorded = _recorded_normalization(state)
+    if recorded is not None:
+        state.notes.append(recorded)
     report = run(state, passes())
     if not report.layers and not state.rewrites and not state.added_nodes:
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in report.skipped[:3])

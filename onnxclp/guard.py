@@ -312,31 +312,50 @@ def blind(result: GuardResult, right_before: np.ndarray, labels: np.ndarray, for
     """The guard's check is blind when a model answering one class for everything would pass it: its drop's
     lower bound at ``result.confidence`` (the mirror of the acceptance rule) is within the budget. Then no result
     can be certified on these images: :class:`Refused`, unless ``force`` (a note then, returned). None when the
-    check can see such a collapse. Applies to agreement with the input model (``--clean-data synthetic``: the
-    labels are the input's own) under a budget below 100 points. A method that found its own change unmeasurable
+    check can see such a collapse. Applies under a budget below 100 points, to agreement with the input model
+    (``--clean-data synthetic``: the labels are the input's own) and, since session 19, to clean accuracy: an
+    input model that scores near a constant answer on the user's labelled images (the wrong normalisation,
+    labels or layout) leaves nothing for the check to protect. A method that found its own change unmeasurable
     on these images (``result.unmeasured``: the target gate's classes, :mod:`onnxclp.methods.fst_gate`) is refused
     the same way, whatever the labels."""
     if result.unmeasured is not None and result.budget < 100.0:
         why = result.unmeasured
     else:
-        if result.metric == "clean accuracy" or result.budget >= 100.0:
-            return None  # real labels: a near-constant input is a different problem; a budget of 100: nothing to check
+        if result.budget >= 100.0:
+            return None  # a budget of 100: nothing to check
         k, share, d = collapse_drop(right_before, labels)
         low = d.drop - z_of(result.confidence) * d.se
         if low > result.budget + 1e-9:
             return None
-        why = (
-            f"the validation images cannot show a model is not broken: {100 * share:.0f}% of them are labelled class "
-            f"{k}, so a model that answers {k} for everything would lose only {d.drop:.1f} points of {result.metric} "
-            f"there (budget --max-acc-drop {result.budget:g}); the input model puts most synthesized images in one "
-            "class, as a backdoor's target class can: stand-in images cannot check a repair of this model"
-        )
+        if result.metric == "clean accuracy":  # real labels: the input scores about what a constant answer does
+            why = (
+                f"the validation images cannot show a model is not broken: the input model scores "
+                f"{100 * float(np.mean(right_before)):.1f}% on them and a model that answers class {k} for "
+                f"everything would score {100 * share:.1f}% ({'a loss' if d.drop >= 0 else 'a gain'} of "
+                f"{abs(d.drop):.1f} points, which the check would pass at --max-acc-drop {result.budget:g}). "
+                + (
+                    "Give images of every class"
+                    if share >= 0.5
+                    else "Check that --mean/--std, the labels and the image layout are the model's (an input "
+                    "near chance on its own task's images is usually fed the wrong way)"
+                )
+            )
+        else:
+            why = (
+                f"the validation images cannot show a model is not broken: {100 * share:.0f}% of them are labelled "
+                f"class {k}, so a model that answers {k} for everything would lose only {d.drop:.1f} points of "
+                f"{result.metric} there (budget --max-acc-drop {result.budget:g}); the input model puts most "
+                "synthesized images in one class, as a backdoor's target class can: stand-in images cannot check a "
+                "repair of this model"
+            )
     if force:
         result.forced = True
         result.accepted = False
         note = BLIND_NOTE + why
         result.notes.append(note)
         return note
+    if result.metric == "clean accuracy" and result.unmeasured is None:
+        raise Refused(f"refused: {why}; nothing written. --force writes it anyway")
     raise Refused(f"refused: {why}; nothing written. Give (more) real clean images (--clean-data CLEAN.npz), or "
                   "--force to write it anyway")  # fmt: skip
 

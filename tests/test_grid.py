@@ -176,13 +176,18 @@ def test_sweep_with_workers_equals_serial(setup: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def clean_setup(setup: Path) -> Path:
     """300 random images labelled by the resnet itself (its clean accuracy is 100 % on them, so any change of
-    prediction is a drop), and a 1 model × (clp u=1, clp u=50, ft) config reading 200 of them."""
+    prediction is a drop), at most 100 per class it gives (random images go mostly to one class, and on labels
+    that are nearly all one class the guard cannot check anything: a constant answer would pass), and a 1 model ×
+    (clp u=1, clp u=50, ft) config reading 200 of them."""
     from onnxclp.eval.runner import OnnxClassifier
 
     rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, (300, 16, 16, 3), np.uint8)
+    pool = rng.integers(0, 256, (6000, 16, 16, 3), np.uint8)
     clf = OnnxClassifier(str(setup / "resnet.torchscript.onnx"), device="cpu", layout="nchw")
-    y = clf.predict((x.transpose(0, 3, 1, 2) / 255.0).astype(np.float32))
+    pred = clf.predict((pool.transpose(0, 3, 1, 2) / 255.0).astype(np.float32))
+    keep = np.sort(np.concatenate([np.flatnonzero(pred == c)[:100] for c in np.unique(pred)]))[:300]
+    x, y = pool[keep], pred[keep]
+    assert np.bincount(y).max() <= 0.6 * len(y)
     np.savez(setup / "clean.npz", x_train=x, y_train=y)
     config = {
         "models": ["resnet.torchscript.onnx"],
@@ -192,7 +197,7 @@ def clean_setup(setup: Path) -> Path:
         "data": "d.npz",
         "limit": 40,
         "baseline": True,
-        "clean_data": {"path": "clean.npz", "n": 200, "x_key": "x_train", "y_key": "y_train", "max_acc_drop": 30},
+        "clean_data": {"path": "clean.npz", "n": 200, "x_key": "x_train", "y_key": "y_train", "max_acc_drop": 35},
     }
     (setup / "grid-clean.json").write_text(json.dumps(config))
     return setup
@@ -236,14 +241,14 @@ def test_clean_data_cells_guard_and_refusal(clean_setup: Path, clean_one: tuple[
     assert (g["n_fit"], g["n_val"], g["acc_before"], g["acc_after"], g["drop"]) == (100, 100, 1.0, 1.0, 0.0)
     assert g["accepted"] is True and g["forced"] is False
     assert ft["method"] == "ft" and ft["error"] is None, ft["error"]
-    assert ft["guard"]["acc_before"] == 1.0 and ft["guard"]["accepted"] and ft["guard"]["bound"] <= 30
+    assert ft["guard"]["acc_before"] == 1.0 and ft["guard"]["accepted"] and ft["guard"]["bound"] <= 35
     assert 0 <= ft["acc"] <= 1 and ft["n_attacked"] == base["n_attacked"]
 
     # the pre-loaded arrays give what `sanitize --clean-data PATH --clean-n 200` measures
     import onnxclp
 
     ctx = {"clean_data": str(clean_setup / "clean.npz"), "clean_n": 200, "x_key": "x_train", "y_key": "y_train",
-           "max_acc_drop": 30, "quiet": True}  # fmt: skip
+           "max_acc_drop": 35, "quiet": True}  # fmt: skip
     _, rep = onnxclp.sanitize(clean_setup / "resnet.torchscript.onnx", "clp", u=1, force=True, context=ctx)
     assert rep.guard["forced"] and f"lost {rep.guard['drop']:.1f} points" in refused["error"]
 

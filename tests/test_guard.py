@@ -247,7 +247,23 @@ def test_a_validation_part_labelled_one_class_cannot_check_agreement():
     with pytest.raises(Refused):
         blind(GuardResult(800, 200, 0.2, 3.0, 1.0, metric=agree), right, mostly, force=False)
     assert blind(GuardResult(800, 200, 0.2, 100.0, 1.0, metric=agree), right, mostly, force=False) is None
-    assert blind(GuardResult(800, 200, 0.2, 3.0, 1.0), right, np.zeros(200, int), force=False) is None
+    # real labels (clean accuracy), all of one class: a constant answer passes too (session 19: refused as well)
+    with pytest.raises(Refused, match=r"scores 100\.0% on them .* would score 100\.0% .*Give images of every class"):
+        blind(GuardResult(800, 200, 0.2, 3.0, 1.0), right, np.zeros(200, int), force=False)
+    assert blind(GuardResult(800, 200, 0.2, 3.0, 1.0), right, labels, force=False) is None  # balanced: it can see
+
+
+def test_real_labels_the_input_scores_near_chance_on_cannot_check_a_repair():
+    """Balanced real labels but an input at chance (images fed the wrong way): a constant answer loses nothing, so
+    the check is blind; the message says what to check. An input that scores well leaves the check alone."""
+    labels = np.repeat(np.arange(10), 20)
+    chance = labels == (np.arange(200) % 7)  # right on about one image in ten
+    with pytest.raises(Refused, match=r"Check that --mean/--std, the labels and the image layout"):
+        blind(GuardResult(800, 200, 0.2, 3.0, 1.0), chance, labels, force=False)
+    g = GuardResult(800, 200, 0.2, 3.0, 1.0)
+    assert "cannot check" in (blind(g, chance, labels, force=True) or "") and g.forced
+    good = np.arange(200) % 10 != 0  # 90 %
+    assert blind(GuardResult(800, 200, 0.2, 3.0, 1.0), good, labels, force=False) is None
 
 
 def test_choose_strongest_can_hold_the_candidates_to_the_bound():

@@ -689,6 +689,60 @@ def test_ac_adds_one_min_per_relu_and_pool_and_records_the_walk(backdoored, tmp_
     assert _run(out, xs[:1]).shape == (1, CLASSES) and _run(out, xs).shape == (5, CLASSES)
 
 
+def _normalised(src: Path, dst: Path, mean: float, std: float, record: bool) -> Path:
+    """``src`` taking ``(x - mean) / std`` instead of pixels ``x`` (a Mul and an Add put the pixels back first), with
+    the normalisation recorded in its metadata when ``record``: the same network, fed as models that were trained on
+    normalised images are."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from onnxclp.eval.normalize import set_normalization
+
+    m = onnx.load(str(src))
+    m.graph.input[0].name = "xn"
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(std, np.float32), "n_std"),
+                                numpy_helper.from_array(np.array(mean, np.float32), "n_mean")])  # fmt: skip
+    m.graph.node.insert(0, helper.make_node("Add", ["xs", "n_mean"], ["x"]))
+    m.graph.node.insert(0, helper.make_node("Mul", ["xn", "n_std"], ["xs"]))
+    if record:
+        set_normalization(m, [mean] * 3, [std] * 3)
+    onnx.save(m, dst)
+    return dst
+
+
+def test_sanitize_reads_the_normalisation_the_model_records(backdoored, tmp_path):
+    """A model that records its normalisation in its metadata (as evaluate and scan read it) gets its clean images
+    normalised that way by sanitize too: the guard measures the input at the accuracy the raw-pixel network has
+    on the same images, and the report says where the normalisation came from. --mean/--std still override it."""
+    import onnxclp
+
+    ctx = {**_ctx(backdoored[1]), "max_acc_drop": 100.0}
+    plain = onnxclp.sanitize_file(backdoored[0], tmp_path / "a.onnx", method="lpp", context=ctx)
+    src = _normalised(backdoored[0], tmp_path / "n.onnx", 0.5, 0.25, record=True)
+    rep = onnxclp.sanitize_file(src, tmp_path / "b.onnx", method="lpp", context=dict(ctx))
+    assert rep.guard["acc_before"] == plain.guard["acc_before"] > 0.5
+    assert any("recorded in the model's metadata (onnxclp.normalize)" in n for n in rep.notes)
+    given = onnxclp.sanitize_file(src, tmp_path / "c.onnx", method="lpp",
+                                  context={**ctx, "mean": [0.0], "std": [1.0]})  # fmt: skip
+    assert not any("metadata" in n for n in given.notes) and given.guard["acc_before"] != plain.guard["acc_before"]
+
+
+def test_the_guard_refuses_when_the_input_scores_near_a_constant_answer(backdoored, tmp_path):
+    """Real labels, but the images fed the wrong way (a normalisation the model was not trained with): the input
+    scores about what answering one class scores, so no drop the guard measures can show a result is not broken.
+    Refused (exit 5) with the reason and what to check; --force writes it with a warning."""
+    import onnxclp
+    from onnxclp.guard import Refused
+
+    src = _normalised(backdoored[0], tmp_path / "n.onnx", 0.5, 0.004, record=False)  # fed raw pixels: saturated
+    ctx = {**_ctx(backdoored[1]), "max_acc_drop": 3.0}
+    with pytest.raises(Refused, match=r"the input model scores .*Check that --mean/--std, the labels") as err:
+        onnxclp.sanitize_file(src, tmp_path / "out.onnx", method="lpp", context=ctx)
+    assert err.value.exit_code == 5 and not (tmp_path / "out.onnx").exists()
+    rep = onnxclp.sanitize_file(src, tmp_path / "out.onnx", method="lpp", context=ctx, force=True)
+    assert rep.guard["forced"] and any("cannot check" in n for n in rep.notes)
+
+
 def _half(src: Path, dst: Path) -> Path:
     """``src`` as a float16 graph (what ``model.half()`` exports): float initializers, input and output in float16."""
     import onnx

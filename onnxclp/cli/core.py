@@ -44,6 +44,18 @@ OutputOpt = Annotated[
 ]
 
 
+def _records_norm(path: Path) -> bool:
+    """Whether the model records its input normalisation in its metadata (read as ``evaluate`` reads it; the
+    sanitize pipeline then applies it to the clean images). A file that cannot be read answers False: the
+    pipeline's own loader reports it."""
+    from onnxclp.eval.normalize import normalization_from_metadata
+
+    try:
+        return normalization_from_metadata(path) is not None
+    except OnnxclpError:
+        return False
+
+
 def _print(report: Any, quiet: bool, verbose: bool) -> None:
     if quiet:  # plain text: no rich import on the quiet CI path
         t = report.totals()
@@ -207,10 +219,10 @@ def sanitize(
                 context.update(save_synthetic=save_synthetic)
             else:
                 context["clean_data"] = Path(data)
-                if model_input.mean is None and model_input.std is None and not quiet:
+                if model_input.mean is None and model_input.std is None and not quiet and not _records_norm(input):
                     typer.echo(
-                        "warning: no --mean/--std: the clean images go to the model as [0, 1] pixels; give the "
-                        "normalisation the model was trained with",
+                        "warning: no --mean/--std and none recorded in the model's metadata: the clean images go "
+                        "to the model as [0, 1] pixels; give the normalisation the model was trained with",
                         err=True,
                     )
         synthetic = str(context.get("clean_data") or "").strip().lower().startswith("synthetic")
