@@ -75,26 +75,28 @@ def _state(model_or_path: onnx.ModelProto | str | os.PathLike[str], params: Para
 
 
 def _recorded_normalization(state: State) -> str | None:
-    """Real clean images given without ``mean``/``std``: the normalisation the model records in its metadata
-    (:mod:`onnxclp.eval.normalize`), as ``evaluate`` and ``scan`` read it, goes into the context, so the repair
-    trains and the guard measures on the images the model was trained on; returns the report's note (None when
-    nothing was read). Before, sanitize fed such a model raw [0, 1] pixels while evaluate normalised them."""
+    """Real clean images given without ``mean``/``std``: the normalisation the model records in its metadata, or
+    pixels 0..255 for an 8-bit input (:func:`onnxclp.eval.normalize.input_normalization`), as ``evaluate`` and
+    ``scan`` read it, goes into the context, so the repair trains and the guard measures on the images the model
+    was trained on; returns the report's note (None when nothing was read). Before, sanitize fed such a model raw
+    [0, 1] pixels while evaluate normalised them."""
     ctx = state.options.context
     data = ctx.get("clean_data") if ctx.get("clean_arrays") is None else ctx["clean_arrays"][2]
     if data is None or str(data).strip().lower().startswith("synthetic"):
         return None
     if ctx.get("mean") is not None or ctx.get("std") is not None or not isinstance(ctx, dict):
         return None
-    from onnxclp.eval.normalize import read_normalization
+    from onnxclp.eval.normalize import EIGHT_BIT, input_normalization
 
-    found = read_normalization({p.key: p.value for p in state.model.metadata_props})
+    found = input_normalization(state.model)
     if found is None:
         return None
     mean, std, key = found
     ctx["mean"], ctx["std"] = list(mean), list(std)
+    where = "the model's input is 8-bit (pixels 0..255)" if key == EIGHT_BIT else f"the model's metadata ({key})"
     return (
         f"normalisation of the clean images: mean {','.join(f'{v:g}' for v in mean)} std "
-        f"{','.join(f'{v:g}' for v in std)}, recorded in the model's metadata ({key}); --mean/--std override it"
+        f"{','.join(f'{v:g}' for v in std)}, from {where}; --mean/--std override it"
     )
 
 

@@ -50,8 +50,17 @@ def test_input_spec_from_model_shapes() -> None:
     assert forced.layout == "nhwc"
     with pytest.raises(OnnxclpError, match="has rank 2"):
         InputSpec.from_shape("x", [1, 10], "tensor(float)")
-    with pytest.raises(OnnxclpError, match="type tensor\\(uint8\\); evaluate needs a float image input"):
-        InputSpec.from_shape("x", [1, 3, 8, 8], "tensor(uint8)")
+    assert InputSpec.from_shape("x", [1, 3, 8, 8], "tensor(uint8)").dtype == np.uint8  # pixels 0..255
+    with pytest.raises(OnnxclpError, match="type tensor\\(int32\\); evaluate needs a float or 8-bit"):
+        InputSpec.from_shape("x", [1, 3, 8, 8], "tensor(int32)")
+
+
+def test_an_integer_input_is_fed_rounded_pixels() -> None:
+    from onnxclp.eval.runner import as_dtype
+
+    x = np.array([0.0, 254.9999, 127.5000001, 300.0, -3.0], np.float32)
+    assert as_dtype(x, np.uint8).tolist() == [0, 255, 128, 255, 0]
+    assert as_dtype(x, np.float32) is x
 
 
 class TinyNet(nn.Module):

@@ -721,10 +721,56 @@ def test_sanitize_reads_the_normalisation_the_model_records(backdoored, tmp_path
     src = _normalised(backdoored[0], tmp_path / "n.onnx", 0.5, 0.25, record=True)
     rep = onnxclp.sanitize_file(src, tmp_path / "b.onnx", method="lpp", context=dict(ctx))
     assert rep.guard["acc_before"] == plain.guard["acc_before"] > 0.5
-    assert any("recorded in the model's metadata (onnxclp.normalize)" in n for n in rep.notes)
+    assert any("from the model's metadata (onnxclp.normalize)" in n for n in rep.notes)
     given = onnxclp.sanitize_file(src, tmp_path / "c.onnx", method="lpp",
                                   context={**ctx, "mean": [0.0], "std": [1.0]})  # fmt: skip
     assert not any("metadata" in n for n in given.notes) and given.guard["acc_before"] != plain.guard["acc_before"]
+
+
+def _eight_bit(src: Path, dst: Path) -> Path:
+    """``src`` taking uint8 pixels 0..255 (a Cast and a division by 255 first), as TensorFlow-style exports do."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(src))
+    m.graph.input[0].name = "x8"
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    m.graph.initializer.append(numpy_helper.from_array(np.array(255.0, np.float32), "n_255"))
+    m.graph.node.insert(0, helper.make_node("Div", ["xf", "n_255"], ["x"]))
+    m.graph.node.insert(0, helper.make_node("Cast", ["x8"], ["xf"], to=TensorProto.FLOAT))
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, dst)
+    return dst
+
+
+def test_an_eight_bit_input_is_fed_pixels_0_to_255(backdoored, tmp_path):
+    """A uint8 image input takes pixels 0..255: evaluate, the guard (onnxruntime, rounded to integers) and the torch
+    bridge (floats 0..255 through the graph's Cast) feed it so, without --mean/--std, and measure what the float
+    network measures on the same images; a repair trains on it and writes a model that keeps the uint8 input.
+    Before, evaluate and sanitize refused it ('needs a float image input') and MM-BD searched [0, 1]."""
+    import onnx
+    from onnx import TensorProto
+
+    import onnxclp
+    from onnxclp.eval.runner import OnnxClassifier
+
+    src = _eight_bit(backdoored[0], tmp_path / "u8.onnx")
+    ctx = {**_ctx(backdoored[1]), "max_acc_drop": 100.0}
+    plain = onnxclp.sanitize_file(backdoored[0], tmp_path / "a.onnx", method="ft", context=ctx, epochs=1)
+    rep = onnxclp.sanitize_file(src, tmp_path / "b.onnx", method="ft", context=dict(ctx), epochs=1)
+    assert rep.guard["acc_before"] == plain.guard["acc_before"] > 0.5
+    assert any("8-bit (pixels 0..255)" in n for n in rep.notes)
+    out = onnx.load(str(tmp_path / "b.onnx"))
+    assert out.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    xs, _ = _images(20, 9)
+    clf = OnnxClassifier(str(src), device="cpu")
+    ref = OnnxClassifier(str(backdoored[0]), device="cpu").predict(np.round(xs * 255) / 255)
+    assert clf.input.dtype == np.uint8 and np.array_equal(clf.predict(xs * 255), ref)
+    from onnxclp.defences.run import ModelRun
+    from onnxclp.eval.normalize import EIGHT_BIT
+
+    run = ModelRun(None, (3, SIZE, SIZE), 1, None, None, "cpu")  # what MM-BD, OTBR and the synthesis feed it
+    assert run.normalization(onnx.load(str(src))) == ([0.0], [1.0 / 255.0], EIGHT_BIT)
 
 
 def test_the_guard_refuses_when_the_input_scores_near_a_constant_answer(backdoored, tmp_path):

@@ -45,14 +45,16 @@ OutputOpt = Annotated[
 
 
 def _records_norm(path: Path) -> bool:
-    """Whether the model records its input normalisation in its metadata (read as ``evaluate`` reads it; the
-    sanitize pipeline then applies it to the clean images). A file that cannot be read answers False: the
-    pipeline's own loader reports it."""
-    from onnxclp.eval.normalize import normalization_from_metadata
+    """Whether the model records its input normalisation in its metadata or takes 8-bit pixels (read as ``evaluate``
+    reads it; the sanitize pipeline then applies it to the clean images). A file that cannot be read answers False:
+    the pipeline's own loader reports it."""
+    import onnx
 
-    try:
-        return normalization_from_metadata(path) is not None
-    except OnnxclpError:
+    from onnxclp.eval.normalize import input_normalization
+
+    try:  # the graph and metadata only: no external data is followed
+        return input_normalization(onnx.load(str(path), load_external_data=False)) is not None
+    except Exception:  # unreadable here: the pipeline's own loader reports it
         return False
 
 

@@ -34,13 +34,16 @@ class ModelRun:
 
     def normalization(self, model: Any) -> tuple[list[float] | None, list[float] | None, str]:
         """(mean, std, where from) of ``model``'s input: ``--mean``/``--std``, else what the model records in its
-        metadata (:mod:`onnxclp.eval.normalize`), else none (images in [0, 1] fed as they are)."""
+        metadata, else pixels 0..255 for an 8-bit input (:func:`onnxclp.eval.normalize.input_normalization`), else
+        none (images in [0, 1] fed as they are)."""
         if self.mean is not None or self.std is not None:
             return self.mean, self.std, "--mean/--std"
-        from onnxclp.eval.normalize import normalization_from_metadata
+        from onnxclp.eval.normalize import EIGHT_BIT, input_normalization
 
-        found = normalization_from_metadata(model)
-        return (found[0], found[1], "metadata") if found else (None, None, "none: images in [0, 1]")
+        found = input_normalization(model)
+        if found is None:
+            return None, None, "none: images in [0, 1]"
+        return found[0], found[1], EIGHT_BIT if found[2] == EIGHT_BIT else "metadata"
 
 
 def model_run(state: State) -> ModelRun:

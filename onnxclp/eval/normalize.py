@@ -11,6 +11,10 @@ Keys read, first found wins:
   (pixels 0..255: std 1/255), ``NominalRange_16_235`` (video range).
 - ``standardization_mean`` and ``standardization_std`` (JSON lists; as the QGIS Deepness plugin's models carry).
 
+A model whose image input is 8-bit (``uint8``: TensorFlow and TFLite conversions, models that normalise inside)
+takes pixels 0..255: :func:`input_normalization` reads that as mean 0, std 1/255 when nothing is recorded, and the
+runners round to integers where they feed onnxruntime.
+
 No torch, no onnxruntime: ``sanitize`` can write the key and read it without the ``eval`` extra.
 """
 
@@ -25,7 +29,9 @@ from typing import Any
 from onnxclp.errors import OnnxclpError
 
 __all__ = [
+    "EIGHT_BIT",
     "NORMALIZE_KEY",
+    "input_normalization",
     "normalization_from_metadata",
     "normalization_metadata",
     "read_normalization",
@@ -33,6 +39,7 @@ __all__ = [
 ]
 
 NORMALIZE_KEY = "onnxclp.normalize"
+EIGHT_BIT = "8-bit image input: pixels 0..255"  # the source input_normalization names for a uint8 input
 
 # ONNX's Image.NominalPixelRange: the model's input range, as (mean, std) on images in [0, 1].
 _PIXEL_RANGES: dict[str, tuple[list[float], list[float]]] = {
@@ -112,6 +119,29 @@ def normalization_from_metadata(model: Any) -> tuple[list[float], list[float]] |
     or the metadata itself (a mapping, as onnxruntime's ``get_modelmeta().custom_metadata_map``)."""
     found = read_normalization(_props(model))
     return None if found is None else (found[0], found[1])
+
+
+def eight_bit_input(model: Any) -> bool:
+    """Whether the first graph input that is not an initializer is a ``uint8`` tensor (pixels 0..255)."""
+    from onnx import TensorProto
+
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name not in inits:
+            return vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == TensorProto.UINT8
+    return False
+
+
+def input_normalization(model: Any) -> tuple[list[float], list[float], str] | None:
+    """``(mean, std, source)`` of a ModelProto's input when ``--mean/--std`` are not given: the normalisation its
+    metadata records (:func:`read_normalization`; ``source`` the key), else mean 0 and std 1/255 for an 8-bit input
+    (``source`` :data:`EIGHT_BIT`), else None (images in [0, 1] as they are)."""
+    found = read_normalization(_props(model))
+    if found is not None:
+        return found
+    if eight_bit_input(model):
+        return [0.0], [1.0 / 255.0], EIGHT_BIT
+    return None
 
 
 def normalization_metadata(mean: Sequence[float], std: Sequence[float]) -> dict[str, str]:

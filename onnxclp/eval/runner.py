@@ -42,7 +42,19 @@ __all__ = [
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                  "tensor(uint8)": np.uint8}  # fmt: skip  # uint8: pixels 0..255 (onnxclp.eval.normalize)
+
+
+def as_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """``x`` in the model input's element type; to an integer type (an 8-bit image input) rounded and clipped to
+    its range, so that pixels ``255 * k / 255`` computed in floating point stay ``k``."""
+    if x.dtype == dtype:
+        return x
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(x), info.min, info.max).astype(dtype)
+    return x.astype(dtype)
 
 
 def select_providers(requested: str, available: Sequence[str]) -> list[str]:
@@ -82,7 +94,9 @@ class InputSpec:
     def from_shape(cls, name: str, shape: Sequence[Any], elem_type: str, layout: str | None = None) -> InputSpec:
         """Read an input from onnxruntime's description (``shape`` entries are ints, names or None)."""
         if elem_type not in _ELEMENT_TYPES:
-            raise OnnxclpError(f"model input {name!r} has type {elem_type}; evaluate needs a float image input")
+            raise OnnxclpError(
+                f"model input {name!r} has type {elem_type}; evaluate needs a float or 8-bit (uint8) image input"
+            )
         if len(shape) != 4:
             raise OnnxclpError(f"model input {name!r} has rank {len(shape)} (shape {list(shape)}); expected 4-D")
         dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
@@ -255,8 +269,7 @@ class OnnxClassifier:
 
     def outputs(self, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
         """The tensors ``names`` (graph outputs of the model) for a batch, batched as :meth:`logits` is."""
-        if x.dtype != self.input.dtype:
-            x = x.astype(self.input.dtype)
+        x = as_dtype(x, self.input.dtype)
         parts: list[list[np.ndarray]] = [[] for _ in names]
         for chunk, n in self._chunks(x):
             try:
@@ -273,9 +286,7 @@ class OnnxClassifier:
         """Predicted class index (argmax of the first output) for each image of ``x``."""
         if x.shape[0] == 0:
             return np.zeros(0, np.int64)
-        if x.dtype != self.input.dtype:
-            x = x.astype(self.input.dtype)
-        return self.logits(x).argmax(axis=1).astype(np.int64)
+        return self.logits(as_dtype(x, self.input.dtype)).argmax(axis=1).astype(np.int64)
 
 
 @dataclass
@@ -308,8 +319,7 @@ class Preprocess:
             x = x.div(self._std)
         if self.layout == "nhwc":
             x = x.permute(0, 2, 3, 1)
-        arr = x.contiguous().numpy()
-        return arr if arr.dtype == self.dtype else arr.astype(self.dtype)
+        return as_dtype(x.contiguous().numpy(), self.dtype)
 
 
 @dataclass

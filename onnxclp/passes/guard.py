@@ -151,7 +151,9 @@ def scores(model: onnx.ModelProto, store: TensorStore, x: torch.Tensor, device: 
     :func:`predict` runs it."""
     clf = _classifier(model, store, x, device)
     arr = x.detach().cpu().numpy()
-    return clf.logits(arr if arr.dtype == clf.input.dtype else arr.astype(clf.input.dtype))
+    from onnxclp.eval.runner import as_dtype
+
+    return clf.logits(as_dtype(arr, clf.input.dtype))
 
 
 def _context(state: State) -> dict[str, Any]:
