@@ -869,29 +869,52 @@ def test_ac_bounds_at_the_clean_maximum_change_no_fit_image(backdoored):
         assert not torch.equal(module(x), ref)
 
 
-def test_ac_without_a_relu_or_pool_to_clip_is_exit_3(backdoored, tmp_path):
-    """A network whose activations are LeakyRelu and whose pooling is a ReduceMean gives AC nothing to clip: exit 3
-    (nothing this method can sanitize), naming what it looks for and another method, never a bad-input exit 2."""
+def _activation_net(tmp_path: Path, activation: str, pool: bool) -> Path:
+    """Conv -> ``activation`` -> (ReduceMean over H, W, or Flatten) -> Gemm, random weights, opset 13."""
     import onnx
     from onnx import helper, numpy_helper
 
+    rng = np.random.default_rng(0)
+    width = 8 if pool else 8 * SIZE * SIZE
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (CLASSES, width)).astype(np.float32), "fc")]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node(activation, ["c"], ["a"]),
+        helper.make_node("ReduceMean", ["a"], ["m"], axes=[2, 3], keepdims=0) if pool
+        else helper.make_node("Flatten", ["a"], ["m"]),
+        helper.make_node("Gemm", ["m", "fc"], ["y"], transB=1),
+    ]  # fmt: skip
+    graph = helper.make_graph(nodes, activation, [helper.make_tensor_value_info("x", 1, ["n", 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("y", 1, ["n", CLASSES])], inits)  # fmt: skip
+    src = tmp_path / f"{activation}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), src)
+    return src
+
+
+@pytest.mark.parametrize("activation", ["LeakyRelu", "Elu", "Softplus"])
+def test_ac_caps_other_activations_and_a_spatial_reduce_mean(backdoored, tmp_path, activation):
+    """Beyond the paper's ReLU: the output of another activation unbounded above, and a ReduceMean over a
+    channels-first map's spatial axes (a global average pool as dynamo exports write it), each get a Min."""
+    import onnx
+
+    import onnxclp
+
+    src = _activation_net(tmp_path, activation, pool=True)
+    rep = onnxclp.sanitize_file(src, tmp_path / "out.onnx", method="ac", context=_ctx(backdoored[1]), epochs=1)
+    after = onnx.load(str(tmp_path / "out.onnx"))
+    added = [n for n in after.graph.node if n.op_type == "Min"]
+    assert sorted(n.input[0] for n in added) == ["a", "m"] and sorted(rep.added_nodes) == sorted(n.name for n in added)
+
+
+def test_ac_without_an_activation_or_pool_to_clip_is_exit_3(backdoored, tmp_path):
+    """A network whose only activation is a Sigmoid and which flattens its map instead of pooling gives AC
+    nothing to clip: exit 3 (nothing this method can sanitize), naming another method, never a bad-input exit 2."""
     import onnxclp
     from onnxclp.errors import EXIT_NOTHING, OnnxclpError
 
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.normal(0, 0.3, (CLASSES, 8)).astype(np.float32), "fc")]  # fmt: skip
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("LeakyRelu", ["c"], ["a"], alpha=0.1),
-        helper.make_node("ReduceMean", ["a"], ["m"], axes=[2, 3], keepdims=0),
-        helper.make_node("Gemm", ["m", "fc"], ["y"], transB=1),
-    ]
-    graph = helper.make_graph(nodes, "leaky", [helper.make_tensor_value_info("x", 1, ["n", 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("y", 1, ["n", CLASSES])], inits)  # fmt: skip
-    src = tmp_path / "leaky.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), src)
-    with pytest.raises(OnnxclpError, match=r"nothing to clip.*LeakyRelu.*fst-sau-gate") as err:
+    src = _activation_net(tmp_path, "Sigmoid", pool=False)
+    with pytest.raises(OnnxclpError, match=r"nothing to clip.*Sigmoid.*fst-sau-gate") as err:
         onnxclp.sanitize_file(src, tmp_path / "out.onnx", method="ac", context=_ctx(backdoored[1]), epochs=1)
     assert err.value.exit_code == EXIT_NOTHING and not (tmp_path / "out.onnx").exists()
 

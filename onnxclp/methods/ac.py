@@ -10,12 +10,17 @@ and cuts the shortcut. What this repair changes is small by construction: a clea
 one of its activations exceeds a bound, which is why it was added after the fine-tuning repairs changed the
 correctness of 3-26 % of the guard's checking images (docs/results-repair-notes.md, session 9).
 
-**Where.** The output of every ``Relu`` node whose feature map has its channels on axis 1: a 4-D map read from a
-Conv, BatchNormalization, Add or Sum (ONNX convolutions are channels-first), or a 2-D (batch, features) vector;
-and the output of every ``GlobalAveragePool`` (N x C x 1 x 1), the pooled features a classifier reads. A ReLU
+**Where.** The output of every ``Relu`` node (and, since session 19, of every other activation in
+:data:`ACTIVATIONS`: ReLU6's ``Clip``, LeakyReLU, PReLU, ELU, SELU, CELU, GELU, HardSwish, Softplus, Mish) whose
+feature map has its channels on axis 1: a 4-D map read from a Conv, BatchNormalization, Add or Sum (ONNX
+convolutions are channels-first), or a 2-D (batch, features) vector; and the output of every ``GlobalAveragePool``
+(N x C x 1 x 1), or ``ReduceMean`` over a channels-first map's spatial axes, the pooled features a classifier
+reads. A ReLU
 bound caps a channel's largest value at any position; a trigger spread over the whole image (a blend, a warp, a
 signal) can raise a channel's *average* without any position leaving the clean range, and the pooled bound caps
-that average. Other activations are left alone and the report counts them.
+that average. The paper clips ReLUs; a cap is as well defined on any activation that is unbounded above, which
+is why the others were added (measured on the zoo's ReLU networks only). Other activations (Sigmoid, Tanh, SiLU
+written as ``x * Sigmoid(x)``) are left alone.
 
 **The bounds.** Each clipped channel ``c`` of tensor ``t`` gets ``t_c <- min(t_c, z_c)`` with ``z_c = z0_c *
 exp(s_c)``: ``z0_c`` is the channel's largest value over the fit images (so the fit images pass unchanged at the
@@ -84,22 +89,33 @@ INNER_STEP = 0.02  # of the pixel range per signed step
 SEARCH_VALUES = 1 << 20  # input values searched per step at most: all classes of a CIFAR-sized task (341 at 3x32x32)
 CHANNEL_FIRST_PRODUCERS = ("Conv", "BatchNormalization", "Add", "Sum", "ConvTranspose")
 POOLS = ("GlobalAveragePool",)  # the pooled features the classifier reads (module docstring, "Where")
+# Activations whose outputs are capped (module docstring, "Where"): the paper's ReLU, and since session 19 the
+# element-wise ones that are unbounded above or nearly so (ReLU6 is Clip), so that MobileNets, GELU and LeakyReLU
+# networks get bounds too. Sigmoid and Tanh saturate by themselves and are left alone.
+ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "HardSwish", "Softplus", "Mish",
+               "ThresholdedRelu")  # fmt: skip
 
 
 def _bounded(module: OnnxModule, x: torch.Tensor) -> tuple[list[tuple[str, int, Any, int]], int]:
-    """(tensor, channels, torch dtype, rank) of every Relu output :func:`AC` clips (module docstring, "Where"), and the
-    number of Relu outputs left alone."""
+    """(tensor, channels, torch dtype, rank) of every activation and pooled output :func:`AC` clips (module
+    docstring, "Where"), and the number of activation outputs left alone."""
     from onnxclp.methods.npd import _probe
 
     plan = module._plan
     produced = {o: i for i, (_, _, outs, _) in enumerate(plan) for o in outs if o}
-    relus = [(ins[0], outs[0]) for op, ins, outs, _ in plan if op == "Relu" and ins and outs and outs[0]]
+    relus = [(ins[0], outs[0]) for op, ins, outs, _ in plan if op in ACTIVATIONS and ins and outs and outs[0]]
     pools = [outs[0] for op, _, outs, _ in plan if op in POOLS and outs and outs[0]]
-    seen = _probe(module, x, [out for _, out in relus] + pools)
+    means = [(ins[0], outs[0]) for op, ins, outs, _ in plan if op == "ReduceMean" and ins and outs and outs[0]]
+    seen = _probe(module, x, [out for _, out in relus] + pools + [t for pair in means for t in pair])
     chosen, skipped = [], 0
     for out in pools:  # N x C x 1 x 1 by the operator's definition: channels on axis 1
         if out in seen and len(seen[out][0]) == 4 and seen[out][0][1] > 1:
             chosen.append((out, int(seen[out][0][1]), seen[out][1], 4))
+    for src, out in means:  # a ReduceMean over the spatial axes of a channels-first map is a global average pool
+        if src in seen and out in seen and len(seen[src][0]) == 4 and seen[src][0][1] > 1:
+            c, shape = seen[src][0][1], seen[out][0]
+            if tuple(shape[1:]) in ((c, 1, 1), (c,)):
+                chosen.append((out, int(c), seen[out][1], len(shape)))
     for src, out in relus:
         shape_dtype = seen.get(out)
         if shape_dtype is None:
@@ -204,9 +220,10 @@ class ACObjective:
         self.clipped, self.left_alone = _bounded(module, x_fit[:2])
         if not self.clipped:
             raise OnnxclpError(
-                "--method ac: no Relu output with its channels on axis 1 (after a Conv, BatchNormalization or Add, "
-                "or a 2-D feature vector) and no GlobalAveragePool output: nothing to clip (other activations, "
-                "such as SiLU, GELU or LeakyRelu, are not clipped; try --method fst-sau-gate)",
+                "--method ac: no activation output (ReLU, ReLU6, LeakyReLU, GELU, ...) with its channels on axis 1 "
+                "(after a Conv, BatchNormalization or Add, or a 2-D feature vector) and no global average pool: "
+                "nothing to clip (Sigmoid, Tanh and SiLU written as x * Sigmoid(x) are not clipped; try --method "
+                "fst-sau-gate)",
                 EXIT_NOTHING,
             )
         for p in module.parameters():
@@ -394,6 +411,6 @@ class AC(RepairMethod):
         state.training["weight_ladder"] = ladder
         state.decisions = []
         state.notes.append(
-            f"ac: {len(bounds)} Min nodes added (per-channel bounds on Relu and pooled outputs, margin weight {ac.weight:g}); "
-            f"{ac.left_alone} Relu outputs left alone; every weight is the input's"
+            f"ac: {len(bounds)} Min nodes added (per-channel bounds on activation and pooled outputs, margin weight "
+            f"{ac.weight:g}); {ac.left_alone} activation outputs left alone; every weight is the input's"
         )
