@@ -984,9 +984,11 @@ def test_ac_margins_of_given_classes_and_a_class_subset_per_step():
     assert SEARCH_VALUES // (3 * 224 * 224) < 1000 <= SEARCH_VALUES // (3 * 32 * 32) * 3  # ImageNet: a subset
 
 
-def test_dynamic_height_and_width_take_the_input_shape(backdoored, tmp_path):
-    """An export with dynamic spatial axes leaves H and W open: the repairs say to give --input-shape, and run
-    with it."""
+def test_dynamic_height_and_width_take_the_clean_images_size_or_the_input_shape(backdoored, tmp_path):
+    """An export with dynamic spatial axes leaves H and W open: the clean images given as arrays (an .npz) give the
+    size (session 19; before, every repair asked for --input-shape), and the written model keeps its open axes;
+    --input-shape gives it too and must fit; with no images to read a size from (a synthesized set) the repairs say
+    to give --input-shape."""
     import onnx
 
     import onnxclp
@@ -997,13 +999,19 @@ def test_dynamic_height_and_width_take_the_input_shape(backdoored, tmp_path):
     dims[2].dim_param, dims[3].dim_param = "h", "w"
     src = tmp_path / "dynhw.onnx"
     onnx.save(m, src)
-    with pytest.raises(OnnxclpError, match="--input-shape C,H,W"):
-        onnxclp.sanitize_file(src, tmp_path / "a.onnx", method="ac", context=_ctx(backdoored[1]), epochs=1)
+    rep = onnxclp.sanitize_file(src, tmp_path / "a.onnx", method="ac", context=_ctx(backdoored[1]), epochs=1,
+                                ac_weight=1.0)  # fmt: skip
+    assert rep.guard["acc_before"] > 0.5
+    out = onnx.load(str(tmp_path / "a.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert (out[2].dim_param, out[3].dim_param) == ("h", "w")
     ctx = {**_ctx(backdoored[1]), "input_shape": (3, SIZE, SIZE)}
     onnxclp.sanitize_file(src, tmp_path / "b.onnx", method="ac", context=ctx, epochs=1, ac_weight=1.0)
     assert _run(tmp_path / "b.onnx", _images(2, 3)[0]).shape == (2, CLASSES)
     with pytest.raises(OnnxclpError, match="does not fit"):
         onnxclp.sanitize_file(src, tmp_path / "c.onnx", method="ac", context={**ctx, "input_shape": (5, 8, 8)})
+    with pytest.raises(OnnxclpError, match="--input-shape C,H,W"):
+        onnxclp.sanitize_file(src, tmp_path / "d.onnx", method="ft", epochs=1,
+                              context={**_ctx(backdoored[1]), "clean_data": "synthetic:200"})  # fmt: skip
 
 
 def _scripted_val_right(monkeypatch, fail_calls: set[int]) -> list[int]:

@@ -5,6 +5,7 @@ Imported only inside a method's ``decide``: it needs torch (the ``eval`` extra).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,7 +23,8 @@ SEED = 0  # which clean images are read when the set holds more than --clean-n
 def input_layout(state: State) -> tuple[str, int, tuple[int, int]]:
     """('nchw' or 'nhwc', channels, (H, W)) of the model's image input; a usage error when it is not one. Where
     the graph leaves H and W open (a fully convolutional export with dynamic spatial axes), ``--input-shape
-    C,H,W`` (the context's ``input_shape``) gives them."""
+    C,H,W`` (the context's ``input_shape``) gives them, else the size of the clean images given as arrays (an
+    .npz, a CIFAR batch: :func:`_image_size`)."""
     from onnxclp.bridge import input_spec
 
     shape, _ = input_spec(state.model)
@@ -41,10 +43,41 @@ def input_layout(state: State) -> tuple[str, int, tuple[int, int]]:
         return "nchw", int(shape[1]), (int(shape[2]), int(shape[3]))
     if shape[3] in (1, 3) and shape[1] and shape[2]:
         return "nhwc", int(shape[3]), (int(shape[1]), int(shape[2]))
+    for layout, c in (("nchw", shape[1]), ("nhwc", shape[3])):  # H, W open: the clean images' own size
+        if c in (1, 3) and (size := _image_size(state.options.context, int(c))) is not None:
+            return layout, int(c), size
     raise OnnxclpError(
         f"--method {name}: cannot tell the image layout of an input shaped {list(shape)} (expected N,C,H,W or "
         "N,H,W,C with 1 or 3 channels and fixed H, W); give the image size with --input-shape C,H,W"
     )
+
+
+_SIZES: dict[tuple[str, Any, Any, int], tuple[int, int] | None] = {}
+
+
+def _image_size(ctx: Any, channels: int) -> tuple[int, int] | None:
+    """(H, W) of the context's clean images when they are arrays of one size (``clean_arrays``, or a ``clean_data``
+    .npz or CIFAR batch); None for an image folder (its images are resized to the model's size, which is what is
+    missing), a synthesized set or no images. Read once per set."""
+    arrays = ctx.get("clean_arrays")
+    if arrays is not None:
+        x = np.asarray(arrays[0])
+        if x.ndim == 4:
+            return (int(x.shape[1]), int(x.shape[2])) if x.shape[-1] == channels else (int(x.shape[2]), int(x.shape[3]))
+        return None
+    path = ctx.get("clean_data")
+    if path is None or str(path).strip().lower().startswith("synthetic") or not Path(path).exists():
+        return None
+    folder = Path(path).is_dir()
+    if folder and not ((Path(path) / "test_batch").is_file() or (Path(path) / "test").is_file()):
+        return None  # an image folder: resized to the model's size, which is what is missing
+    key = (str(path), ctx.get("x_key"), ctx.get("y_key"), channels)
+    if key not in _SIZES:
+        from onnxclp.eval.data import load_dataset
+
+        data = load_dataset(path, ctx.get("x_key"), ctx.get("y_key"), channels=channels)
+        _SIZES[key] = (int(data.height), int(data.width)) if data.height and data.width else None
+    return _SIZES[key]
 
 
 def clean_images(state: State, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
