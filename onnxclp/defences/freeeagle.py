@@ -86,18 +86,18 @@ def choose_split(module: OnnxModule, at: float = SPLIT) -> Split | str:
     """The cut nearest ``at`` of the way through the weighted layers, with at least one weighted layer on each
     side (the later one on a tie); or why there is none."""
     counts, total = _weighted_before(module)
-    options = []
+    options = []  # (distance from ``at``, minus the producer's step: the later cut wins a tie, step, name)
     for name in module.cuts():
-        i = module._producer[name]
-        if 0 < counts[i] < total:
-            options.append((abs(counts[i] / total - at), -i, name, counts[i] / total))
+        step = module._producer[name]
+        if 0 < counts[step] < total:
+            options.append((abs(counts[step] / total - at), -step, step, name))
     if not options:
         return (
             "no tensor separates the graph between two weighted layers (a branch read across the whole graph, "
             "or fewer than two weighted layers)"
         )
-    _, i, name, position = min(options)
-    return Split(name, position, module._plan[-i][0] in _NONNEGATIVE)
+    _, _, step, name = min(options)
+    return Split(name, counts[step] / total, module._plan[step][0] in _NONNEGATIVE)
 
 
 def shape_at(module: OnnxModule, split: Split, image: torch.Tensor) -> Split:
