@@ -52,7 +52,7 @@ def input_layout(state: State) -> tuple[str, int, tuple[int, int]]:
     )
 
 
-_SIZES: dict[tuple[str, Any, Any, int], tuple[int, int] | None] = {}
+_SIZES: dict[tuple[str, int, Any, Any, int], tuple[int, int] | None] = {}  # (path, mtime, keys, channels) -> (H, W)
 
 
 def _image_size(ctx: Any, channels: int) -> tuple[int, int] | None:
@@ -71,7 +71,7 @@ def _image_size(ctx: Any, channels: int) -> tuple[int, int] | None:
     folder = Path(path).is_dir()
     if folder and not ((Path(path) / "test_batch").is_file() or (Path(path) / "test").is_file()):
         return None  # an image folder: resized to the model's size, which is what is missing
-    key = (str(path), ctx.get("x_key"), ctx.get("y_key"), channels)
+    key = (str(path), Path(path).stat().st_mtime_ns, ctx.get("x_key"), ctx.get("y_key"), channels)
     if key not in _SIZES:
         from onnxclp.eval.data import load_dataset
 
