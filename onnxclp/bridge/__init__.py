@@ -502,6 +502,9 @@ class OnnxModule(nn.Module):
         input only through it (a residual network's block outputs, a plain network's activations). Graph
         outputs are not cuts; a branch read across the whole graph (``Shape`` of the input feeding a late
         ``Reshape``) leaves none behind it. :meth:`forward_from` runs the graph from one."""
+        cached = getattr(self, "_cuts", None)
+        if cached is not None:  # the plan does not change after construction
+            return list(cached)
         last: dict[str, int] = {}
         for i, (_, ins, _, _) in enumerate(self._plan):
             for x in ins:
@@ -519,6 +522,7 @@ class OnnxModule(nn.Module):
                 (name,) = live
                 if name in outs:
                     found.append(name)
+        self._cuts = tuple(found)
         return found
 
     def forward_from(self, tensor_name: str, value: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
