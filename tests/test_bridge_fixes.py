@@ -291,6 +291,25 @@ def test_a_half_precision_graph_is_computed_in_float32():
     assert module.buffer_values()["var"].dtype == np.float16
 
 
+@pytest.mark.parametrize(("fmod", "dtype"), [(0, np.int64), (1, np.int64), (1, np.float32)])
+def test_mod_follows_onnxruntime(fmod, dtype):
+    """Mod (nn.MultiheadAttention's export uses it): the divisor's sign with fmod=0, the dividend's with fmod=1."""
+    from onnx import TensorProto
+
+    elem = TensorProto.INT64 if dtype == np.int64 else TensorProto.FLOAT
+    g = helper.make_graph(
+        [helper.make_node("Mod", ["a", "b"], ["y"], fmod=fmod)], "mod",
+        [helper.make_tensor_value_info("a", elem, [6]), helper.make_tensor_value_info("b", elem, [6])],
+        [helper.make_tensor_value_info("y", elem, [6])],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    a = np.array([7, -7, 7, -7, 5, 0], dtype)
+    b = np.array([3, 3, -3, -3, 5, 2], dtype)
+    with torch.no_grad():
+        got = _module(model)(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    assert np.array_equal(got, _ort(model, {"a": a, "b": b})[0])
+
+
 def test_taps():
     module = _module(_conv_bn_model()).eval()
     x = torch.rand(2, 3, 6, 6)

@@ -1014,6 +1014,23 @@ def test_dynamic_height_and_width_take_the_clean_images_size_or_the_input_shape(
                               context={**_ctx(backdoored[1]), "clean_data": "synthetic:200"})  # fmt: skip
 
 
+def test_clean_arrays_of_another_size_are_resized_to_the_models(backdoored, tmp_path):
+    """Clean images as arrays of another size than the model's fixed input (32 x 32 images, a 16 x 16 network) are
+    resized (bilinear, as evaluate's --input-size) and the report's guard entry says so; before, the repairs
+    stopped at 'resize them first'."""
+    import onnx
+
+    import onnxclp
+
+    m = onnx.load(str(backdoored[0]))
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_value = dims[3].dim_value = SIZE // 2  # fully convolutional with a global pool: any size runs
+    src = tmp_path / "small.onnx"
+    onnx.save(m, src)
+    rep = onnxclp.sanitize_file(src, tmp_path / "out.onnx", method="ft", context=_ctx(backdoored[1]), epochs=1)
+    assert f"resized from {SIZE}x{SIZE} to the model's {SIZE // 2}x{SIZE // 2} (bilinear)" in rep.guard["data"]
+
+
 def _scripted_val_right(monkeypatch, fail_calls: set[int]) -> list[int]:
     """Make the repair loop's per-epoch check read every image wrong on the calls in ``fail_calls`` (1-based) and
     measure the module as usual otherwise; returns the list of calls made (its length is the epochs measured)."""

@@ -337,6 +337,14 @@ def _div(p: Tensor, q: Tensor) -> Tensor:
     return torch.div(p, q, rounding_mode="trunc")  # integer Div truncates (as C does)
 
 
+@op("Mod")
+def mod(x: list[Tensor | None], a: dict[str, Any], opset: int) -> OpResult:
+    """Mod-10/13: ``fmod=0`` takes the divisor's sign (Python's ``%``, integers only), ``fmod=1`` the dividend's (C's
+    ``fmod``; required for floating point). nn.MultiheadAttention's export computes head indices with it."""
+    assert x[0] is not None and x[1] is not None
+    return torch.fmod(x[0], x[1]) if int(a.get("fmod", 0)) else torch.remainder(x[0], x[1])
+
+
 for _name, _fn2 in {
     "Add": torch.add,
     "Sub": torch.sub,

@@ -117,10 +117,14 @@ def clean_images(state: State, n: int | None = None) -> tuple[torch.Tensor, torc
     if len(data) > n:
         idx = np.sort(np.random.default_rng(SEED).permutation(len(data))[:n])
     x = data.images(idx)
+    resized = ""
+    if x.shape[1] == channels and tuple(x.shape[2:]) != tuple(hw):  # arrays of another size: as evaluate's --input-size
+        import torch.nn.functional as F
+
+        resized = f", resized from {x.shape[2]}x{x.shape[3]} to the model's {hw[0]}x{hw[1]} (bilinear)"
+        x = F.interpolate(x.float(), size=tuple(hw), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
     if tuple(x.shape[1:]) != (channels, *hw):
-        raise OnnxclpError(
-            f"{path}: images are {tuple(x.shape[1:])} (C, H, W); the model takes {(channels, *hw)}; resize them first"
-        )
+        raise OnnxclpError(f"{path}: images are {tuple(x.shape[1:])} (C, H, W); the model takes {(channels, *hw)}")
     try:
         norm = normaliser((channels, *hw), ctx.get("mean"), ctx.get("std"), 1, "cpu")
     except ValueError as exc:
@@ -129,7 +133,7 @@ def clean_images(state: State, n: int | None = None) -> tuple[torch.Tensor, torc
     if layout == "nhwc":
         x = x.permute(0, 2, 3, 1).contiguous()
     y = torch.as_tensor(np.asarray(data.labels)[idx], dtype=torch.long)
-    what = f"{len(idx)} clean images from {path}"
+    what = f"{len(idx)} clean images from {path}{resized}"
     return x, y, what
 
 
