@@ -869,17 +869,22 @@ def test_ac_bounds_at_the_clean_maximum_change_no_fit_image(backdoored):
         assert not torch.equal(module(x), ref)
 
 
-def _activation_net(tmp_path: Path, activation: str, pool: bool) -> Path:
-    """Conv -> ``activation`` -> (ReduceMean over H, W, or Flatten) -> Gemm, random weights, opset 13."""
+def _activation_net(tmp_path: Path, activation: str, pool: bool, instance_norm: bool = False) -> Path:
+    """Conv -> (InstanceNormalization) -> ``activation`` -> (ReduceMean over H, W, or Flatten) -> Gemm, random
+    weights, opset 13."""
     import onnx
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     width = 8 if pool else 8 * SIZE * SIZE
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.normal(0, 0.3, (CLASSES, width)).astype(np.float32), "fc")]  # fmt: skip
+             numpy_helper.from_array(rng.normal(0, 0.3, (CLASSES, width)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "beta")]  # fmt: skip
+    norm = [helper.make_node("InstanceNormalization", ["c0", "gamma", "beta"], ["c"])] if instance_norm else []
     nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w"], ["c0" if instance_norm else "c"], pads=[1, 1, 1, 1]),
+        *norm,
         helper.make_node(activation, ["c"], ["a"]),
         helper.make_node("ReduceMean", ["a"], ["m"], axes=[2, 3], keepdims=0) if pool
         else helper.make_node("Flatten", ["a"], ["m"]),
@@ -892,15 +897,16 @@ def _activation_net(tmp_path: Path, activation: str, pool: bool) -> Path:
     return src
 
 
-@pytest.mark.parametrize("activation", ["LeakyRelu", "Elu", "Softplus"])
-def test_ac_caps_other_activations_and_a_spatial_reduce_mean(backdoored, tmp_path, activation):
-    """Beyond the paper's ReLU: the output of another activation unbounded above, and a ReduceMean over a
-    channels-first map's spatial axes (a global average pool as dynamo exports write it), each get a Min."""
+@pytest.mark.parametrize(("activation", "instance_norm"), [("LeakyRelu", False), ("Elu", True), ("Softplus", False)])
+def test_ac_caps_other_activations_and_a_spatial_reduce_mean(backdoored, tmp_path, activation, instance_norm):
+    """Beyond the paper's ReLU: the output of another activation unbounded above (after a Conv, or an
+    InstanceNormalization), and a ReduceMean over a channels-first map's spatial axes (a global average pool as
+    dynamo exports write it), each get a Min."""
     import onnx
 
     import onnxclp
 
-    src = _activation_net(tmp_path, activation, pool=True)
+    src = _activation_net(tmp_path, activation, pool=True, instance_norm=instance_norm)
     rep = onnxclp.sanitize_file(src, tmp_path / "out.onnx", method="ac", context=_ctx(backdoored[1]), epochs=1)
     after = onnx.load(str(tmp_path / "out.onnx"))
     added = [n for n in after.graph.node if n.op_type == "Min"]

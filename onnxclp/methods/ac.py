@@ -13,7 +13,8 @@ correctness of 3-26 % of the guard's checking images (docs/results-repair-notes.
 **Where.** The output of every ``Relu`` node (and, since session 19, of every other activation in
 :data:`ACTIVATIONS`: ReLU6's ``Clip``, LeakyReLU, PReLU, ELU, SELU, CELU, GELU, HardSwish, Softplus, Mish) whose
 feature map has its channels on axis 1: a 4-D map read from a Conv, BatchNormalization, Add or Sum (ONNX
-convolutions are channels-first), or a 2-D (batch, features) vector; and the output of every ``GlobalAveragePool``
+convolutions are channels-first; since session 19 also InstanceNormalization, GroupNormalization, MaxPool and
+AveragePool), or a 2-D (batch, features) vector; and the output of every ``GlobalAveragePool``
 (N x C x 1 x 1), or ``ReduceMean`` over a channels-first map's spatial axes, the pooled features a classifier
 reads. A ReLU
 bound caps a channel's largest value at any position; a trigger spread over the whole image (a blend, a warp, a
@@ -87,7 +88,10 @@ WEIGHTS = (1.0, 4.0, 16.0, 64.0)  # the walk, weakest first (module docstring, "
 INNER = 3  # signed gradient steps of the margin inputs per training step
 INNER_STEP = 0.02  # of the pixel range per signed step
 SEARCH_VALUES = 1 << 20  # input values searched per step at most: all classes of a CIFAR-sized task (341 at 3x32x32)
-CHANNEL_FIRST_PRODUCERS = ("Conv", "BatchNormalization", "Add", "Sum", "ConvTranspose")
+# Ops whose 4-D output has its channels on axis 1 by definition (ONNX's convolution layout); since session 19 the
+# normalisations and pools that keep it too (an activation after an InstanceNorm or a MaxPool).
+CHANNEL_FIRST_PRODUCERS = ("Conv", "BatchNormalization", "Add", "Sum", "ConvTranspose", "InstanceNormalization",
+                           "GroupNormalization", "MaxPool", "AveragePool")  # fmt: skip
 POOLS = ("GlobalAveragePool",)  # the pooled features the classifier reads (module docstring, "Where")
 # Activations whose outputs are capped (module docstring, "Where"): the paper's ReLU, and since session 19 the
 # element-wise ones that are unbounded above or nearly so (ReLU6 is Clip), so that MobileNets, GELU and LeakyReLU
