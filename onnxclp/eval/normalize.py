@@ -31,6 +31,7 @@ from onnxclp.errors import OnnxclpError
 __all__ = [
     "EIGHT_BIT",
     "NORMALIZE_KEY",
+    "eight_bit_normalization",
     "input_normalization",
     "normalization_from_metadata",
     "normalization_metadata",
@@ -140,8 +141,14 @@ def input_normalization(model: Any) -> tuple[list[float], list[float], str] | No
     if found is not None:
         return found
     if eight_bit_input(model):
-        return [0.0], [1.0 / 255.0], EIGHT_BIT
+        return *eight_bit_normalization(), EIGHT_BIT
     return None
+
+
+def eight_bit_normalization() -> tuple[list[float], list[float]]:
+    """``(mean, std)`` of pixels 0..255 on images in [0, 1]: ONNX's ``NominalRange_0_255``, an 8-bit input's."""
+    mean, std = _PIXEL_RANGES["NominalRange_0_255"]
+    return list(mean), list(std)
 
 
 def normalization_metadata(mean: Sequence[float], std: Sequence[float]) -> dict[str, str]:

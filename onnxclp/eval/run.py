@@ -233,9 +233,10 @@ def _with_model_normalization(
             found[str(r.path)] = got
     if not found:
         if runners and all(np.issubdtype(r.input.dtype, np.integer) for r in runners):
-            from onnxclp.eval.normalize import EIGHT_BIT
+            from onnxclp.eval.normalize import EIGHT_BIT, eight_bit_normalization
 
-            return replace(config, normalize={"mean": [0.0], "std": [1.0 / 255.0]}), EIGHT_BIT
+            mean, std = eight_bit_normalization()
+            return replace(config, normalize={"mean": mean, "std": std}), EIGHT_BIT
         return config, None
     values = {(tuple(m), tuple(s)) for m, s, _ in found.values()}
     if len(values) > 1:

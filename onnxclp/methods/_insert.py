@@ -5,12 +5,14 @@ right after the tensor's producer, and the model's ``onnxclp.added_nodes`` metad
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from onnxclp.errors import OnnxclpError
 
 if TYPE_CHECKING:
-    import numpy as np
     import onnx
 
 METADATA_KEY = "onnxclp.added_nodes"
@@ -41,42 +43,42 @@ def unique(base: str, taken: set[str]) -> str:
     return name
 
 
-def file_dtype(model: onnx.ModelProto, tensor: str) -> np.dtype | None:
-    """The element type ``tensor`` has in the file, as a numpy dtype: from the graph's declarations (inputs,
-    outputs, value_info), else from onnx's type inference on the model; None when neither says. The torch bridge
+def file_dtypes(model: onnx.ModelProto, tensors: Iterable[str]) -> dict[str, np.dtype]:
+    """The element type each of ``tensors`` has in the file, as a numpy dtype: from the graph's declarations
+    (inputs, outputs, value_info), else from one run of onnx's type inference on the model (without data
+    propagation, as :mod:`onnxclp.passes.score` runs it); a tensor neither gives is left out. The torch bridge
     computes half-precision graphs in float32 (:mod:`onnxclp.bridge`), so a value written into such a graph must
     take the file's type, not the one it was trained in."""
     import onnx
     from onnx import helper
 
-    def declared(graph: onnx.GraphProto) -> int:
-        for vi in (*graph.input, *graph.output, *graph.value_info):
-            if vi.name == tensor and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-                return int(vi.type.tensor_type.elem_type)
-        return 0
+    def declared(graph: onnx.GraphProto, wanted: set[str]) -> dict[str, int]:
+        return {vi.name: int(vi.type.tensor_type.elem_type) for vi in (*graph.input, *graph.output, *graph.value_info)
+                if vi.name in wanted and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}  # fmt: skip
 
-    elem = declared(model.graph)
-    if not elem:
+    wanted = set(tensors)
+    elems = declared(model.graph, wanted)
+    if wanted - set(elems):
         try:
-            elem = declared(onnx.shape_inference.infer_shapes(model).graph)
-        except Exception:  # inference is a convenience here: None sends the caller to its own type
-            return None
-    return helper.tensor_dtype_to_np_dtype(elem) if elem else None
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=False)
+            elems = {**declared(inferred.graph, wanted - set(elems)), **elems}
+        except Exception:  # inference is a convenience here: a tensor left out keeps the caller's type
+            pass
+    return {name: np.dtype(helper.tensor_dtype_to_np_dtype(elem)) for name, elem in elems.items()}
 
 
-def as_file_dtype(model: onnx.ModelProto, tensor: str, values: np.ndarray, what: str) -> np.ndarray:
-    """``values`` in the element type ``tensor`` has in the file (:func:`file_dtype`; unchanged when it is not
-    known); an error naming ``what`` when a value does not fit that type (a float16 graph's range ends at 65504)."""
-    import numpy as np
+def as_file_dtype(values: np.ndarray, dtype: np.dtype | None, what: str) -> np.ndarray:
+    """``values`` in ``dtype`` (a tensor's type in the file, :func:`file_dtypes`; unchanged when None): the checked
+    cast of :func:`onnxclp.tensors.cast_checked`, whose refusal (a float16 graph's range ends at 65504) is exit 3
+    here: nothing this method wrote can go into the graph."""
+    from onnxclp.tensors import cast_checked
 
-    dtype = file_dtype(model, tensor)
-    if dtype is None or dtype == values.dtype:
+    if dtype is None:
         return values
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = values.astype(dtype)
-    if np.issubdtype(dtype, np.floating) and not np.isfinite(out).all() and np.isfinite(values).all():
-        raise OnnxclpError(f"{what}: its values do not fit the graph's {dtype} (largest {np.abs(values).max():g})", 3)
-    return out
+    try:
+        return cast_checked(values, dtype, what, "values")
+    except OnnxclpError as exc:
+        raise OnnxclpError(exc.message, 3) from None
 
 
 def rewire(graph: onnx.GraphProto, old: str, new: str) -> None:

@@ -334,20 +334,21 @@ def insert_caps(model: onnx.ModelProto, bounds: dict[str, np.ndarray]) -> list[s
     """Add one ``Min`` node per tensor of ``bounds`` (module docstring, "Written"); returns the nodes' names."""
     from onnx import helper, numpy_helper
 
-    from onnxclp.methods._insert import as_file_dtype, insert_after, names_in, record_added, unique
+    from onnxclp.methods._insert import as_file_dtype, file_dtypes, insert_after, names_in, record_added, unique
 
     opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), None)
     if opset is None or opset < 8:
         raise OnnxclpError(f"--method ac: Min broadcasts from opset 8; the model imports ai.onnx {opset}")
     graph = model.graph
     taken = names_in(graph)
+    dtypes = file_dtypes(model, bounds)  # before any node is added: the types the graph gives the tensors
     added = []
     for tensor, z in bounds.items():
         node_name = unique("onnxclp_ac_clip", taken)
         z_name = unique(f"{node_name}.bound", taken)
         node = helper.make_node("Min", [tensor, z_name], [unique(f"{tensor}_clipped", taken)], name=node_name,
                                 doc_string="onnxclp ac: per-channel upper bounds of the activation")  # fmt: skip
-        z = as_file_dtype(model, tensor, z, f"--method ac: the bound on {tensor!r}")
+        z = as_file_dtype(z, dtypes.get(tensor), f"--method ac: the bound on {tensor!r}")
         insert_after(graph, tensor, node)
         graph.initializer.append(numpy_helper.from_array(z, z_name))
         added.append(node_name)

@@ -284,12 +284,13 @@ def insert_polarizer(model: onnx.ModelProto, tensor: str, weight: np.ndarray, bi
     the node's name."""
     from onnx import helper, numpy_helper
 
-    from onnxclp.methods._insert import as_file_dtype, insert_after, names_in, record_added, unique
+    from onnxclp.methods._insert import as_file_dtype, file_dtypes, insert_after, names_in, record_added, unique
 
     if not any(op.domain in ("", "ai.onnx") for op in model.opset_import):
         raise OnnxclpError("--method npd: the model imports no ai.onnx opset, so a Conv node cannot be added")
-    weight = as_file_dtype(model, tensor, weight, "--method npd: the polarizer")
-    bias = as_file_dtype(model, tensor, bias, "--method npd: the polarizer")
+    dtype = file_dtypes(model, [tensor]).get(tensor)
+    weight = as_file_dtype(weight, dtype, "--method npd: the polarizer's weight")
+    bias = as_file_dtype(bias, dtype, "--method npd: the polarizer's bias")
     graph = model.graph
     taken = names_in(graph)
     node_name = unique("onnxclp_npd_polarizer", taken)
