@@ -1542,3 +1542,98 @@ def test_the_gate_on_a_binary_classifier(backdoored, tmp_path):
     assert g.shape == (len(x), 2)
     keep = ~np.isin(a.argmax(1), gate["suspects"])
     np.testing.assert_array_equal(g[keep], a[keep])
+
+
+def _qdq(src: Path, dst: Path) -> Path:
+    """``src`` quantized by onnxruntime's ``quantize_static`` in the QDQ format, int8 weights per channel: every
+    weight an integer initializer read through a DequantizeLinear, every activation quantized and dequantized."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    x = _images(32, 7)[0]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": x[i : i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return dst
+
+
+def test_a_qdq_graph_runs_exactly_and_its_weights_train_as_floats(backdoored, tmp_path):
+    """The bridge on a QDQ export (issue 18: every model a user brings): the same answers as onnxruntime; the
+    integer weights are float parameters whose write-back is the file's integers again; a quantized activation
+    passes the straight-through gradient, so an input can be optimised through it (before: no parameter at all,
+    and 'element 0 of tensors does not require grad' in every training repair and in MM-BD)."""
+    import torch
+
+    from onnxclp.bridge import load
+
+    src = _qdq(backdoored[0], tmp_path / "qdq.onnx")
+    x = _images(6, 3)[0]
+    module = load(src)
+    assert module.float_initializer_names and all(
+        module._dtype[n].kind == "i" for n in module.float_initializer_names
+    )  # every trainable tensor is an integer weight (scales and zero points are not trained)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), _run(src, x), rtol=0, atol=1e-5)
+    import onnx
+    from onnx import numpy_helper
+
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src)).graph.initializer}
+    values = module.state_to_onnx()
+    assert all(np.array_equal(values[n], stored[n]) and values[n].dtype == stored[n].dtype for n in values)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    module(xt).sum().backward()
+    assert float(xt.grad.abs().sum()) > 0
+    name = next(n for n in module.float_initializer_names if stored[n].dtype == np.int8)
+    with torch.no_grad():
+        module.param_for(name).mul_(1000.0)  # far past the int8 range at the file's scale
+    assert np.abs(module.state_to_onnx([name])[name]).max() >= 127 and module.quantization_clipped[name] > 0
+    # read as floats (the input searches): no QuantizeLinear left, the folded ReLUs kept, so the answers are the
+    # float export's up to the weights' rounding, and a margin is not capped by the calibration range
+    from onnxclp.bridge import to_torch
+
+    floats = to_torch(onnx.load(str(src)), float_activations=True)
+    assert not any(op == "QuantizeLinear" for op, *_ in floats._plan)
+    with torch.no_grad():
+        got = floats(torch.from_numpy(x)).numpy()
+        big = floats(torch.from_numpy(x) * 50).numpy()
+    ref = _run(backdoored[0], x)
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    assert np.abs(big).max() > 2 * np.abs(_run(src, x * 50)).max()  # the quantised graph clips there
+
+
+@pytest.mark.parametrize(("method", "params"), [("ft", {}), ("npd", {}), ("fst-sau-gate", {"sau_epochs": 1})])
+def test_a_qdq_graph_is_repaired_and_written_back_quantized(backdoored, tmp_path, method, params):
+    """A repair of a QDQ graph writes integers into the integer weights (same dtype, same scales and zero points)
+    and leaves the input's operators as they were; the result passes the full check and runs in onnxruntime."""
+    import onnx
+    from onnx import numpy_helper
+
+    import onnxclp
+
+    src = _qdq(backdoored[0], tmp_path / "qdq.onnx")
+    before = onnx.load(str(src))
+    out = tmp_path / f"{method}.onnx"
+    rep = onnxclp.sanitize_file(src, out, method=method, context=_ctx(backdoored[1]), epochs=1, **params)
+    after = onnx.load(str(out))
+    onnx.checker.check_model(after, full_check=True)
+    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    new = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
+    rewritten = {r["name"] for r in rep.rewritten}
+    if method == "npd":  # the polarizer, a float 1x1 Conv, is the one node added; nothing is rewritten
+        assert not rewritten and len(after.graph.node) == len(before.graph.node) + 1
+    elif method == "fst-sau-gate":  # the input's initializers unchanged; its copies' weights integers too
+        copied = {n: v for n, v in new.items() if n not in old}
+        assert not rewritten and any(v.dtype == np.int8 for v in copied.values())
+        assert {v.dtype.kind for v in copied.values() if v.ndim > 1} == {"i"}
+    else:
+        assert rewritten and all(old[n].dtype.kind == "i" and new[n].dtype == old[n].dtype for n in rewritten)
+    quant = [n for n, v in old.items() if v.dtype.kind == "f" and n not in rewritten]
+    assert all(np.array_equal(old[n], new[n]) for n in quant)  # scales (and every other float) untouched
+    kept = {(n.name, n.op_type) for n in after.graph.node}
+    assert all((n.name, n.op_type) in kept for n in before.graph.node)
+    assert _run(out, _images(5, 3)[0]).shape == (5, CLASSES)

@@ -163,10 +163,75 @@ _BUFFER_INPUTS: dict[str, tuple[int, ...]] = {
     "Upsample": (1,),
     "Resize": (1, 2),
     "Dropout": (1,),
+    # quantisation parameters: a repair trains the network, not its quantisation grid
+    "QuantizeLinear": (1, 2),
+    "DequantizeLinear": (1, 2),
 }
 
 # Ops whose constant shape-like input (position) gives the output's dimension 0: the fixed-batch rule.
 _BATCH_SHAPE_INPUT: dict[str, int] = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0}
+
+
+def _weight_dequantizers(graph: onnx.GraphProto, arrays: dict[str, np.ndarray], opset: int) -> list[onnx.NodeProto]:
+    """The DequantizeLinear nodes that dequantize a weight: integer initializer, float scale and (if any) integer
+    zero point all initializers, the integer one read by this node alone, per-tensor or per-axis (not blocked),
+    neither tensor a graph output."""
+    reads: dict[str, int] = defaultdict(int)
+    for n in graph.node:
+        for x in n.input:
+            reads[x] += 1
+    outputs = {o.name for o in graph.output}
+    found = []
+    for n in graph.node:
+        if n.op_type != "DequantizeLinear" or n.domain not in _DEFAULT_DOMAINS or len(n.input) < 2:
+            continue
+        q, scale = arrays.get(n.input[0]), arrays.get(n.input[1])
+        zp = arrays.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if q is None or scale is None or (len(n.input) > 2 and n.input[2] and zp is None):
+            continue
+        if q.dtype.kind not in "iu" or q.dtype.itemsize > 4 or not _is_float(scale):
+            continue
+        if zp is not None and zp.dtype != q.dtype:
+            continue
+        if any(a.name == "block_size" and a.i for a in n.attribute):
+            continue
+        if reads[n.input[0]] != 1 or n.input[0] in outputs or n.output[0] in outputs:
+            continue
+        found.append(n)
+    return found
+
+
+def _activation_pairs(graph: onnx.GraphProto, constants: set[str]) -> list[list[onnx.NodeProto]]:
+    """Each QuantizeLinear of a computed tensor whose every reader is a DequantizeLinear on the same scale and zero
+    point (a fake-quantised activation of a QDQ graph), with those readers: ``[quantize, dequantize, ...]``."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for x in n.input:
+            readers[x].append(n)
+    outputs = {o.name for o in graph.output}
+    pairs = []
+    for n in graph.node:
+        if n.op_type != "QuantizeLinear" or n.domain not in _DEFAULT_DOMAINS or n.input[0] in constants:
+            continue
+        users = readers.get(n.output[0], [])
+        same = [u for u in users if u.op_type == "DequantizeLinear" and u.domain in _DEFAULT_DOMAINS
+                and list(u.input[1:]) == list(n.input[1:]) and list(u.input).count(n.output[0]) == 1
+                and u.input[0] == n.output[0]]  # fmt: skip
+        if users and len(same) == len(users) and n.output[0] not in outputs:
+            pairs.append([n, *same])
+    return pairs
+
+
+def _with_inputs(node: onnx.NodeProto, renamed: dict[str, str]) -> onnx.NodeProto:
+    """A copy of ``node`` reading ``renamed[x]`` wherever it read ``x`` (followed to the end of a chain)."""
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    for i, x in enumerate(out.input):
+        seen = 0
+        while x in renamed and seen < len(renamed):
+            x, seen = renamed[x], seen + 1
+        out.input[i] = x
+    return out
 
 
 def _declared_batch(model: onnx.ModelProto, name: str) -> int | None:
@@ -243,7 +308,9 @@ class OnnxModule(nn.Module):
     initializers) in declaration order and returns the single output, or a tuple of outputs.
     """
 
-    def __init__(self, model: onnx.ModelProto, store: TensorStore, logits: bool = False) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, store: TensorStore, logits: bool = False, float_activations: bool = False
+    ) -> None:
         super().__init__()
         graph = model.graph
         self.opset = _default_opset(model)
@@ -268,9 +335,40 @@ class OnnxModule(nn.Module):
             if i < len(n.input) and n.input[i]
         }
         inits = {t.name: t for t in graph.initializer}
+        arrays = {t.name: store.read(t) for t in graph.initializer}
+        file_dtype = {name: arr.dtype for name, arr in arrays.items()}
+        # QDQ weights (docs/bridge.md, "Quantized weights"): the integer initializer of a weight's
+        # DequantizeLinear becomes a float parameter holding the dequantized value; the node is dropped.
+        self._quantized: dict[str, tuple[torch.Tensor, torch.Tensor | None, int]] = {}  # name -> scale, zp, axis
+        self.quantization_clipped: dict[str, int] = {}  # name -> values clipped when last written back
+        renamed: dict[str, str] = {}  # the dropped DequantizeLinear's output -> the integer initializer's name
+        for node in _weight_dequantizers(graph, arrays, self.opset):
+            q, scale, zp = (arrays[n] if n else None for n in [*node.input, ""][:3])
+            assert q is not None and scale is not None
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            args = [_to_tensor(q), _to_tensor(scale)] + ([] if zp is None else [_to_tensor(zp)])
+            value = OPS["DequantizeLinear"](args, attrs, self.opset)
+            assert isinstance(value, torch.Tensor)
+            axis = int(attrs.get("axis", 1))
+            axis = axis + q.ndim if axis < 0 else axis
+            self._quantized[node.input[0]] = (args[1], args[2] if zp is not None else None, axis)
+            renamed[node.output[0]] = node.input[0]
+            arrays[node.input[0]] = value.numpy()  # trained as a float parameter, written back as integers
+        dropped = set(renamed)  # the first output of each node left out of the plan
+        identity: dict[str, onnx.NodeProto] = {}  # a DequantizeLinear's output -> the float op run in its place
+        if float_activations:  # each activation's QuantizeLinear -> DequantizeLinear pair read as floats
+            for pair in _activation_pairs(graph, set(arrays)):
+                quantize = pair[0]
+                dropped.add(quantize.output[0])
+                zp = arrays.get(quantize.input[2]) if len(quantize.input) > 2 and quantize.input[2] else None
+                # a range that starts at 0 is a ReLU the quantizer folded into it (no zero point: uint8, from 0)
+                relu = zp is None or (zp.dtype.kind in "iu" and bool(np.all(zp == np.iinfo(zp.dtype).min)))
+                for dq in pair[1:]:
+                    identity[dq.output[0]] = onnx.helper.make_node("Relu" if relu else "Identity", [quantize.input[0]],
+                                                             [dq.output[0]])  # fmt: skip
         for t in graph.initializer:
-            arr = store.read(t)
-            self._dtype[t.name] = arr.dtype
+            arr = arrays[t.name]
+            self._dtype[t.name] = file_dtype[t.name]
             if _is_float(arr) and t.name not in as_buffer:
                 key = key_for(t.name, "p_")
                 self.params[key] = nn.Parameter(_to_tensor(arr))
@@ -291,6 +389,16 @@ class OnnxModule(nn.Module):
         label_of: dict[int, str] = {}  # id(node) -> its name or a label naming op, position and output
         for i, node in enumerate(graph.node):
             label_of[id(node)] = _node_label(node, i)
+            first = node.output[0] if node.output else ""
+            if first in dropped:
+                continue
+            if first in identity:
+                node = identity[first]
+                label_of[id(node)] = _node_label(graph.node[i], i)
+            if any(x in renamed for x in node.input):
+                label = label_of[id(node)]
+                node = _with_inputs(node, renamed)  # (kept alive in plan_nodes, so its id stays its own)
+                label_of[id(node)] = label
             if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
                 key = key_for(node.output[0], "c_")
                 self.consts.register_buffer(key, _to_tensor(_constant_value(node, store)))
@@ -367,9 +475,26 @@ class OnnxModule(nn.Module):
 
     def _file_value(self, name: str, t: torch.Tensor) -> np.ndarray:
         t = t.detach().to("cpu")
+        if name in self._quantized:
+            return self._requantized(name, t)
         arr = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
         with np.errstate(over="ignore"):
             return arr.astype(self._dtype[name], copy=True)
+
+    def _requantized(self, name: str, t: torch.Tensor) -> np.ndarray:
+        """A dequantized weight's value as its integer initializer: rounded (half to even) on the file's own scale
+        and zero point, clipped to the integer type's range (the count in :attr:`quantization_clipped`)."""
+        from onnxclp.bridge.ops import _per_axis
+
+        scale, zp, axis = self._quantized[name]
+        dtype = self._dtype[name]
+        v = t.double() / _per_axis(scale.double(), t.dim(), axis)
+        if zp is not None:
+            v = v + _per_axis(zp.double(), t.dim(), axis)
+        q = np.round(v.numpy())
+        info = np.iinfo(dtype)
+        self.quantization_clipped[name] = int(((q < info.min) | (q > info.max)).sum())
+        return np.clip(q, info.min, info.max).astype(dtype)
 
     def state_to_onnx(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Current values of the parameters, per initializer name, as numpy arrays in the file's dtype.
@@ -595,6 +720,7 @@ def to_torch(
     *,
     store: TensorStore | None = None,
     logits: bool = False,
+    float_activations: bool = False,
 ) -> OnnxModule:
     """An :class:`OnnxModule` running ``model`` (on the CPU; move it with ``.to(device)``).
 
@@ -602,6 +728,12 @@ def to_torch(
     ONNX Model Zoo's classics), return the Softmax's input, the logits, in its place: what a loss, a margin or a
     distillation must read (a cross-entropy of probabilities trains almost nothing). The other outputs and
     every model without such a Softmax are unchanged; predictions (arg-max) are the same either way.
+
+    ``float_activations``: in a QDQ graph, run each activation's QuantizeLinear -> DequantizeLinear pair as the
+    float network the quantised one approximates: no rounding and no clipping to the calibration range, except a
+    range that starts at 0, a ReLU the quantizer folded into it, which stays a ReLU (the weights stay the
+    dequantized integers). For the searches over inputs (MM-BD, FreeEagle, trigger inversion): the clipped range
+    caps every class's margin alike (docs/bridge.md, "Quantized weights").
 
     Tensor values are read through ``store`` (the one :func:`onnxclp.io.load_model` returned), or through a
     new checked :class:`~onnxclp.io.TensorStore` on ``base_dir`` (the model's folder, for external data;
@@ -615,7 +747,7 @@ def to_torch(
         from onnx import inliner
 
         model = inliner.inline_local_functions(model)
-    return OnnxModule(model, store, logits=logits)
+    return OnnxModule(model, store, logits=logits, float_activations=float_activations)
 
 
 def load(path: str | Path, *, logits: bool = False) -> OnnxModule:

@@ -64,5 +64,7 @@ def model_run(state: State) -> ModelRun:
     device = str(ctx.get("device") or "cpu").lower()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = to_torch(state.model, store=state.store, logits=True).to(device).eval()
+    # a QDQ graph's activations read as floats: the searches over inputs run on the network the quantised one
+    # approximates, not on its clipped activations (docs/bridge.md, "Quantized weights")
+    module = to_torch(state.model, store=state.store, logits=True, float_activations=True).to(device).eval()
     return ModelRun(module, dims, channel_axis, ctx.get("mean"), ctx.get("std"), device)  # type: ignore[arg-type]

@@ -41,7 +41,10 @@ SCOPE = ParamSpec(
 def classifier_weight(state: State, module: OnnxModule) -> str:
     """The initializer name of the classifier's weight (the layer producing the model output)."""
     outs = [layer for layer in state.found if layer.is_output]
-    names = [layer.weight.tensor.name for layer in outs if layer.weight.plain and layer.weight.initializer]
+    # the stored tensor as the layer reads it, or through one DequantizeLinear (a QDQ weight, which the bridge
+    # trains as floats and writes back as integers: docs/bridge.md, "Quantized weights")
+    names = [layer.weight.tensor.name for layer in outs if layer.weight.initializer
+             and (layer.weight.plain or [n.op_type for n in layer.weight.via] == ["DequantizeLinear"])]  # fmt: skip
     names = [n for n in names if n in module.float_initializer_names]
     if not names:
         raise OnnxclpError(
@@ -83,8 +86,9 @@ class FSTObjective:
             w.copy_((torch.rand(w.shape, generator=gen) * 2 - 1).to(w) * bound)
             self._project()
         if self.scope == "head":  # the features frozen: only the classifier's weight and bias train
-            node = next(n for n in state.model.graph.node if len(n.input) > 1 and n.input[1] == self.name_)
-            head = {id(w)} | {id(module.param_for(b)) for b in node.input[2:3] if b in module.float_initializer_names}
+            layer = next(layer for layer in state.found if layer.weight.tensor.name == self.name_)
+            bias = layer.bias.src.tensor.name if layer.bias is not None else None
+            head = {id(w)} | ({id(module.param_for(bias))} if bias in module.float_initializer_names else set())
             for p in module.parameters():
                 p.requires_grad_(id(p) in head)
         return [p for p in module.parameters() if p.requires_grad]
