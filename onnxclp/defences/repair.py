@@ -578,6 +578,13 @@ def finish(state: State, module: OnnxModule, outcome: Outcome, settings: Setting
         "rewritten": rewritten,
         "largest_relative_change": max((r["relative_change"] or 0.0 for r in rewritten), default=0.0),
     }
+    clipped = {n: c for n, c in getattr(module, "quantization_clipped", {}).items() if c and n in state.rewrites}
+    if clipped:  # a QDQ weight trained past its integer range (docs/bridge.md, "Quantized weights")
+        state.training["quantization_clipped"] = clipped
+        state.notes.append(
+            f"{state.params.method}: {sum(clipped.values())} quantised weight values in {len(clipped)} tensors were "
+            "clipped to their integer range when written back (the guard measures the written integers)"
+        )
     if state.clean is not None:
         state.clean.mark_selection(state.guard, sequence=outcome.sequential)  # the epoch's part, and how
     if state.graph_edit is None:
