@@ -119,9 +119,13 @@ def run_method(
     params: Params,
     options: Options | None = None,
     base_dir: str | None = None,
+    *,
+    allow_empty: bool = False,
 ) -> State:
     """Load ``model_or_path`` and run the pipeline with ``params`` and ``options``; returns the final state
-    (``state.model`` is the edited model when ``options.edit``, ``state.report`` the report)."""
+    (``state.model`` is the edited model when ``options.edit``, ``state.report`` the report). A model with no
+    layer to score raises :class:`NothingToSanitize` unless ``allow_empty`` (``scan``: its detectors may still
+    read it, or say why they cannot)."""
     options = options or Options()
     from onnxclp.passes.streams import STREAM_RULES
 
@@ -137,7 +141,7 @@ def run_method(
     if recorded is not None:
         state.notes.append(recorded)
     report = run(state, passes())
-    if not report.layers and not state.rewrites and not state.added_nodes:
+    if not report.layers and not state.rewrites and not state.added_nodes and not allow_empty:
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in report.skipped[:3])
         raise NothingToSanitize(
             "no layer can be scored (no Conv/ConvTranspose/Gemm/MatMul with a constant weight"

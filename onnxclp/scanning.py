@@ -96,8 +96,16 @@ def scan_model(path: str, config: ScanConfig) -> dict[str, Any]:
         options = Options(
             config.exclude, False, config.inline_functions, False, config.force, config.context, config.streams
         )
-        state = run_method(path, params, options)
+        # a model with no layer CLP can score (int8 QLinearConv/ConvInteger, no weights at all) is still the
+        # detectors' to read, or to say why they cannot: unverified, not an error (issue 20, fail closed)
+        state = run_method(path, params, options, allow_empty=True)
         results, skipped = detect.run_detectors(state, config.detectors)
+        if not state.found:
+            reasons = "; ".join(f"{s.node}: {s.reason}" for s in state.report.skipped[:3]) if state.report else ""
+            skipped = {
+                "layers": "no layer with a constant float weight to score" + (f" ({reasons})" if reasons else ""),
+                **skipped,
+            }
     except OnnxclpError as exc:
         return error_entry(path, exc.message, exc.exit_code)
     except MemoryError:

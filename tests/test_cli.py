@@ -88,7 +88,10 @@ def test_nothing_to_sanitize_exit_3(tmp_path):
     r = _cli("sanitize", path, tmp_path / "o.onnx")
     assert r.returncode == 3 and "no layer can be scored" in r.stderr
     assert not (tmp_path / "o.onnx").exists()
-    assert _cli("scan", path).returncode == 3
+    # scan: nothing for a detector to read is an unverified model (fails closed under the gate), not an error
+    r = _cli("scan", path)
+    assert r.returncode == 0 and "1 unverified" in r.stdout + r.stderr
+    assert _cli("scan", path, "--fail-on", "suspicious").returncode == 6
 
 
 def test_lpp_and_exact_from_cli(suspicious, tmp_path):

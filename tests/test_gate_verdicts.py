@@ -161,6 +161,40 @@ def test_no_detector_applies_is_unverified(build, reason: str, tmp_path: Path) -
     assert entry["report"]["verdict"]["verdict"] == "unverified"
 
 
+def integer_only() -> onnx.ModelProto:
+    """A dynamically quantised classifier (onnxruntime's ``quantize_dynamic`` form): DynamicQuantizeLinear ->
+    ConvInteger -> Cast -> Mul by the scales -> GlobalAveragePool -> Flatten: no layer with a float weight."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.integers(-127, 127, (4, 3, 3, 3)).astype(np.int8), "w")
+    wz = numpy_helper.from_array(np.array(0, np.int8), "wz")
+    ws = init("ws", np.array(0.01, np.float32))
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="q"),
+        helper.make_node("ConvInteger", ["xq", "w", "xz", "wz"], ["acc"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xs", "ws"], ["s"]),
+        helper.make_node("Mul", ["accf", "s"], ["h"]),
+        helper.make_node("GlobalAveragePool", ["h"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["y"]),
+    ]
+    return model(nodes, [("x", ["N", 3, 8, 8])], [("y", ["N", 4])], [w, wz, ws])
+
+
+def test_a_model_with_nothing_to_score_is_unverified_not_an_error(tmp_path: Path) -> None:
+    """A model onnx's checker accepts is never bad input: an int8 model of integer operators, which no detector can
+    read, is ``unverified`` with every reason (exit 6 under --fail-on suspicious), not a scan error (session 20;
+    before: 'no layer can be scored', exit 3)."""
+    path = save(integer_only(), tmp_path / "int8.onnx")
+    entry = scan(path)
+    assert entry["verdict"] == "unverified" and entry["error"] is None and entry["exit_code"] == EXIT_OK
+    assert "no layer with a constant float weight" in entry["detectors_skipped"]["layers"]
+    assert "classifier" in entry["detectors_skipped"]
+    r = invoke("scan", path, "--fail-on", "suspicious")
+    assert r.exit_code == EXIT_UNVERIFIED and "1 unverified" in r.output
+
+
 @pytest.fixture
 def failing_detector():
     """A registered detector that raises (removed from the registry afterwards)."""
