@@ -28,7 +28,9 @@ from onnxclp.tensors import iter_graphs
 # How deep the other inputs of a transform (a Reshape's shape, ...) may themselves be transformed constants.
 MAX_NESTING = 8
 # Nodes a constant may pass through on its way to a layer and still count as that layer's constant weight.
-TRANSFORM_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "DequantizeLinear"})
+TRANSFORM_OPS = frozenset(
+    {"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "DequantizeLinear", "QuantizeLinear"}
+)
 # Below this IR version every initializer must also be a graph input (ONNX IR, "Graphs"); from it they may not be.
 INITIALIZER_INPUTS_OPTIONAL_IR = 4
 _ONNX_DOMAINS = ("", "ai.onnx")
@@ -240,7 +242,8 @@ class GraphIndex:
 
         Walks back through Identity and through the value-preserving transforms exporters put between a
         stored weight and its reader (:data:`TRANSFORM_OPS`: Transpose, Reshape, Squeeze, Unsqueeze, Cast,
-        DequantizeLinear), provided their other inputs are constants too. ``via`` lists those nodes from the
+        DequantizeLinear, and QuantizeLinear: a float weight fake-quantised by a QuantizeLinear -> DequantizeLinear
+        pair, as quantisation-aware training exports it), provided their other inputs are constants too. ``via`` lists those nodes from the
         reader back to the stored constant. Those other inputs (a shape, axes, a scale) may themselves come
         through transforms, but at most :data:`MAX_NESTING` deep: a hostile graph nesting them thousands deep
         overflowed the stack, and reading a value doubles its work at each level that reuses one.

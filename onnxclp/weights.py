@@ -11,6 +11,10 @@ stored value; :func:`write` inverts it, so an edit lands in the stored tensor in
 - DequantizeLinear: a zeroed channel or weight gets the zero-point as its quantized value (exactly 0 after
   dequantization); a channel scaled by ``c`` gets its per-channel scale multiplied by ``c``; any other change
   is requantized with the existing scale.
+- QuantizeLinear (a float weight fake-quantised, ``W -> QuantizeLinear -> DequantizeLinear``, as
+  quantisation-aware training exports it): the integers the DequantizeLinear step asks for are written as the
+  float weight that quantises to them on the QuantizeLinear's own (possibly just rescaled) scale; a weight whose
+  integer is unchanged keeps its stored float.
 """
 
 from __future__ import annotations
@@ -137,7 +141,28 @@ def _apply(index: GraphIndex, store: TensorStore, node: NodeProto, x: np.ndarray
         if not np.all(np.isfinite(out)):
             raise OnnxclpError(f"DequantizeLinear {node.name!r}: dequantized weight is NaN or Inf in {dtype.name}")
         return out
+    if op == "QuantizeLinear":
+        scale, zp, _ = _dq_params(index, store, node, x)
+        dtype = _quantized_dtype(index, store, node)
+        info = np.iinfo(dtype)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            q = np.round(x.astype(np.float64) / scale) + zp  # half to even, as the spec says
+        if not np.all(np.isfinite(q)):
+            raise OnnxclpError(f"QuantizeLinear {node.name!r}: the quantized weight is NaN or Inf")
+        return np.clip(q, info.min, info.max).astype(dtype)
     raise OnnxclpError(f"unsupported node {op!r} between a weight and its layer")
+
+
+def _quantized_dtype(index: GraphIndex, store: TensorStore, node: NodeProto) -> np.dtype:
+    """A QuantizeLinear's integer type: its zero point's, else ``output_dtype`` (opset 21), else uint8."""
+    if len(node.input) > 2 and node.input[2]:
+        dtype = _const_value(index, store, node.input[2]).dtype
+    else:
+        to = int(_attr(node, "output_dtype", 0) or onnx.TensorProto.UINT8)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to))
+    if dtype.kind not in "iu":
+        raise OnnxclpError(f"QuantizeLinear {node.name!r}: quantizes to {dtype}, not an integer type")
+    return dtype
 
 
 def _dq_params(index: GraphIndex, store: TensorStore, node: NodeProto, q: np.ndarray):
@@ -215,7 +240,22 @@ def invert(index: GraphIndex, store: TensorStore, steps: list[_Step], new: np.nd
             value = value.astype(before.dtype)
         elif op == "DequantizeLinear":
             value = _requantize(index, store, node, before, value, editor)
+        elif op == "QuantizeLinear":
+            value = _unquantize(index, store, node, before, value)
     return value
+
+
+def _unquantize(index, store, node, w: np.ndarray, q_new: np.ndarray) -> np.ndarray:
+    """The float weight that a QuantizeLinear turns into ``q_new``: unchanged where its integer is unchanged, else
+    ``(q - zero point) * scale`` on the node's scale as it is now (a rescaled channel's scale already written)."""
+    scale, zp, _ = _dq_params(index, store, node, w)
+    q_old = _apply(index, store, node, w)
+    changed = np.asarray(q_new) != q_old
+    out = np.array(w, copy=True)
+    if changed.any():
+        exact = (np.asarray(q_new, dtype=np.float64) - zp) * scale
+        out[changed] = exact.astype(w.dtype)[changed]
+    return out
 
 
 def _requantize(index, store, node, q: np.ndarray, new: np.ndarray, editor) -> np.ndarray:

@@ -106,6 +106,57 @@ def test_qdq_rescale_changes_the_per_channel_scale():
         np.testing.assert_array_equal(inits_out["Wq"][k], q[k])  # integers untouched
 
 
+def _fake_quant(w, shared_scale=True):
+    """A float weight fake-quantised as quantisation-aware training exports it: W -> QuantizeLinear ->
+    DequantizeLinear -> Conv, per channel, non-zero zero points; one scale for both nodes, or a copy each."""
+    scale = (np.abs(w).reshape(8, -1).max(axis=1) / 100).astype(np.float32)
+    zp = np.arange(8, dtype=np.int8) - 4
+    qs = "Ws" if shared_scale else "Ws_q"
+    nodes = [
+        helper.make_node("QuantizeLinear", ["W", qs, "Wz"], ["Wq"], axis=0),
+        helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["Wc"], axis=0),
+    ]
+    inits = [init("W", w), init("Ws", scale), numpy_helper.from_array(zp, "Wz")]
+    if not shared_scale:
+        inits.append(init("Ws_q", scale))
+    return nodes, inits, scale
+
+
+@pytest.mark.parametrize("shared_scale", [True, False])
+def test_fake_quantised_float_weight_is_read_and_edited(shared_scale):
+    """QuantizeLinear in a weight's chain (session 20; before: 'not a constant', no layer scored): CLP reads the
+    fake-quantised values and zeroes a channel exactly; LPP's rescaled channel gets its scale multiplied, the
+    float weight of an unchanged integer stays as stored, and onnxruntime's outputs are the edit's."""
+    w = _w()
+    nodes, inits, _ = _fake_quant(w, shared_scale)
+    m = _conv_relu(nodes, inits)
+    out, rep = onnxclp.sanitize(m, u=2.0)
+    assert rep.layers[0].pruned == [5] and rep.layers[0].weight == "W"
+    wo = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "W"))
+    assert np.all(wo[5] == 0)
+    np.testing.assert_array_equal(np.delete(wo, 5, axis=0), np.delete(w, 5, axis=0))
+    _check_zeroed(m, out)
+    w = np.ones((8, 3, 3, 3), dtype=np.float32)
+    w[6] *= 1.8
+    w[5] *= 6.0
+    nodes, inits, _ = _fake_quant(w, shared_scale)
+    m = _conv_relu(nodes, inits)
+    out, rep = onnxclp.sanitize(m, method="lpp", u=2.0, u_low=-10.0, bias_rate=2.5)
+    layer = rep.layers[0]
+    assert layer.pruned == [5] and 6 in layer.rescaled
+    x = RNG.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    (before,) = run(m, {"x": x}, ["c"])
+    (after,) = run(out, {"x": x}, ["c"])
+    assert np.all(after[:, 5] == 0)
+    for k in range(8):
+        if k != 5:
+            c = layer.rescaled.get(k, 1.0)
+            np.testing.assert_allclose(after[:, k], before[:, k] * c, rtol=1e-5, atol=1e-5)
+    # a rescaled channel keeps its stored floats (so its integers): its scale moves
+    stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    np.testing.assert_array_equal(stored["W"][6], w[6])
+
+
 def test_shared_qdq_weight_is_materialised_for_the_edited_layer_only():
     nodes, inits, q, _, _ = _qdq(_w())
     nodes += [
