@@ -1637,3 +1637,37 @@ def test_a_qdq_graph_is_repaired_and_written_back_quantized(backdoored, tmp_path
     kept = {(n.name, n.op_type) for n in after.graph.node}
     assert all((n.name, n.op_type) in kept for n in before.graph.node)
     assert _run(out, _images(5, 3)[0]).shape == (5, CLASSES)
+
+
+def test_a_fake_quantised_export_is_repaired_through_its_quantizers(backdoored, tmp_path):
+    """Quantisation-aware training's export (each float weight -> QuantizeLinear -> DequantizeLinear): the gate
+    finds its classifier through the pair and the copies train through it (straight-through); the written model
+    passes the full check and runs."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import onnxclp
+
+    m = onnx.load(str(backdoored[0]))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "Gemm") and n.input[1] in inits:
+            w = inits[n.input[1]]
+            s = (np.abs(w).reshape(w.shape[0], -1).max(1) / 127).astype(np.float32)
+            name = n.input[1]
+            m.graph.initializer.extend([numpy_helper.from_array(s, name + "_s"),
+                                        numpy_helper.from_array(np.zeros(len(s), np.int8), name + "_z")])  # fmt: skip
+            nodes += [helper.make_node("QuantizeLinear", [name, name + "_s", name + "_z"], [name + "_q"], axis=0),
+                      helper.make_node("DequantizeLinear", [name + "_q", name + "_s", name + "_z"], [name + "_d"],
+                                       axis=0)]  # fmt: skip
+            n.input[1] = name + "_d"
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    src = tmp_path / "fake.onnx"
+    onnx.save(m, src)
+    out = tmp_path / "gate.onnx"
+    onnxclp.sanitize_file(src, out, method="fst-sau-gate", context=_ctx(backdoored[1]), epochs=1, sau_epochs=1)
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert _run(out, _images(5, 3)[0]).shape == (5, CLASSES)

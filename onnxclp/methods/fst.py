@@ -42,9 +42,10 @@ def classifier_weight(state: State, module: OnnxModule) -> str:
     """The initializer name of the classifier's weight (the layer producing the model output)."""
     outs = [layer for layer in state.found if layer.is_output]
     # the stored tensor as the layer reads it, or through one DequantizeLinear (a QDQ weight, which the bridge
-    # trains as floats and writes back as integers: docs/bridge.md, "Quantized weights")
+    # trains as floats and writes back as integers: docs/bridge.md, "Quantized weights"), or fake-quantised
+    quantized = (["DequantizeLinear"], ["DequantizeLinear", "QuantizeLinear"])
     names = [layer.weight.tensor.name for layer in outs if layer.weight.initializer
-             and (layer.weight.plain or [n.op_type for n in layer.weight.via] == ["DequantizeLinear"])]  # fmt: skip
+             and (layer.weight.plain or [n.op_type for n in layer.weight.via] in quantized)]  # fmt: skip
     names = [n for n in names if n in module.float_initializer_names]
     if not names:
         raise OnnxclpError(
