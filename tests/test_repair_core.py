@@ -186,3 +186,26 @@ def test_function_matching_alone_builds_a_teacher_and_is_recorded(exported, tmp_
     settings = rep.training["settings"]
     assert (settings["distill"], settings["distill_mix"]) == (0.0, 2.0)
     assert rep.rewritten
+
+
+def test_distillation_focus_weighs_images_by_the_teachers_class():
+    """The target gate's focus (``distill_classes``/``distill_other``): an image the teacher gives a focused class
+    keeps its distillation term, another's is scaled; all weights 1 is the plain batch-mean term."""
+    import torch
+
+    from onnxclp.defences.repair import Settings, focus_weights, kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    teacher[:3, 2] += 10  # the first three go to class 2, the others not
+    teacher[3:, 2] -= 10
+    assert focus_weights(Settings(), teacher) is None
+    w = focus_weights(Settings(distill_classes=(2,), distill_other=0.25), teacher)
+    assert w is not None and w.tolist() == [1.0, 1.0, 1.0, 0.25, 0.25, 0.25]
+    plain = kd_loss(student, teacher, 2.0)
+    assert torch.allclose(kd_loss(student, teacher, 2.0, torch.ones(6)), plain)
+    per = [float(kd_loss(student[i : i + 1], teacher[i : i + 1], 2.0)) for i in range(6)]
+    assert (
+        abs(float(kd_loss(student, teacher, 2.0, w)) - sum(p * float(v) for p, v in zip(per, w, strict=True)) / 6)
+        < 1e-5
+    )

@@ -284,11 +284,25 @@ def blend(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return lam * x + (1 - lam) * x[other]
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean."""
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+            weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean (each image's term times ``weights``
+    where given)."""
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
-                    log_target=True) * (t * t)  # fmt: skip
+    if weights is None:
+        return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
+                        log_target=True) * (t * t)  # fmt: skip
+    per = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="none", log_target=True)
+    return (per.reshape(len(per), -1).sum(1) * weights).mean() * (t * t)
+
+
+def focus_weights(settings: Settings, teacher_scores: torch.Tensor) -> torch.Tensor | None:
+    """Per-image distillation weights of :attr:`Settings.distill_classes` (None: every image weighs 1)."""
+    if not settings.distill_classes or settings.distill_other == 1.0:
+        return None
+    top = teacher_scores.reshape(len(teacher_scores), -1).argmax(1)
+    inside = torch.isin(top, torch.tensor(settings.distill_classes, device=top.device))
+    return torch.where(inside, 1.0, float(settings.distill_other)).to(teacher_scores.dtype)
 
 
 @dataclass
@@ -302,6 +316,10 @@ class Settings:
     weight_decay: float = 5e-4
     distill: float = 1.0
     distill_mix: float = 0.0
+    # the distillation's weight on images (and blends) the teacher gives a class outside ``distill_classes`` is
+    # multiplied by ``distill_other`` (1: every image alike; the target gate's focus: docs/algorithms.md)
+    distill_classes: tuple[int, ...] = ()
+    distill_other: float = 1.0
     temperature: float = 2.0
     augment: bool = True
     reinsert_bn: bool = True
@@ -451,9 +469,11 @@ def train(state: State, objective: Objective, settings: Settings,
                 scores = logits_of(module(xb))
                 loss = objective.loss(module, xb, yb, scores)
                 if t_scores is not None:
-                    loss = loss + settings.distill * kd_loss(scores, t_scores, settings.temperature)
+                    w = focus_weights(settings, t_scores)
+                    loss = loss + settings.distill * kd_loss(scores, t_scores, settings.temperature, w)
                 if t_mix is not None:
-                    loss = loss + settings.distill_mix * kd_loss(logits_of(module(xm)), t_mix, settings.temperature)
+                    w = focus_weights(settings, t_mix)
+                    loss = loss + settings.distill_mix * kd_loss(logits_of(module(xm)), t_mix, settings.temperature, w)
                 if not torch.isfinite(loss):
                     bad = int((~torch.isfinite(scores)).sum())
                     if updates[0] == 0 and bad:  # nothing trained yet: the input model's own scores are not finite

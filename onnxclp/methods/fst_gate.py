@@ -59,6 +59,11 @@ DISTILL = ParamSpec("distill", float, 4.0, "Weight of distillation from the inpu
 DISTILL_MIX = ParamSpec("distill_mix", float, 2.0, "Weight of distillation on mixup blends of the clean images "
                         "(function matching; repairs; 0 = off).", minimum=0.0)  # fmt: skip
 
+DISTILL_FOCUS = ParamSpec("distill_focus", float, 1.0, "Target gate: the FST copy's distillation weight on images "
+                          "the input gives a class other than the first suspect, as a fraction of its weight on "
+                          "that class's (1 = every image alike; the gate consults the copy only on the latter).",
+                          minimum=0.0, maximum=1.0)  # fmt: skip
+
 
 SUSPECTS_FROM = ParamSpec(
     "suspects_from",
@@ -249,7 +254,7 @@ class FSTGate(FST):
     rewrites = "nodes"
     # scan's next step names fst-sau-gate since session 16 (lower ASR under the guard on both draws of the zoo)
     suggested = False
-    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, ALPHA, SCOPE, SUSPECTS_FROM)
+    params = (EPOCHS, LR, DISTILL, DISTILL_MIX, BATCH, ALPHA, SCOPE, SUSPECTS_FROM, DISTILL_FOCUS)
 
     def objective(self, state: State) -> Objective:  # pragma: no cover - decide builds the gated one
         raise NotImplementedError
@@ -304,6 +309,11 @@ class FSTGate(FST):
         objective = GateObjective(float(p["fst_alpha"]), str(p["fst_scope"]),
                                   GateJudge(pred_input, conf_input, order, walk[0], probabilities))  # fmt: skip
         settings = self.settings(state)
+        focus = float(p.values.get("distill_focus", 1.0))
+        if focus != 1.0:  # the copy held to the input where the gate consults it (docs/algorithms.md, "fst-gate")
+            from dataclasses import replace
+
+            settings = replace(settings, distill_classes=(int(order[0]),), distill_other=focus)
         module, outcome = train(state, objective, settings)  # type: ignore[arg-type]
         trained = [(module, outcome, settings, objective)]
         # the rest of the walk: the copies behind gentler bars and wider suspect sets, in sequence after the first
