@@ -46,6 +46,7 @@ METHODS = [
     "bnp",
     "clp",
     "lpp",
+    "lpp-gate",
     "otbr",
 ]
 

@@ -82,6 +82,8 @@ class Method:
     include_fc: ClassVar[bool] = False  # score hidden fully connected layers by default
     output_fc: ClassVar[bool] = False  # score the classifier (output FC) even when include_fc is off
     rescales: ClassVar[bool] = False  # may rescale channels (report column, metadata counter)
+    # whether the ``prune`` pass applies the decisions to the input network (lpp-gate: they shape a copy instead)
+    prunes_input: ClassVar[bool] = True
     # each layer's channels are selected from that layer's own statistics (CLP, LPP): the residual-stream rule
     # may then merge a stream channel's decisions; False for methods that decide jointly (ANP's masks, OTBR's
     # global ranking), whose decisions are left as they are

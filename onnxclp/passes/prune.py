@@ -27,7 +27,7 @@ def apply_decisions(editor: Editor, decisions: list[Decision]) -> int:
 
 def run(state: State) -> PassResult:
     """Pipeline pass (only when editing: ``scan`` reports without it)."""
-    if not state.options.edit:
+    if not state.options.edit or not state.method.prunes_input:
         return PassResult()
     assert state.index is not None
     editor = Editor(state.index, state.store)

@@ -61,7 +61,7 @@ def tunable(state: State) -> list[str]:
 
 def _apply(state: State, snapshot: bytes, values: dict[str, Any]) -> State:
     """A copy of the model with the method applied at ``values`` (the pipeline's own passes, no guard)."""
-    from onnxclp.passes import exclude, find, prune, score, streams
+    from onnxclp.passes import exclude, find, prune, rewrite, score, streams
     from onnxclp.tensors import TensorStore
 
     model = onnx.ModelProto()
@@ -74,7 +74,8 @@ def _apply(state: State, snapshot: bytes, values: dict[str, Any]) -> State:
     for p in (find.run, exclude.run, score.run):
         p(copy)
     state.method.decide_for_tuning(copy)
-    for p in (streams.run, prune.run):
+    # rewrite: a method whose decisions shape an added graph (lpp-gate's gated copy) is measured as it is written
+    for p in (streams.run, prune.run, rewrite.run):
         p(copy)
     return copy
 
