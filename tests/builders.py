@@ -72,3 +72,21 @@ def conv_bn(
     ]
     cin = w.shape[1] * group
     return model(nodes, [("x", ["N", cin, *spatial])], [("y", ["N", k, *spatial])], inits)
+
+
+def cli_heavy_imports(args: list[str]) -> dict:
+    """Run ``onnxclp <args>`` in a fresh interpreter: its exit code and which of torch and onnxruntime it imported
+    (``{"exit": 0, "heavy": []}`` for a weight-only command; startup time matters in CI)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from onnxclp.cli import app\n"
+        f"try:\n    app({[str(a) for a in args]!r})\n    code = 0\n"
+        "except SystemExit as exc:\n    code = exc.code or 0\n"
+        "print(json.dumps({'exit': code, 'heavy': sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules)}))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from builders import conv_bn, model
+from builders import cli_heavy_imports, conv_bn, model
 from onnx import helper
 
 
@@ -104,16 +104,7 @@ def test_lpp_and_exact_from_cli(suspicious, tmp_path):
 def test_sanitize_path_does_not_import_torch_or_onnxruntime(suspicious, tmp_path):
     """The sanitize command succeeds (exit 0, a sanitized model written) without importing torch or onnxruntime."""
     out = tmp_path / "o.onnx"
-    code = (
-        "import json, sys; from onnxclp.cli import app\n"
-        f"try:\n    app(['sanitize', {str(suspicious)!r}, {str(out)!r}, '-q'])\n    code = 0\n"
-        "except SystemExit as exc:\n    code = exc.code or 0\n"
-        "print(json.dumps({'exit': code, 'heavy': sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules)}))"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result == {"exit": 0, "heavy": []}, r.stdout + r.stderr
+    assert cli_heavy_imports(["sanitize", suspicious, out, "-q"]) == {"exit": 0, "heavy": []}
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["onnxclp.method"] == "clp" and meta["onnxclp.pruned_channels"] == "1"
 

@@ -8,15 +8,12 @@ the input network wherever the input says another class. onnxruntime is the judg
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from builders import init, model
+from builders import cli_heavy_imports, init, model
 from onnx import helper, numpy_helper
 
 import onnxclp
@@ -84,12 +81,5 @@ def test_a_model_whose_classifier_cannot_be_read_is_refused():
 def test_lpp_gate_does_not_import_torch_or_onnxruntime(tmp_path: Path):
     src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
     onnx.save(_backdoored(), str(src))
-    code = (
-        "import json, sys; from onnxclp.cli import app\n"
-        f"try:\n    app(['sanitize', {str(src)!r}, {str(out)!r}, '--method', 'lpp-gate', '-q'])\n    code = 0\n"
-        "except SystemExit as exc:\n    code = exc.code or 0\n"
-        "print(json.dumps({'exit': code, 'heavy': sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules)}))"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"exit": 0, "heavy": []}, r.stdout + r.stderr
+    assert cli_heavy_imports(["sanitize", src, out, "--method", "lpp-gate", "-q"]) == {"exit": 0, "heavy": []}
     assert out.exists()
