@@ -415,10 +415,7 @@ def train(state: State, objective: Objective, settings: Settings,
     gen = torch.Generator().manual_seed(settings.seed)
     dev = device_for(state)
     if module is None:
-        # a QDQ graph trains on its float view: its calibrated clips would zero the straight-through gradient where
-        # a trigger's large activations are (docs/bridge.md, "Quantized weights"); the weights are written back as
-        # the file's integers, and the guard measures what is written
-        module = to_torch(state.model, store=state.store, logits=True, float_activations=True)
+        module = to_torch(state.model, store=state.store, logits=True)
     module.to(dev)
     x_fit, y_fit = clean.x_fit.to(dev), clean.y_fit.to(dev)
     x_val, y_val = clean.x_sel.to(dev), clean.y_sel.to(dev)  # the epochs are chosen on the selection part
