@@ -80,17 +80,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results-natural-asr.md")
     args = ap.parse_args()
 
-    import numpy as np
+    from repair_zoo import subsets  # the repair results' draw (bench/ is on the path when run as a script)
 
     models = sorted(p.parent for p in args.zoo.glob("*/model.onnx") if (p.parent / "attack.json").is_file())
     models = [m for m in models if "clean" not in m.name]
     rows, epochs = [], set()
     with tempfile.TemporaryDirectory() as tmp:
-        with np.load(args.cifar, allow_pickle=False) as d:
-            x, y = d["x_test"], d["y_test"]
-        ev = np.random.default_rng(0).permutation(len(y))[5000 : 5000 + args.eval_n]
-        data = Path(tmp) / f"eval{args.eval_n}.npz"
-        np.savez(data, x_test=x[ev], y_test=y[ev])
+        _, data = subsets(args.cifar, Path(tmp), 500, args.eval_n)
         for folder in models:
             ref = reference_of(args.zoo, folder.name, args.seed)
             if ref is None:

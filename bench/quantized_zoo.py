@@ -111,6 +111,7 @@ def main() -> None:
 
     import numpy as np
     import torch
+    from repair_zoo import subsets  # bench/ is on the path when run as a script
 
     from onnxclp.api import sanitize_file
     from onnxclp.errors import EXIT_REFUSED, OnnxclpError
@@ -123,17 +124,14 @@ def main() -> None:
     models = [m for m in models if "clean" not in m.name and (not args.models or m.name in args.models)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        with np.load(args.cifar, allow_pickle=False) as d:
-            x, y = d["x_test"], d["y_test"]
-        perm = np.random.default_rng(0).permutation(len(y))
-        clean, ev = Path(tmp) / "clean500.npz", Path(tmp) / "eval3000.npz"
-        np.savez(clean, x_test=x[perm[:500]], y_test=y[perm[:500]])
-        np.savez(ev, x_test=x[perm[5000:8000]], y_test=y[perm[5000:8000]])
+        clean, ev = subsets(args.cifar, Path(tmp), 500, 3000)  # the repair results' draw
+        with np.load(clean, allow_pickle=False) as d:
+            calibration = d["x_test"][:64]
         for folder in models:
             cfg = folder / "attack.json"
             norm = json.loads(cfg.read_text()).get("normalize") or {}
             q = Path(tmp) / f"{folder.name}.int8.onnx"
-            quantize(folder / "model.onnx", q, x[perm[:64]], norm)
+            quantize(folder / "model.onnx", q, calibration, norm)
 
             def measure(path: Path, cfg: Path = cfg) -> dict:
                 r = evaluate(path, ev, attack_config=cfg, threads=args.threads)

@@ -172,14 +172,21 @@ _BUFFER_INPUTS: dict[str, tuple[int, ...]] = {
 _BATCH_SHAPE_INPUT: dict[str, int] = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0}
 
 
-def _weight_dequantizers(graph: onnx.GraphProto, arrays: dict[str, np.ndarray], opset: int) -> list[onnx.NodeProto]:
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it (once per input slot)."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for x in n.input:
+            readers[x].append(n)
+    return readers
+
+
+def _weight_dequantizers(
+    graph: onnx.GraphProto, arrays: dict[str, np.ndarray], readers: dict[str, list[onnx.NodeProto]]
+) -> list[onnx.NodeProto]:
     """The DequantizeLinear nodes that dequantize a weight: integer initializer, float scale and (if any) integer
     zero point all initializers, the integer one read by this node alone, per-tensor or per-axis (not blocked),
     neither tensor a graph output."""
-    reads: dict[str, int] = defaultdict(int)
-    for n in graph.node:
-        for x in n.input:
-            reads[x] += 1
     outputs = {o.name for o in graph.output}
     found = []
     for n in graph.node:
@@ -195,19 +202,17 @@ def _weight_dequantizers(graph: onnx.GraphProto, arrays: dict[str, np.ndarray], 
             continue
         if any(a.name == "block_size" and a.i for a in n.attribute):
             continue
-        if reads[n.input[0]] != 1 or n.input[0] in outputs or n.output[0] in outputs:
+        if len(readers.get(n.input[0], ())) != 1 or n.input[0] in outputs or n.output[0] in outputs:
             continue
         found.append(n)
     return found
 
 
-def _activation_pairs(graph: onnx.GraphProto, constants: set[str]) -> list[list[onnx.NodeProto]]:
+def _activation_pairs(
+    graph: onnx.GraphProto, constants: set[str], readers: dict[str, list[onnx.NodeProto]]
+) -> list[list[onnx.NodeProto]]:
     """Each QuantizeLinear of a computed tensor whose every reader is a DequantizeLinear on the same scale and zero
     point (a fake-quantised activation of a QDQ graph), with those readers: ``[quantize, dequantize, ...]``."""
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for x in n.input:
-            readers[x].append(n)
     outputs = {o.name for o in graph.output}
     pairs = []
     for n in graph.node:
@@ -342,7 +347,8 @@ class OnnxModule(nn.Module):
         self._quantized: dict[str, tuple[torch.Tensor, torch.Tensor | None, int]] = {}  # name -> scale, zp, axis
         self.quantization_clipped: dict[str, int] = {}  # name -> values clipped when last written back
         renamed: dict[str, str] = {}  # the dropped DequantizeLinear's output -> the integer initializer's name
-        for node in _weight_dequantizers(graph, arrays, self.opset):
+        readers = _readers(graph)
+        for node in _weight_dequantizers(graph, arrays, readers):
             q, scale, zp = (arrays[n] if n else None for n in [*node.input, ""][:3])
             assert q is not None and scale is not None
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -357,7 +363,7 @@ class OnnxModule(nn.Module):
         dropped = set(renamed)  # the first output of each node left out of the plan
         identity: dict[str, onnx.NodeProto] = {}  # a DequantizeLinear's output -> the float op run in its place
         if float_activations:  # each activation's QuantizeLinear -> DequantizeLinear pair read as floats
-            for pair in _activation_pairs(graph, set(arrays)):
+            for pair in _activation_pairs(graph, set(arrays), readers):
                 quantize = pair[0]
                 dropped.add(quantize.output[0])
                 zp = arrays.get(quantize.input[2]) if len(quantize.input) > 2 and quantize.input[2] else None

@@ -983,18 +983,19 @@ def quantize_linear(x: list[Tensor | None], a: dict[str, Any], opset: int) -> Op
     axis = _axis(int(a.get("axis", 1)), max(v.dim(), 1))
     dtype = zp.dtype if zp is not None else TORCH_DTYPE[int(a.get("output_dtype", 0)) or TensorProto.UINT8]
     lo, hi = _QRANGE[dtype]
-    if v.requires_grad:
-        # Training through a quantised activation (docs/bridge.md, "Quantized weights"): the same integers, as
-        # floats, with the straight-through gradient inside the range (zero where clipped).
-        y = v / _per_axis(scale, v.dim(), axis)
-        if zp is not None:
-            y = y + _per_axis(zp, v.dim(), axis).to(y.dtype)
-        y = torch.clamp(y, lo, hi)
-        return y + (torch.round(y) - y).detach()
-    q = torch.round(v / _per_axis(scale, v.dim(), axis))  # round half to even, as the spec says
+    y = v / _per_axis(scale, v.dim(), axis)
+    q = torch.round(y)  # round half to even, then add the zero point, as the spec says
     if zp is not None:
         q = q + _per_axis(zp, v.dim(), axis).to(q.dtype)
-    return torch.clamp(q, lo, hi).to(dtype)
+    q = torch.clamp(q, lo, hi)
+    if not v.requires_grad:
+        return q.to(dtype)
+    # Training through a quantised activation (docs/bridge.md, "Quantized weights"): the same integers, as floats,
+    # with the straight-through gradient inside the range (zero where clipped).
+    if zp is not None:
+        y = y + _per_axis(zp, v.dim(), axis).to(y.dtype)
+    y = torch.clamp(y, lo, hi)
+    return y + (q - y).detach()
 
 
 # Attributes whose values the executor cannot honour: (op, check) -> reason when the check fails.
